@@ -1,0 +1,1 @@
+"""Model-agnostic building blocks: devices, layers, attention kernels, KV storage, engine."""

@@ -1,0 +1,1 @@
+"""Model definitions composed from common/ layers."""
