@@ -1,0 +1,109 @@
+"""Attention kernels ("backends"), chosen by name and device; `eager` is the reference.
+
+A backend gets q [B, H, Tq, D] and k, v [B, Hkv, S, D] (GQA when Hkv < H) plus the
+per-forward AttnMeta prepared by the KV cache, and returns [B, H, Tq, D].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from common.device import Device
+from common.errors import RecipeError
+
+
+@dataclass(frozen=True)
+class AttnMeta:
+    """Which keys each query may see. mask: bool [B, 1, Tq, S], True = attend.
+    mask None + causal: plain causal prefill (Tq == S); mask None + not causal: see all keys."""
+
+    mask: Tensor | None = None
+    causal: bool = False
+
+    def dense_mask(self, tq: int, s: int, device: torch.device) -> Tensor | None:
+        if self.mask is not None or not self.causal:
+            return self.mask
+        return torch.ones(tq, s, dtype=torch.bool, device=device).tril(s - tq)
+
+
+Backend = Callable[[Tensor, Tensor, Tensor, AttnMeta], Tensor]
+
+
+def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def eager_attention(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta) -> Tensor:
+    """softmax(q kᵀ / √d) v, materializing the full score matrix (the naive baseline)."""
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    mask = meta.dense_mask(q.shape[2], k.shape[2], q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return probs @ v
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta) -> Tensor:
+    """torch's fused scaled_dot_product_attention (flash / memory-efficient kernels)."""
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=meta.mask, is_causal=meta.causal, enable_gqa=k.shape[1] != q.shape[1]
+    )
+
+
+def npu_fused_attention(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta) -> Tensor:
+    """torch_npu fused infer attention, BNSD layout. Unverified: no NPU in CI."""
+    import torch_npu
+
+    mask = meta.dense_mask(q.shape[2], k.shape[2], q.device)
+    out, _ = torch_npu.npu_fused_infer_attention_score(
+        q,
+        k,
+        v,
+        atten_mask=None if mask is None else ~mask,  # npu convention: True = masked out
+        num_heads=q.shape[1],
+        num_key_value_heads=k.shape[1],
+        scale=q.shape[-1] ** -0.5,
+        input_layout="BNSD",
+    )
+    return out
+
+
+_BY_DEVICE: dict[str, dict[str, Backend]] = {
+    "cpu": {"eager": eager_attention, "sdpa": sdpa_attention, "flash": sdpa_attention},
+    "cuda": {"eager": eager_attention, "sdpa": sdpa_attention, "flash": sdpa_attention},
+    "npu": {"eager": eager_attention, "sdpa": sdpa_attention, "flash": npu_fused_attention},
+}
+
+
+def get_backend(name: str, device: Device) -> Backend:
+    choices = _BY_DEVICE[device.type]
+    if name not in choices:
+        raise RecipeError(f"unknown attention.backend {name!r}; choose one of {', '.join(choices)}")
+    return choices[name]
+
+
+class KVStore(Protocol):
+    """What a forward pass needs from KV storage (implemented in common/kv_cache.py)."""
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+@dataclass
+class ForwardContext:
+    """Joins KV storage and an attention kernel for one forward pass; passed to the model."""
+
+    cache: KVStore
+    backend: Backend
+    meta: AttnMeta
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        k_all, v_all = self.cache.update(layer, k, v)
+        return self.backend(q, k_all, v_all, self.meta)

@@ -1,0 +1,213 @@
+"""Benchmark orchestration: one worker subprocess per variant, then one table.
+
+The orchestrator re-runs the recipe's own entry point with `bench.role=worker`, the user's
+overrides and the variant's opts, so a worker composes its config exactly as a user run
+would, and starts with clean memory and compile caches.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from common.device import measure_read_bandwidth, resolve_dtype, select_device
+from common.engine import Engine
+from common.errors import RecipeError
+from common.measure import engine_runner, fidelity, measure, roofline_pct
+from common.model_base import CausalLM
+from common.opts import apply_transforms, check_opts_supported
+from common.report import command_line, environment, print_table, write_results
+from common.sampling import SamplingParams
+from common.workload import batches, build_requests
+
+
+@dataclass
+class Variant:
+    name: str
+    opts: list[str]
+    peer: str | None = None
+
+
+def plan(opts: list[str], ladder: bool, each: bool, peers: list[str]) -> list[Variant]:
+    variants = [Variant("baseline", [])]
+    if ladder:
+        variants += [
+            Variant("+" + " +".join(opts[: i + 1]), opts[: i + 1]) for i in range(len(opts))
+        ]
+    elif each:
+        variants += [Variant(o, [o]) for o in opts]
+    elif opts:
+        variants.append(Variant("+".join(opts), opts))
+    return variants + [Variant(f"{p} generate()", [], peer=p) for p in peers]
+
+
+def workload_desc(w: Any) -> str:
+    if w.kind == "file":
+        return f"file {w.path}, batch {w.batch_size}, max_new_tokens {w.max_new_tokens}"
+    n = w.num_prompts if w.kind == "latency" else w.num_requests
+    return (
+        f"{w.kind}: {n} requests, prompt {OmegaConf.to_object(w.prompt_len) if OmegaConf.is_config(w.prompt_len) else w.prompt_len}"
+        f" tokens, {OmegaConf.to_object(w.max_new_tokens) if OmegaConf.is_config(w.max_new_tokens) else w.max_new_tokens}"
+        f" new tokens, batch {w.batch_size}, greedy, EOS {'ignored' if w.ignore_eos else 'stops'}"
+    )
+
+
+# ---------------------------------------------------------------- worker (one variant)
+
+
+def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
+    from common.build import build_model
+    from common.peers import peer_runner
+
+    if cfg.bench.threads:
+        torch.set_num_threads(int(cfg.bench.threads))
+    device = select_device(cfg.hardware.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    model, tokenizer, weights_desc = build_model(cfg.model, model_cls, device.torch, dtype)
+    requests = build_requests(cfg.workload, model.args.vocab_size, tokenizer)
+    sampling = SamplingParams(**cfg.generation)
+    for r in requests:
+        r.sampling = sampling
+    if cfg.bench.peer:
+        runner, kv_dtype = peer_runner(cfg.bench.peer, model), dtype
+    else:
+        model = apply_transforms(model, cfg)
+        engine = Engine(model, device, cfg.kv_cache.kind, cfg.attention.backend)
+        for r in requests:
+            engine.check(r)
+        runner, kv_dtype = engine_runner(engine, cfg.bench.seed), engine.kv_dtype
+    groups = batches(requests, cfg.workload.batch_size)
+    median, spread, outputs = measure(runner, groups, cfg.bench.warmup, cfg.bench.repeats)
+    from common.quant import weight_bytes
+
+    reference = Path(cfg.bench.reference)
+    is_baseline = not (reference / "outputs.pt").exists()
+    bandwidth = float(cfg.bench.bandwidth)
+    result = {
+        "metrics": {
+            **{k: median[k] for k in ("ttft_ms", "tpot_ms", "tokens_per_s", "decode_tokens_per_s")},
+            "weight_bytes": weight_bytes(model),
+            "kv_bytes": runner.peak_kv_bytes(),
+            "peak_mem_bytes": device.peak_memory_bytes(),
+            "roofline_pct": roofline_pct(
+                model, groups, outputs, median["decode_s"], kv_dtype, bandwidth
+            ),
+        },
+        "spread": spread,
+        "fidelity": fidelity(runner, requests, reference, is_baseline, outputs),
+        "outputs": outputs,
+        "model": f"{cfg.model.name}, {weights_desc}, {str(dtype).removeprefix('torch.')}",
+        "device": device.describe(),
+        "threads": torch.get_num_threads(),
+    }
+    Path(cfg.bench.worker_out).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------- orchestrator
+
+
+def _spawn(script: str, overrides: list[str], variant: Variant, extra: list[str]) -> dict:
+    opt_arg = [f"+opt=[{','.join(variant.opts)}]"] if variant.opts else []
+    peer_arg = [f"bench.peer={variant.peer}"] if variant.peer else []
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [
+            sys.executable,
+            script,
+            *overrides,
+            *opt_arg,
+            *peer_arg,
+            *extra,
+            f"bench.worker_out={out.name}",
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines = [ln for ln in (proc.stderr + proc.stdout).strip().splitlines() if ln.strip()]
+            raise RecipeError(
+                f"variant {variant.name!r} failed: {lines[-1] if lines else proc.returncode}"
+            )
+        return json.loads(Path(out.name).read_text())
+
+
+def run_main(cfg: Any, model_cls: type[CausalLM], user_overrides: list[str]) -> dict:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from common.build import preset_args
+
+    device = select_device(cfg.hardware.device)
+    check_opts_supported(cfg.opts, device)
+    resolve_dtype(cfg.model.dtype, device)
+    SamplingParams(**cfg.generation)
+    if not cfg.model.path:
+        preset_args(cfg.model, model_cls)
+    opts = list(cfg.opts)
+    variants = plan(opts, cfg.bench.ladder, cfg.bench.each, list(cfg.bench.peers))
+    bandwidth, bw_source = (
+        (cfg.hardware.mem_bw_gbs * 1e9, "hardware config")
+        if cfg.hardware.mem_bw_gbs
+        else (measure_read_bandwidth(device), "measured streaming read")
+    )
+    results = []
+    with (
+        tempfile.TemporaryDirectory() as ref,
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+        ) as progress,
+    ):
+        task = progress.add_task("benchmark", total=len(variants))
+        extra = ["bench.role=worker", f"bench.reference={ref}", f"+bench.bandwidth={bandwidth}"]
+        for v in variants:
+            progress.update(task, description=f"running {v.name}")
+            results.append((v, _spawn(sys.argv[0], user_overrides, v, extra)))
+            progress.advance(task)
+    base = results[0][1]["metrics"]
+    hardware = cfg.hardware.name or device.type
+    result = {
+        "recipe": cfg.recipe,
+        "command": command_line(),
+        "hardware": hardware,
+        "env": environment(results[0][1]["device"], results[0][1]["threads"]),
+        "model": results[0][1]["model"],
+        "opts": opts,
+        "workload": OmegaConf.to_container(cfg.workload, resolve=True),
+        "workload_desc": workload_desc(cfg.workload),
+        "generation": OmegaConf.to_container(cfg.generation),
+        "bench": {k: cfg.bench[k] for k in ("warmup", "repeats", "ladder", "each")},
+        "bandwidth_gbs": bandwidth / 1e9,
+        "bandwidth_source": bw_source,
+        "variants": [
+            {
+                "name": v.name,
+                "opts": v.opts,
+                "peer": v.peer,
+                "metrics": {
+                    **r["metrics"],
+                    "speedup": r["metrics"]["decode_tokens_per_s"] / base["decode_tokens_per_s"],
+                },
+                "spread": r["spread"],
+                "fidelity": r["fidelity"],
+                "outputs": r["outputs"],
+            }
+            for v, r in results
+        ],
+    }
+    stem = (
+        Path(cfg.bench.results_dir)
+        / cfg.recipe
+        / hardware
+        / f"{cfg.workload.kind}-{'+'.join(opts) or 'baseline'}"
+    )
+    print_table(result)
+    for p in write_results(result, stem):
+        print(f"wrote {p}")
+    return result

@@ -1,0 +1,49 @@
+"""Build a recipe's model from its config: a real checkpoint, or a seeded preset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.errors import RecipeError
+from common.model_base import CausalLM
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def preset_args(mcfg: Any, model_cls: type[CausalLM]):
+    presets = dict(mcfg.presets)
+    if mcfg.scale not in presets:
+        raise RecipeError(f"unknown model.scale {mcfg.scale!r}; choose one of {', '.join(presets)}")
+    if mcfg.scale == "full" and not mcfg.allow_random_full:
+        raise RecipeError(
+            "model.scale=full with random weights would allocate the real model; "
+            "give model.path=DIR (real weights) or set model.allow_random_full=true"
+        )
+    return model_cls.args_cls(**{**mcfg.common, **presets[mcfg.scale]})
+
+
+def load_tokenizer(path: str | Path):
+    """A tokenizer from the checkpoint dir when it has one; never remote code."""
+    if not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as e:
+        raise RecipeError(
+            f"tokenizer in {path} could not be loaded: {str(e).splitlines()[0]}"
+        ) from e
+
+
+def build_model(mcfg: Any, model_cls: type[CausalLM], device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer or None, description of the weights used)."""
+    if mcfg.path:
+        model = model_cls.from_pretrained(mcfg.path, device, dtype, mcfg.allow_pickle)
+        return model, load_tokenizer(mcfg.path), f"checkpoint {mcfg.path}"
+    args = preset_args(mcfg, model_cls)
+    model = model_cls.from_seed(args, mcfg.seed, device, dtype)
+    return model, None, f"seeded random weights (seed {mcfg.seed}), scale {mcfg.scale}"

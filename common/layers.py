@@ -1,0 +1,137 @@
+"""Model math shared by decoder families: norms, rotary embeddings, MLP, attention block.
+
+Nothing here knows about cache layout or kernels: attention hands q, k, v to the
+forward context (`ctx.attend`), which owns KV storage and the attention backend.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class AttentionContext(Protocol):
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "npu":
+            return _npu_rms_norm(x, self.weight, self.eps)
+        # fp32 statistics, cast back before the scale: the transformers formulation.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def _npu_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    import torch_npu  # unverified: no NPU in CI
+
+    return torch_npu.npu_rms_norm(x, weight, epsilon=eps)[0]
+
+
+def rope_inv_freq(dim: int, theta: float, scaling: dict | None = None) -> Tensor:
+    """Inverse frequencies for `dim` rotated channels; `scaling` follows HF rope_parameters."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv_freq
+    if kind != "llama3":
+        raise ValueError(f"unsupported rope_type {kind!r}; supported: default, llama3")
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+    factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for given positions; `apply` rotates with the rotate-half convention."""
+
+    def __init__(self, rot_dim: int, theta: float, scaling: dict | None = None) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(rot_dim, theta, scaling), persistent=False)
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq  # [B, T, rot_dim / 2]
+        emb = self.layout(freqs)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    @staticmethod
+    def layout(freqs: Tensor) -> Tensor:
+        return torch.cat((freqs, freqs), dim=-1)
+
+    @staticmethod
+    def rotate(x: Tensor) -> Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
+
+    def apply(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x [B, H, T, D]; cos/sin [B, T, rot_dim] rotate the first rot_dim channels."""
+        cos, sin = cos[:, None], sin[:, None]
+        rot = cos.shape[-1]
+        x_rot, x_pass = x[..., :rot], x[..., rot:]
+        out = x_rot * cos + self.rotate(x_rot) * sin
+        return out if x_pass.shape[-1] == 0 else torch.cat((out, x_pass), dim=-1)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), with HF names gate_proj / up_proj / down_proj."""
+
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head / grouped-query attention with HF names q_proj, k_proj, v_proj, o_proj."""
+
+    def __init__(
+        self,
+        layer: int,
+        hidden: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        rotary: RotaryEmbedding,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.layer, self.heads, self.kv_heads, self.head_dim = layer, heads, kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=o_bias)
+        self.rotary = [rotary]  # a list, so the shared module is not registered once per layer
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttentionContext) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        rotary = self.rotary[0]
+        q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
+        out = ctx.attend(self.layer, q, k, v)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))

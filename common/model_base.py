@@ -1,0 +1,96 @@
+"""What every model gives the engine, and HF-style construction shared by all models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from common.attention import ForwardContext
+from common.loader import build_empty, init_random, load_weights, read_hf_config
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Base for architecture hyper-parameters; field names follow HF config.json keys."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int
+    head_dim: int | None = None
+    eos_token_id: int | list[int] | None = None
+    bos_token_id: int | None = None
+    tie_word_embeddings: bool = False
+
+    @property
+    def kv_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def eos_ids(self) -> list[int]:
+        eos = self.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    def to_hf_config(self) -> dict:
+        """kwargs for the transformers config class of this architecture."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_hf_config(cls, d: dict) -> ModelArgs:
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelArgs:
+        """Keep the keys this architecture uses; ignore the rest of an HF config."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class CausalLM(nn.Module):
+    """A decoder-only LM: forward(ids, positions, ctx) -> final hidden; logits(hidden)."""
+
+    args_cls: ClassVar[type[ModelArgs]]
+    hf_class_name: ClassVar[str]  # the transformers class of this architecture (oracle, peer)
+    tied_weights: dict[str, str]
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tied_weights = (
+            {"lm_head.weight": "model.embed_tokens.weight"} if args.tie_word_embeddings else {}
+        )
+
+    def forward(self, input_ids: Tensor, positions: Tensor, ctx: ForwardContext) -> Tensor:
+        raise NotImplementedError
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(hidden)
+
+    @classmethod
+    def args_from_hf(cls, path: str | Path) -> ModelArgs:
+        return cls.args_cls.from_hf_config(read_hf_config(path))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        allow_pickle: bool = False,
+    ) -> CausalLM:
+        """Build on the meta device, then load an HF checkpoint with strict name/shape checks."""
+        args = cls.args_from_hf(path)
+        return load_weights(build_empty(lambda: cls(args)), path, device, dtype, allow_pickle)
+
+    @classmethod
+    def from_seed(
+        cls, args: ModelArgs, seed: int, device: torch.device | str = "cpu", dtype=torch.float32
+    ) -> CausalLM:
+        """The same architecture with seeded random weights (no checkpoint)."""
+        return init_random(build_empty(lambda: cls(args)), device, dtype, seed).eval()

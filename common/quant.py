@@ -1,0 +1,123 @@
+"""Weight-only int8 quantization: per-output-channel symmetric int8 weights, float activations.
+
+Decode (batch 1) is memory-bound, so halving the bytes read per token is the whole win; the
+matmul itself still runs in the activation dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_MIN_SCALE = 1e-8  # keeps all-zero rows from dividing by zero
+
+
+def _quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """[N, K] float -> ([N, K] int8, [N] scales in the weight's dtype)."""
+    w = weight.detach().float()
+    floor = max(_MIN_SCALE, torch.finfo(weight.dtype).tiny)  # fp16 cannot hold 1e-8
+    # Scales are stored in the weight dtype (the CPU kernel reads them as the activation dtype), so
+    # quantize against the rounded scale: that keeps |w - q * scale| <= scale / 2 for the stored value.
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=floor).to(weight.dtype)
+    weight_int8 = (w / scales.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return weight_int8, scales
+
+
+def _mm_cpu_bf16(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
+    # The AVX512 kernel segfaults unless x starts 32-byte aligned (a view like x[:, 8:] does not)
+    # and on some row strides, so copy such inputs into a fresh, 64-byte-aligned buffer.
+    if not x2d.is_contiguous() or x2d.data_ptr() % 32:
+        x2d = x2d.clone(memory_format=torch.contiguous_format)
+    # It reads scales as x's dtype and raises on a mismatch.
+    return torch._weight_int8pack_mm(x2d, weight_int8, scales.to(x2d.dtype))
+
+
+def _mm_npu(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
+    import torch_npu
+
+    # unverified: no NPU in CI
+    return torch_npu.npu_weight_quant_batchmatmul(
+        x2d, weight_int8.t(), antiquant_scale=scales.to(x2d.dtype)
+    )
+
+
+def _mm_dequant(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
+    # Scaling the output instead of the weight saves an [N, K] multiply (gpt-fast's formulation).
+    return F.linear(x2d, weight_int8.to(x2d.dtype)) * scales.to(x2d.dtype)
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """Drop-in for nn.Linear holding int8 weights [N, K] and per-output-channel scales [N]."""
+
+    def __init__(self, weight_int8: Tensor, scales: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight_int8.shape
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8WeightOnlyLinear:
+        # Quantizing always makes new tensors, so a weight tied to an embedding is left untouched.
+        weight_int8, scales = _quantize_per_channel(linear.weight)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(weight_int8, scales, bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2d = x.reshape(-1, self.in_features)
+        device = x.device.type
+        # The CPU kernel is only vectorized for bf16 (fp32/fp16 hit a scalar loop) and reads
+        # 16 elements per step with no tail, so other K values produce garbage.
+        if device == "cpu" and x.dtype == torch.bfloat16 and self.in_features % 16 == 0:
+            out = _mm_cpu_bf16(x2d, self.weight_int8, self.scales)
+        elif device == "npu" and x.dtype in (torch.float16, torch.bfloat16):
+            out = _mm_npu(x2d, self.weight_int8, self.scales)
+        else:
+            out = _mm_dequant(x2d, self.weight_int8, self.scales)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def quantize_int8(
+    model: nn.Module, skip: Callable[[str, nn.Linear], bool] | None = None
+) -> nn.Module:
+    """Replace every nn.Linear (unless skip(name, linear)) with Int8WeightOnlyLinear, in place."""
+    # remove_duplicate=False: a Linear registered under two names must be replaced at both.
+    targets = [
+        (name, module)
+        for name, module in model.named_modules(remove_duplicate=False)
+        if isinstance(module, nn.Linear) and not (skip is not None and skip(name, module))
+    ]
+    quantized: dict[int, Int8WeightOnlyLinear] = {}
+    for name, linear in targets:
+        if id(linear) not in quantized:
+            quantized[id(linear)] = Int8WeightOnlyLinear.from_linear(linear)
+        if not name:  # the model itself is a Linear: nothing to replace it in
+            return quantized[id(linear)]
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, quantized[id(linear)])
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and persistent buffers; a tensor shared by several modules counts once."""
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        tensors = list(module._parameters.values()) + [
+            buf
+            for name, buf in module._buffers.items()
+            if name not in module._non_persistent_buffers_set
+        ]
+        for t in tensors:
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total

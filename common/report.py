@@ -1,0 +1,168 @@
+"""Result tables: printed with rich, written atomically as json + md + png."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+COLUMNS = [  # (key, header, format)
+    ("ttft_ms", "TTFT ms", "{:.1f}"),
+    ("tpot_ms", "TPOT ms", "{:.2f}"),
+    ("decode_tokens_per_s", "decode tok/s", "{:.1f}"),
+    ("tokens_per_s", "output tok/s", "{:.1f}"),
+    ("speedup", "speedup", "{:.2f}×"),
+    ("weight_bytes", "weights MB", "mb"),
+    ("kv_bytes", "KV MB", "mb"),
+    ("peak_mem_bytes", "peak MB", "mb"),
+    ("token_agreement", "token agree", "{:.3f}"),
+    ("max_logit_err", "max logit err", "{:.3g}"),
+    ("roofline_pct", "% roofline", "{:.0f}%"),
+]
+SPREAD = {"ttft_ms", "tpot_ms", "decode_tokens_per_s", "tokens_per_s"}
+
+
+def environment(device_desc: str, threads: int) -> dict[str, Any]:
+    def version(mod: str) -> str | None:
+        try:
+            return __import__(mod).__version__
+        except Exception:
+            return None
+
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], capture_output=True, text=True
+        ).stdout
+        rev += "+dirty" if dirty.strip() else ""
+    except Exception:
+        rev = None
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "torch_npu": version("torch_npu"),
+        "device": device_desc,
+        "threads": threads,
+        "platform": platform.platform(),
+        "git_revision": rev,
+    }
+
+
+def _cell(variant: dict, key: str, fmt: str) -> str:
+    value = {**variant["metrics"], **variant["fidelity"]}.get(key)
+    if value is None or value != value:  # missing or NaN
+        return "–"
+    text = f"{value / 1e6:.1f}" if fmt == "mb" else fmt.format(value)
+    if key in SPREAD and key in variant.get("spread", {}):
+        lo, hi = variant["spread"][key]
+        text += f" ({fmt.format(lo)}–{fmt.format(hi)})"
+    return text
+
+
+def rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["variant", *(h for _, h, _ in COLUMNS)]
+    return header, [
+        [v["name"], *(_cell(v, k, f) for k, _, f in COLUMNS)] for v in result["variants"]
+    ]
+
+
+def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    header, body = rows(result)
+    table = Table(title=f"{result['recipe']} · {result['hardware']} · {result['workload_desc']}")
+    for h in header:
+        table.add_column(h, justify="left" if h == "variant" else "right")
+    for r in body:
+        table.add_row(*r)
+    Console().print(table)
+
+
+def markdown(result: dict) -> str:
+    header, body = rows(result)
+    env = result["env"]
+    lines = [
+        f"# {result['recipe']}: {' + '.join(result['opts']) or 'baseline'}",
+        "",
+        f"- command: `{result['command']}`",
+        f"- hardware: {env['device']} ({result['hardware']}), torch {env['torch']}, "
+        f"transformers {env['transformers']}, {env['date']}, git {env['git_revision']}",
+        f"- model: {result['model']}",
+        f"- workload: {result['workload_desc']}",
+        f"- timing: {result['bench']['warmup']} warm-up + {result['bench']['repeats']} timed passes "
+        "per variant, each variant in a fresh process; median (min–max)",
+        f"- roofline: decode bytes (weights + live KV) / {result['bandwidth_gbs']:.1f} GB/s "
+        f"({result['bandwidth_source']})",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(r) + " |" for r in body),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [v["name"] for v in result["variants"]]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(names) + 2))
+    for ax, key, label in [
+        (axes[0], "decode_tokens_per_s", "decode tok/s (higher is better)"),
+        (axes[1], "ttft_ms", "TTFT ms (lower is better)"),
+    ]:
+        mid = [v["metrics"][key] for v in result["variants"]]
+        lo = [m - v["spread"][key][0] for m, v in zip(mid, result["variants"])]
+        hi = [v["spread"][key][1] - m for m, v in zip(mid, result["variants"])]
+        ax.barh(names, mid, xerr=[lo, hi], color="tab:blue", capsize=3)
+        ax.set_xlabel(label)
+        ax.invert_yaxis()
+    fig.suptitle(
+        f"{result['recipe']} · {result['hardware']} · {result['workload_desc']}", fontsize=9
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_results(result: dict, stem: Path) -> list[Path]:
+    """stem.json, stem.md, stem.png — each replaced atomically, only after all are rendered."""
+    text_json = json.dumps(result, indent=1) + "\n"
+    text_md = markdown(result)
+    paths = [stem.with_suffix(s) for s in (".json", ".md", ".png")]
+    _atomic_write(paths[0], lambda p: p.write_text(text_json))
+    _atomic_write(paths[1], lambda p: p.write_text(text_md))
+    _atomic_write(paths[2], lambda p: plot(result, p))
+    return paths
+
+
+def command_line() -> str:
+    return " ".join(["python", os.path.relpath(sys.argv[0]), *sys.argv[1:]])

@@ -1,0 +1,91 @@
+"""Workloads: the requests a benchmark runs, built from the workload config group."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from common.engine import Request
+from common.errors import RecipeError
+
+WORKLOADS = ("latency", "throughput", "file")
+
+
+def _span(value: Any) -> tuple[int, int]:
+    """A length is an int or a [lo, hi] range (uniform, inclusive)."""
+    lo, hi = (value, value) if isinstance(value, int) else tuple(value)
+    if not 0 < lo <= hi:
+        raise RecipeError(f"workload length range {value} must satisfy 0 < lo <= hi")
+    return lo, hi
+
+
+def synthetic_requests(
+    n: int, prompt_len: Any, max_new: Any, vocab: int, seed: int, ignore_eos: bool
+) -> list[Request]:
+    """Seeded random token ids (avoiding ids 0-2: pad/bos/eos in LLaMA vocabularies)."""
+    rng = random.Random(seed)
+    (plo, phi), (olo, ohi) = _span(prompt_len), _span(max_new)
+    return [
+        Request(
+            prompt=[rng.randrange(3, vocab) for _ in range(rng.randint(plo, phi))],
+            max_new_tokens=rng.randint(olo, ohi),
+            ignore_eos=ignore_eos,
+        )
+        for _ in range(n)
+    ]
+
+
+def file_requests(path: str, max_new: int, tokenizer, ignore_eos: bool) -> list[Request]:
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"workload.path {path!r} is not a file")
+    requests = []
+    for i, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RecipeError(f"{path}:{i}: not valid JSON ({e.msg})") from e
+        if "prompt_ids" in row:
+            ids = row["prompt_ids"]
+        elif "prompt" in row:
+            if tokenizer is None:
+                raise RecipeError(
+                    f"{path}:{i}: text prompts need a tokenizer in model.path; give prompt_ids instead"
+                )
+            ids = tokenizer(row["prompt"])["input_ids"]
+        else:
+            raise RecipeError(f"{path}:{i}: each line needs 'prompt' (text) or 'prompt_ids' (ints)")
+        if not (isinstance(ids, list) and all(isinstance(t, int) for t in ids)):
+            raise RecipeError(f"{path}:{i}: prompt_ids must be a list of ints")
+        requests.append(
+            Request(ids, int(row.get("max_new_tokens", max_new)), ignore_eos=ignore_eos)
+        )
+    if not requests:
+        raise RecipeError(f"workload.path {path!r} holds no prompts")
+    return requests
+
+
+def build_requests(cfg: Any, vocab: int, tokenizer=None) -> list[Request]:
+    kind = cfg.kind
+    if kind == "latency":
+        n, plen, new = cfg.num_prompts, cfg.prompt_len, cfg.max_new_tokens
+    elif kind == "throughput":
+        n, plen, new = cfg.num_requests, cfg.prompt_len, cfg.max_new_tokens
+    elif kind == "file":
+        return file_requests(cfg.path, cfg.max_new_tokens, tokenizer, cfg.ignore_eos)
+    else:
+        raise RecipeError(f"unknown workload.kind {kind!r}; choose one of {', '.join(WORKLOADS)}")
+    if isinstance(new, int) and new <= 0:
+        raise RecipeError(f"max_new_tokens must be > 0, got {new}")
+    return synthetic_requests(n, plen, new, vocab, cfg.seed, cfg.ignore_eos)
+
+
+def batches(requests: list[Request], size: int) -> list[list[Request]]:
+    """Static batching: fixed groups in arrival order."""
+    if size <= 0:
+        raise RecipeError(f"workload.batch_size must be > 0, got {size}")
+    return [requests[i : i + size] for i in range(0, len(requests), size)]

@@ -1,0 +1,95 @@
+"""LLaMA (1/2/3): RMSNorm pre-norm decoder, rotary (incl. llama3 scaling), GQA, SwiGLU.
+
+Parameter names match transformers' LlamaForCausalLM, so HF checkpoints load as-is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from common.attention import ForwardContext
+from common.layers import GatedMLP, RMSNorm, RotaryEmbedding, SelfAttention
+from common.model_base import CausalLM, ModelArgs
+
+
+@dataclass(frozen=True)
+class LlamaArgs(ModelArgs):
+    intermediate_size: int = 0
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    @classmethod
+    def from_hf_config(cls, d: dict) -> LlamaArgs:
+        # transformers >= 5 nests theta and scaling in rope_parameters; older configs do not.
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        d = {**d, "rope_theta": rope.pop("rope_theta", d.get("rope_theta", 10000.0))}
+        d["rope_scaling"] = (
+            rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
+        )
+        return cls.from_dict(d)
+
+    def to_hf_config(self) -> dict:
+        """The transformers LlamaConfig kwargs for these dims (oracle tests, HF peer, saving)."""
+        d = {k: v for k, v in self.__dict__.items() if k not in ("rope_scaling", "rope_theta")}
+        d["head_dim"] = self.kv_head_dim
+        d["rope_parameters"] = {
+            "rope_type": "default",
+            **(self.rope_scaling or {}),
+            "rope_theta": self.rope_theta,
+        }
+        return d
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, args: LlamaArgs, layer: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.self_attn = SelfAttention(
+            layer,
+            args.hidden_size,
+            args.num_attention_heads,
+            args.num_key_value_heads,
+            args.kv_head_dim,
+            rotary,
+            qkv_bias=args.attention_bias,
+            o_bias=args.attention_bias,
+        )
+        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, ctx: ForwardContext) -> Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, ctx)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.rotary_emb = RotaryEmbedding(args.kv_head_dim, args.rope_theta, args.rope_scaling)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(args, i, self.rotary_emb) for i in range(args.num_hidden_layers)
+        )
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class LlamaForCausalLM(CausalLM):
+    args_cls = LlamaArgs
+    hf_class_name = "LlamaForCausalLM"
+
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__(args)
+        self.model = LlamaModel(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def forward(self, input_ids: Tensor, positions: Tensor, ctx: ForwardContext) -> Tensor:
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(positions, h.dtype)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, ctx)
+        return self.model.norm(h)

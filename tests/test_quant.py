@@ -1,0 +1,180 @@
+import pytest
+import torch
+from torch import nn
+
+from common.quant import (
+    Int8WeightOnlyLinear,
+    _mm_cpu_bf16,
+    _mm_dequant,
+    quantize_int8,
+    weight_bytes,
+)
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+class TiedLM(nn.Module):
+    """Embedding -> nested MLP -> LM head whose weight is the embedding's (tied, as in HF)."""
+
+    def __init__(self, vocab: int = 96, dim: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.body = nn.Sequential(
+            nn.Linear(dim, 128), nn.GELU(), nn.Sequential(nn.Linear(128, dim, bias=False))
+        )
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.body(self.embed(ids)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_roundtrip_error_within_half_a_step(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(48, 80)
+    weight[3] = 0.0  # all-zero row exercises the scale guard
+    weight[5, 7] = 50.0  # outlier row: a coarse step, still bounded
+    linear = nn.Linear(80, 48, bias=False).to(dtype)
+    linear.weight.data.copy_(weight)
+    q = Int8WeightOnlyLinear.from_linear(linear)
+
+    assert q.weight_int8.dtype == torch.int8 and q.weight_int8.shape == (48, 80)
+    assert q.scales.shape == (48,) and q.scales.dtype == dtype
+    assert torch.isfinite(q.scales).all() and (q.scales > 0).all()
+    scales = q.scales.float()[:, None]
+    err = (linear.weight.float() - q.weight_int8.float() * scales).abs()
+    assert (err <= scales / 2 * (1 + 1e-5)).all()
+    assert (q.weight_int8[3] == 0).all()
+    # Each non-zero row's absmax lands on the edge of the int8 range, so no levels are wasted.
+    assert (q.weight_int8.abs().amax(dim=1)[torch.arange(48) != 3] == 127).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("in_features", [256, 40])  # 40: not a multiple of 16, takes the fallback
+def test_linear_matches_float(dtype: torch.dtype, bias: bool, in_features: int) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, 96, bias=bias).to(dtype)
+    if bias:
+        nn.init.normal_(linear.bias)  # default init is tiny; make a missing bias visible
+    x = torch.randn(2, 5, in_features, dtype=dtype)
+    out = Int8WeightOnlyLinear.from_linear(linear)(x)
+
+    ref = nn.functional.linear(
+        x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float()
+    )
+    assert out.shape == (2, 5, 96) and out.dtype == dtype
+    assert _rel_err(out, ref) < 2e-2
+
+
+def test_cpu_bf16_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = torch._weight_int8pack_mm
+
+    def spy(*args: torch.Tensor) -> torch.Tensor:
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", spy)
+    q = Int8WeightOnlyLinear.from_linear(nn.Linear(64, 32).bfloat16())
+    q(torch.randn(3, 64, dtype=torch.bfloat16))
+    assert len(calls) == 1
+    q(torch.randn(3, 64))  # fp32 activations: the kernel's fp32 path is a slow scalar loop
+    q_odd = Int8WeightOnlyLinear.from_linear(nn.Linear(40, 32).bfloat16())
+    q_odd(torch.randn(3, 40, dtype=torch.bfloat16))  # K % 16 != 0: the kernel reads garbage
+    assert len(calls) == 1
+
+
+def test_int8pack_and_dequant_paths_agree() -> None:
+    torch.manual_seed(0)
+    q = Int8WeightOnlyLinear.from_linear(nn.Linear(512, 320, bias=False).bfloat16())
+    x = torch.randn(7, 512, dtype=torch.bfloat16)
+    exact = x.float() @ (q.weight_int8.float() * q.scales.float()[:, None]).t()
+    fast = _mm_cpu_bf16(x, q.weight_int8, q.scales)
+    slow = _mm_dequant(x, q.weight_int8, q.scales)
+    assert fast.dtype == slow.dtype == torch.bfloat16
+    # Both compute the same quantized product; they differ only by bf16 rounding.
+    assert _rel_err(fast, exact) < 1e-2
+    assert _rel_err(slow, exact) < 1e-2
+    assert _rel_err(fast, slow) < 1e-2
+
+
+def test_misaligned_and_strided_inputs() -> None:
+    torch.manual_seed(0)
+    q = Int8WeightOnlyLinear.from_linear(nn.Linear(256, 64).bfloat16())
+    big = torch.randn(3, 256 + 24, dtype=torch.bfloat16)
+    row = big[:1, 8 : 8 + 256]  # contiguous, but starts 16 bytes into the buffer
+    cols = big[:, 8 : 8 + 256]  # strided rows
+    for x in (row, cols):
+        assert torch.allclose(q(x), q(x.clone()), atol=0, rtol=0)
+
+
+def test_quantize_replaces_all_linears_and_unties_head() -> None:
+    torch.manual_seed(0)
+    model = TiedLM()
+    embed_before = model.embed.weight.detach().clone()
+    ids = torch.randint(0, 96, (2, 6))
+    ref = model(ids).detach()
+
+    assert quantize_int8(model) is model
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert sum(isinstance(m, Int8WeightOnlyLinear) for m in model.modules()) == 3
+    assert isinstance(model.lm_head, Int8WeightOnlyLinear)
+    assert type(model.embed) is nn.Embedding
+    assert model.embed.weight.dtype == torch.float32
+    assert torch.equal(model.embed.weight, embed_before)
+    embed_ptr = model.embed.weight.untyped_storage().data_ptr()
+    assert all(b.untyped_storage().data_ptr() != embed_ptr for b in model.lm_head.buffers())
+    assert _rel_err(model(ids), ref) < 2e-2
+
+
+def test_quantize_skip_keeps_tied_head() -> None:
+    model = quantize_int8(TiedLM(), skip=lambda name, _: name == "lm_head")
+    assert type(model.lm_head) is nn.Linear
+    assert model.lm_head.weight is model.embed.weight
+    assert isinstance(model.body[0], Int8WeightOnlyLinear)
+
+
+def test_quantize_shared_linear_replaced_everywhere() -> None:
+    shared = nn.Linear(16, 16)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    quantize_int8(model)
+    assert isinstance(model[0], Int8WeightOnlyLinear) and model[0] is model[2]
+
+
+def test_weight_bytes() -> None:
+    shapes = [(256, 512), (512, 256), (256, 1024)]
+    model = nn.Sequential(*(nn.Linear(k, n, bias=False) for k, n in shapes)).bfloat16()
+    before = weight_bytes(model)
+    assert before == sum(2 * n * k for k, n in shapes)
+    quantize_int8(model)
+    # int8 weights + one bf16 scale per output channel.
+    assert weight_bytes(model) == sum(n * k + 2 * n for k, n in shapes)
+    assert 0.5 < weight_bytes(model) / before < 0.51
+
+
+def test_weight_bytes_counts_tied_and_persistent_only() -> None:
+    model = TiedLM(vocab=96, dim=64)
+    model.register_buffer("pos", torch.zeros(10))
+    model.register_buffer("cache", torch.zeros(1000), persistent=False)
+    params = 96 * 64 + (64 * 128 + 128) + 128 * 64  # the tied head adds nothing
+    assert weight_bytes(model) == 4 * (params + 10)
+
+
+def test_state_dict_roundtrip() -> None:
+    torch.manual_seed(0)
+    src = quantize_int8(TiedLM().bfloat16())
+    state = src.state_dict()
+    assert state["lm_head.weight_int8"].dtype == torch.int8
+    assert {"body.0.bias", "body.0.scales", "body.2.0.weight_int8"} <= state.keys()
+    assert "body.2.0.bias" not in state
+
+    torch.manual_seed(1)
+    dst = quantize_int8(TiedLM().bfloat16())
+    ids = torch.randint(0, 96, (2, 6))
+    assert not torch.equal(dst(ids), src(ids))
+    dst.load_state_dict(state)
+    assert torch.equal(dst(ids), src(ids))
