@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -18,13 +18,32 @@ from common.device import Device
 from common.errors import RecipeError
 
 
+class QuantizedKV(NamedTuple):
+    """int8 K or V with one scale per (token, head) vector; kernels dequantize inside."""
+
+    data: Tensor
+    scale: Tensor
+
+
+@dataclass(frozen=True)
+class PagedMeta:
+    """Where each row's K/V lives in a paged pool: block ids per row [B, max_blocks] (int32),
+    query positions [B, Tq], and the number of cached tokens per row (new ones included)."""
+
+    block_tables: Tensor
+    q_pos: Tensor
+    seq_lens: Tensor
+
+
 @dataclass(frozen=True)
 class AttnMeta:
     """Which keys each query may see. mask: bool [B, 1, Tq, S], True = attend.
-    mask None + causal: plain causal prefill (Tq == S); mask None + not causal: see all keys."""
+    mask None + causal: plain causal prefill (Tq == S); mask None + not causal: see all keys.
+    paged: set when K/V are block pools read through block tables."""
 
     mask: Tensor | None = None
     causal: bool = False
+    paged: PagedMeta | None = None
 
     def dense_mask(self, tq: int, s: int, device: torch.device) -> Tensor | None:
         if self.mask is not None or not self.causal:
@@ -76,15 +95,40 @@ def npu_fused_attention(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta) -> Tens
     return out
 
 
+def _paged(kernel_name: str) -> Backend:
+    """Adapt a common/paged_attention.py kernel to the backend signature (K/V are pools)."""
+
+    def run(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta) -> Tensor:
+        from common import paged_attention
+
+        p = meta.paged
+        if isinstance(k, QuantizedKV):  # no fused int8 paged kernel on cpu: gather + dequantize
+            return paged_attention.paged_attention_reference(
+                q, k, v, p.block_tables, p.q_pos, p.seq_lens
+            )
+        kernel = getattr(paged_attention, kernel_name)
+        return kernel(q, k, v, p.block_tables, p.q_pos, p.seq_lens)
+
+    return run
+
+
 _BY_DEVICE: dict[str, dict[str, Backend]] = {
     "cpu": {"eager": eager_attention, "sdpa": sdpa_attention, "flash": sdpa_attention},
     "cuda": {"eager": eager_attention, "sdpa": sdpa_attention, "flash": sdpa_attention},
     "npu": {"eager": eager_attention, "sdpa": sdpa_attention, "flash": npu_fused_attention},
 }
+# Paged KV: `eager` gathers each row's blocks (the reference); fused kernels read the pool.
+_PAGED_BY_DEVICE: dict[str, dict[str, Backend]] = {
+    "cpu": {"eager": _paged("paged_attention_reference"), "flash": _paged("paged_attention_flex")},
+    "cuda": {"eager": _paged("paged_attention_reference"), "flash": _paged("paged_attention_flex")},
+    "npu": {"eager": _paged("paged_attention_reference"), "flash": _paged("paged_attention_npu")},
+}
 
 
-def get_backend(name: str, device: Device) -> Backend:
-    choices = _BY_DEVICE[device.type]
+def get_backend(name: str, device: Device, paged: bool = False) -> Backend:
+    choices = (_PAGED_BY_DEVICE if paged else _BY_DEVICE)[device.type]
+    if name == "sdpa" and paged:
+        name = "flash"
     if name not in choices:
         raise RecipeError(f"unknown attention.backend {name!r}; choose one of {', '.join(choices)}")
     return choices[name]

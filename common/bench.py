@@ -19,14 +19,17 @@ import torch
 from omegaconf import OmegaConf
 
 from common.device import measure_read_bandwidth, resolve_dtype, select_device
-from common.engine import Engine
+from common.engine import Engine, Request
 from common.errors import RecipeError
-from common.measure import engine_runner, fidelity, measure, roofline_pct
+from common.kv_cache import KVSpec
+from common.measure import engine_runner, fidelity, kv_bytes_per_token, measure, roofline
 from common.model_base import CausalLM
 from common.opts import apply_transforms, check_opts_supported
 from common.report import command_line, environment, print_table, write_results
 from common.sampling import SamplingParams
-from common.workload import batches, build_requests
+from common.workload import arrival_times, build_requests
+
+QUEUED = ("throughput", "online")  # all requests are in the system together: times include waiting
 
 
 @dataclass
@@ -63,9 +66,39 @@ def workload_desc(w: Any) -> str:
 # ---------------------------------------------------------------- worker (one variant)
 
 
+def kv_spec(cfg: Any) -> KVSpec:
+    kv = cfg.kv_cache
+    return KVSpec(kv.kind, kv.int8, kv.block_size, cfg.scheduler.kv_budget, kv.prefix_cache)
+
+
+def kv_capacity(
+    requests: list[Request], per_token: int, block_size: int, budget: int | None, batch: int
+) -> dict:
+    """How many of the workload's sequences fit in one KV budget: contiguous allocation gives
+    every sequence the longest length; paged gives each ceil(len / block) blocks. The budget
+    defaults to what contiguous needs for `batch` sequences."""
+    lengths = [len(r.prompt) + r.max_new_tokens for r in requests]
+    longest = max(lengths)
+    budget = budget or batch * longest * per_token
+    blocks_left = budget // (block_size * per_token)
+    paged = 0
+    while True:  # sequences in arrival order, cycling, until the next one does not fit
+        need = -(-lengths[paged % len(lengths)] // block_size)
+        if need > blocks_left:
+            break
+        blocks_left -= need
+        paged += 1
+    return {
+        "kv_budget_bytes": budget,
+        "max_concurrent_contiguous": budget // (longest * per_token),
+        "max_concurrent_paged": paged,
+    }
+
+
 def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
     from common.build import build_model
     from common.peers import peer_runner
+    from common.quant import weight_bytes
 
     if cfg.bench.threads:
         torch.set_num_threads(int(cfg.bench.threads))
@@ -73,36 +106,45 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
     dtype = resolve_dtype(cfg.model.dtype, device)
     model, tokenizer, weights_desc = build_model(cfg.model, model_cls, device.torch, dtype)
     requests = build_requests(cfg.workload, model.args.vocab_size, tokenizer)
+    arrivals = arrival_times(cfg.workload, len(requests))
     sampling = SamplingParams(**cfg.generation)
     for r in requests:
         r.sampling = sampling
+    spec = kv_spec(cfg)
     if cfg.bench.peer:
-        runner, kv_dtype = peer_runner(cfg.bench.peer, model), dtype
+        runner = peer_runner(cfg.bench.peer, model, cfg.scheduler.max_batch)
     else:
         model = apply_transforms(model, cfg)
-        engine = Engine(model, device, cfg.kv_cache.kind, cfg.attention.backend)
+        engine = Engine(model, device, spec, cfg.attention.backend)
         for r in requests:
             engine.check(r)
-        runner, kv_dtype = engine_runner(engine, cfg.bench.seed), engine.kv_dtype
-    groups = batches(requests, cfg.workload.batch_size)
-    median, spread, outputs = measure(runner, groups, cfg.bench.warmup, cfg.bench.repeats)
-    from common.quant import weight_bytes
-
+        runner = engine_runner(engine, cfg.scheduler, arrivals, cfg.bench.seed)
+    w = cfg.workload
+    slo = (w.slo_ttft_ms, w.slo_tpot_ms) if "slo_ttft_ms" in w else None
+    roof = roofline(model, dtype, float(cfg.bench.bandwidth), spec.int8)
+    median, spread, outputs = measure(
+        runner, requests, cfg.bench.warmup, cfg.bench.repeats, roof, w.kind in QUEUED, slo
+    )
     reference = Path(cfg.bench.reference)
-    is_baseline = not (reference / "outputs.pt").exists()
-    bandwidth = float(cfg.bench.bandwidth)
+    reserved, used = runner.peak_kv()
+    per_token = kv_bytes_per_token(model, dtype, spec.int8)
     result = {
         "metrics": {
-            **{k: median[k] for k in ("ttft_ms", "tpot_ms", "tokens_per_s", "decode_tokens_per_s")},
+            **{k: v for k, v in median.items() if k not in ("e2e_s", "decode_s")},
             "weight_bytes": weight_bytes(model),
-            "kv_bytes": runner.peak_kv_bytes(),
-            "peak_mem_bytes": device.peak_memory_bytes(),
-            "roofline_pct": roofline_pct(
-                model, groups, outputs, median["decode_s"], kv_dtype, bandwidth
+            "kv_bytes": reserved,
+            "kv_reserved_bytes": reserved,
+            "kv_used_bytes": used,
+            "kv_waste_pct": 100.0 * (1 - used / reserved) if reserved else float("nan"),
+            **kv_capacity(
+                requests, per_token, spec.block_size, spec.budget_bytes, cfg.scheduler.max_batch
             ),
+            "peak_mem_bytes": device.peak_memory_bytes(),
         },
         "spread": spread,
-        "fidelity": fidelity(runner, requests, reference, is_baseline, outputs),
+        "fidelity": fidelity(
+            runner, requests, reference, not (reference / "outputs.pt").exists(), outputs
+        ),
         "outputs": outputs,
         "model": f"{cfg.model.name}, {weights_desc}, {str(dtype).removeprefix('torch.')}",
         "device": device.describe(),

@@ -8,6 +8,7 @@ so a prompt gives the same greedy output alone or inside a padded batch.
 from __future__ import annotations
 
 import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -16,9 +17,10 @@ from torch import Tensor
 from common.attention import Backend, ForwardContext, get_backend
 from common.device import Device
 from common.errors import RecipeError
-from common.kv_cache import KVCache, NoCache, make_cache
+from common.kv_cache import KVCache, KVSpec, NoCache, make_cache
 from common.model_base import CausalLM
 from common.sampling import SamplingParams, make_generator, sample
+from common.scheduler import Scheduler, Sequence, Work
 
 
 @dataclass
@@ -27,13 +29,15 @@ class Request:
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     ignore_eos: bool = False  # benchmarks fix the output length, as vLLM's benchmarks do
+    priority: int = 0  # lower runs first under scheduler.policy=priority
 
 
 @dataclass
 class Completion:
     tokens: list[int]
     finish_reason: str  # "eos" | "length"
-    token_times: list[float]  # seconds from the batch start to each generated token
+    token_times: list[float]  # seconds from the batch start (or arrival) to each token
+    preemptions: int = 0
 
     @property
     def ttft(self) -> float:
@@ -45,14 +49,18 @@ class Completion:
         return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 else None
 
 
-def _pad(rows: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Right-pad to [B, T]; positions keep counting past each row's end (harmless, masked)."""
+def _pad(
+    rows: list[list[int]], device: torch.device, starts: list[int] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-pad to [B, T]; row i's tokens sit at positions starts[i], starts[i] + 1, ...
+    Positions keep counting past each row's end (harmless: those tokens are invalid)."""
     t = max(map(len, rows))
     ids = torch.zeros(len(rows), t, dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)
-    positions = torch.arange(t).expand(len(rows), t)
-    valid = positions < torch.tensor([len(r) for r in rows])[:, None]
+    offsets = torch.arange(t).expand(len(rows), t)
+    valid = offsets < torch.tensor([len(r) for r in rows])[:, None]
+    positions = offsets + torch.tensor(starts or [0] * len(rows))[:, None]
     return ids.to(device), positions.to(device), valid.to(device)
 
 
@@ -61,15 +69,17 @@ class Engine:
         self,
         model: CausalLM,
         device: Device,
-        kv_kind: str = "dynamic",
+        kv_kind: str | KVSpec = "dynamic",
         attention: str = "eager",
-        kv_dtype: torch.dtype | None = None,
     ) -> None:
-        self.model, self.device, self.kv_kind = model, device, kv_kind
-        self.backend: Backend = get_backend(attention, device)
-        self.kv_dtype = kv_dtype or next(model.parameters()).dtype
-        make_cache(kv_kind, 0, 0, 0, 0, 0, self.kv_dtype, device.torch)  # validate the kind now
-        self.peak_kv_bytes = 0
+        self.model, self.device = model, device
+        self.kv = kv_kind if isinstance(kv_kind, KVSpec) else KVSpec(kv_kind)
+        self.backend: Backend = get_backend(attention, device, paged=self.kv.kind == "paged")
+        self.kv_dtype = next(model.parameters()).dtype  # the activation dtype
+        self.peak_kv_bytes = 0  # reserved at the fullest moment
+        self.peak_kv_used_bytes = 0  # holding real tokens at that moment
+        # decode_steps, decode_ctx_tokens (KV read), useful_row_steps / capacity_row_steps
+        self.stats: Counter[str] = Counter()
 
     @property
     def max_positions(self) -> int:
@@ -78,19 +88,38 @@ class Engine:
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         a = self.model.args
         return make_cache(
-            self.kv_kind,
+            self.kv,
             a.num_hidden_layers,
-            batch,
             a.num_key_value_heads,
             a.kv_head_dim,
+            batch,
             max_len,
             self.kv_dtype,
             self.device.torch,
         )
 
-    def forward(self, cache: KVCache, ids: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
+    def _count_decode(self, ctx_tokens: int, rows: int, capacity: int) -> None:
+        self.stats.update(
+            decode_steps=1,
+            decode_ctx_tokens=ctx_tokens,
+            useful_row_steps=rows,
+            capacity_row_steps=capacity,
+        )
+
+    def _track(self, cache: KVCache) -> None:
+        if cache.nbytes() >= self.peak_kv_bytes:
+            self.peak_kv_bytes, self.peak_kv_used_bytes = cache.nbytes(), cache.used_bytes()
+
+    def forward(
+        self,
+        cache: KVCache,
+        ids: Tensor,
+        positions: Tensor,
+        valid: Tensor,
+        seq_ids: list[int] | None = None,
+    ) -> Tensor:
         """One model pass over new tokens [B, T]; returns final hidden states [B, T, H]."""
-        ctx = ForwardContext(cache, self.backend, cache.begin(positions, valid))
+        ctx = ForwardContext(cache, self.backend, cache.begin(positions, valid, seq_ids))
         return self.model(ids, positions, ctx)
 
     def check(self, req: Request) -> None:
@@ -140,9 +169,10 @@ class Engine:
                     done[i], outs[i].finish_reason = True, "eos"
                 elif len(outs[i].tokens) >= budgets[i]:
                     done[i] = True
+            self._track(cache)
             if all(done):
-                self.peak_kv_bytes = max(self.peak_kv_bytes, cache.nbytes())
                 return outs
+            self._count_decode(sum(map(len, seqs)), len(seqs) - sum(done), len(seqs))
             if cache.recompute:  # no KV cache: feed every token again
                 cache = NoCache()
                 ids, positions, valid = _pad(seqs, dev)
@@ -160,3 +190,96 @@ class Engine:
         ids, positions, valid = _pad([seq[:-1]], self.device.torch)
         hidden = self.forward(self.new_cache(1, len(seq)), ids, positions, valid)
         return self.model.logits(hidden[0, len(prompt) - 1 :]).float()
+
+    @torch.inference_mode()
+    def serve(
+        self,
+        requests: list[Request],
+        kind: str = "continuous",
+        policy: str = "fcfs",
+        max_batch: int = 8,
+        max_tokens_per_step: int | None = None,
+        arrivals: list[float] | None = None,
+        seed: int | None = 0,
+    ) -> list[Completion]:
+        """Iteration-level serving over paged KV: every step the scheduler picks the work
+        (prefill chunks and decodes), finished sequences retire at once, and waiting ones
+        take their place. `arrivals` (seconds from the start) makes it online: a request is
+        visible once it has arrived, and its times count from its arrival."""
+        if self.kv.kind != "paged":
+            raise RecipeError(
+                f"scheduling by sequence needs paged KV (+opt=paged_kv), not kv_cache.kind={self.kv.kind}"
+            )
+        for r in requests:
+            self.check(r)
+        longest = max(len(r.prompt) + r.max_new_tokens for r in requests)
+        cache = self.new_cache(max_batch, min(longest, self.max_positions))
+        scheduler = Scheduler(cache, kind, policy, max_batch, max_tokens_per_step)
+        seqs = [
+            Sequence(
+                i,
+                list(r.prompt),
+                min(r.max_new_tokens, self.max_positions - len(r.prompt)),
+                r.sampling,
+                r.ignore_eos,
+                r.priority,
+                arrivals[i] if arrivals else 0.0,
+            )
+            for i, r in enumerate(requests)
+        ]
+        pending = deque(sorted(seqs, key=lambda s: s.arrival))
+        eos = set(self.model.args.eos_ids)
+        gen = make_generator(seed, self.device.torch)
+        start = time.perf_counter()
+        while pending or scheduler.has_work():
+            now = time.perf_counter() - start
+            while pending and pending[0].arrival <= now:
+                scheduler.add(pending.popleft())
+            if not scheduler.has_work():
+                time.sleep(max(0.0, pending[0].arrival - now))
+                continue
+            work = scheduler.schedule()
+            # Decodes (one token each) and prefill chunks run as two forwards of the same step,
+            # so short decode rows are never padded to a long prompt.
+            sampled: list[tuple[Sequence, Tensor]] = []
+            decodes = [w for w in work if w.num_tokens == 1]
+            if decodes:
+                ctx = sum(w.seq.num_computed + 1 for w in decodes)
+                self._count_decode(ctx, len(decodes), scheduler.max_batch)
+            for group in (decodes, [w for w in work if w.num_tokens > 1]):
+                if group:
+                    sampled += self._run(cache, group)
+            self._track(cache)
+            if not sampled:
+                continue
+            logits = torch.cat([row for _, row in sampled])
+            batch = [s for s, _ in sampled]
+            tokens = sample(
+                logits.float(), [s.tokens for s in batch], [s.sampling for s in batch], gen
+            )
+            self.device.synchronize()
+            now = time.perf_counter() - start
+            for seq, tok in zip(batch, tokens.tolist()):
+                seq.output.append(tok)
+                seq.token_times.append(now - seq.arrival)
+                if tok in eos and not seq.ignore_eos:
+                    seq.finish_reason = "eos"
+                elif len(seq.output) >= seq.max_new_tokens:
+                    seq.finish_reason = "length"
+                if seq.finish_reason:
+                    scheduler.retire(seq)
+        return [Completion(s.output, s.finish_reason, s.token_times, s.preemptions) for s in seqs]
+
+    def _run(self, cache: KVCache, group: list[Work]) -> list[tuple[Sequence, Tensor]]:
+        """Feed each sequence its scheduled tokens; logits for those that reach their end."""
+        rows = [w.seq.tokens[w.seq.num_computed : w.seq.num_computed + w.num_tokens] for w in group]
+        starts = [w.seq.num_computed for w in group]
+        ids, positions, valid = _pad(rows, self.device.torch, starts)
+        hidden = self.forward(cache, ids, positions, valid, [w.seq.id for w in group])
+        out = []
+        for i, w in enumerate(group):
+            if w.samples:
+                out.append((w.seq, self.model.logits(hidden[i, w.num_tokens - 1])[None]))
+            w.seq.num_computed += w.num_tokens
+            cache.commit(w.seq.id, w.seq.tokens[: w.seq.num_computed])
+        return out

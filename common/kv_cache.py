@@ -11,12 +11,16 @@ Rows of a batch are right-padded; padding tokens are marked invalid so no query 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from common.attention import AttnMeta
+from common.attention import AttnMeta, PagedMeta, QuantizedKV
+from common.block_pool import BlockManager, BlockPool, OutOfBlocks
 from common.errors import RecipeError
+from common.kv_quant import SCALE_DTYPE, dequantize_kv, quantize_kv
+from common.scheduler import OutOfKV
 
 _NEVER = torch.iinfo(torch.int64).max  # key position of padding: above every query position
 
@@ -39,8 +43,9 @@ class KVCache(ABC):
     recompute: bool = False  # True: the engine feeds the full sequence every step
 
     @abstractmethod
-    def begin(self, positions: Tensor, valid: Tensor) -> AttnMeta:
-        """Called once per forward with the new tokens' positions [B, T] and validity."""
+    def begin(self, positions: Tensor, valid: Tensor, seq_ids: list[int] | None = None) -> AttnMeta:
+        """Called once per forward with the new tokens' positions [B, T] and validity; caches
+        that track sequences (paged) also get each row's sequence id."""
 
     @abstractmethod
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -50,11 +55,19 @@ class KVCache(ABC):
     def nbytes(self) -> int:
         """Bytes currently held for K/V."""
 
+    def used_bytes(self) -> int:
+        """Bytes holding real tokens (the rest of nbytes() is reserved but empty)."""
+        return self.nbytes()
+
+    def commit(self, seq_id: int, tokens: list[int]) -> None:
+        """KV for `tokens` (a sequence's leading tokens) is written; prefix caches index it."""
+        return None
+
 
 class NoCache(KVCache):
     recompute = True
 
-    def begin(self, positions: Tensor, valid: Tensor) -> AttnMeta:
+    def begin(self, positions: Tensor, valid: Tensor, seq_ids: list[int] | None = None) -> AttnMeta:
         return attn_meta(positions.masked_fill(~valid, _NEVER), positions)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,7 +83,7 @@ class DynamicCache(KVCache):
         self.v: list[Tensor | None] = [None] * num_layers
         self.key_pos: Tensor | None = None
 
-    def begin(self, positions: Tensor, valid: Tensor) -> AttnMeta:
+    def begin(self, positions: Tensor, valid: Tensor, seq_ids: list[int] | None = None) -> AttnMeta:
         new = positions.masked_fill(~valid, _NEVER)
         self.key_pos = new if self.key_pos is None else torch.cat((self.key_pos, new), dim=1)
         return attn_meta(self.key_pos, positions)
@@ -84,6 +97,40 @@ class DynamicCache(KVCache):
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.k + self.v if t is not None)
+
+    def used_bytes(self) -> int:
+        if self.key_pos is None:
+            return 0
+        return self.nbytes() * int((self.key_pos != _NEVER).sum()) // self.key_pos.numel()
+
+
+class _Store:
+    """A K or V tensor, optionally int8 with one scale per (token, head) vector."""
+
+    def __init__(self, data: Tensor, scale: Tensor | None) -> None:
+        self.data, self.scale = data, scale
+
+    @classmethod
+    def zeros(cls, shape: tuple[int, ...], dtype: torch.dtype, quantized: bool, device) -> _Store:
+        if not quantized:
+            return cls(torch.zeros(shape, dtype=dtype, device=device), None)
+        scale = torch.zeros((*shape[:-1], 1), dtype=SCALE_DTYPE, device=device)
+        return cls(torch.zeros(shape, dtype=torch.int8, device=device), scale)
+
+    def write(self, index: tuple, x: Tensor) -> None:
+        if self.scale is None:
+            self.data[index] = x
+        else:
+            self.data[index], self.scale[index] = quantize_kv(x)
+
+    def read(self, index: tuple, dtype: torch.dtype) -> Tensor:
+        if self.scale is None:
+            return self.data[index]
+        return dequantize_kv(self.data[index], self.scale[index], dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + (0 if self.scale is None else self.scale.nbytes)
 
 
 class ContiguousCache(KVCache):
@@ -99,17 +146,20 @@ class ContiguousCache(KVCache):
         max_len: int,
         dtype: torch.dtype,
         device: torch.device,
+        quantized: bool = False,
     ) -> None:
         shape = (batch, kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.dtype = dtype
+        self.k = [_Store.zeros(shape, dtype, quantized, device) for _ in range(num_layers)]
+        self.v = [_Store.zeros(shape, dtype, quantized, device) for _ in range(num_layers)]
         self.max_len = max_len
         self.rows = torch.arange(batch, device=device)[:, None]
         self.positions: Tensor | None = None
         self.start: int | None = None  # set when every row writes the same contiguous range
         self.end = 0
+        self.lengths = torch.zeros(batch, dtype=torch.long)  # tokens written per row
 
-    def begin(self, positions: Tensor, valid: Tensor) -> AttnMeta:
+    def begin(self, positions: Tensor, valid: Tensor, seq_ids: list[int] | None = None) -> AttnMeta:
         end = int(positions.max()) + 1
         if end > self.max_len:
             raise RecipeError(f"sequence needs {end} KV slots but the cache holds {self.max_len}")
@@ -122,39 +172,192 @@ class ContiguousCache(KVCache):
         )
         self.start = int(first[0, 0]) if uniform else None
         self.positions = positions
+        written = (positions.masked_fill(~valid, -1).amax(1) + 1).cpu()
+        self.lengths = torch.maximum(self.lengths, written)
         return attn_meta(torch.arange(self.end, device=positions.device)[None], positions)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        kb, vb = self.k[layer], self.v[layer]
-        if self.start is not None:  # one slice copy instead of a scatter
-            kb[:, :, self.start : self.start + k.shape[2]] = k
-            vb[:, :, self.start : self.start + v.shape[2]] = v
-        else:
-            kb[self.rows, :, self.positions] = k.transpose(1, 2)
-            vb[self.rows, :, self.positions] = v.transpose(1, 2)
-        return kb[:, :, : self.end], vb[:, :, : self.end]
+        for store, new in ((self.k[layer], k), (self.v[layer], v)):
+            if self.start is not None:  # one slice copy instead of a scatter
+                store.write(
+                    (slice(None), slice(None), slice(self.start, self.start + new.shape[2])), new
+                )
+            else:
+                store.write((self.rows, slice(None), self.positions), new.transpose(1, 2))
+        return tuple(
+            s.read((slice(None), slice(None), slice(0, self.end)), self.dtype)
+            for s in (self.k[layer], self.v[layer])
+        )
 
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.k + self.v)
+        return sum(s.nbytes for s in self.k + self.v)
+
+    def used_bytes(self) -> int:
+        return self.nbytes() * int(self.lengths.sum()) // (self.max_len * len(self.lengths))
 
 
-KV_KINDS = ("dynamic", "contiguous", "none")
+class PagedCache(KVCache):
+    """vLLM-style paged KV: per layer a pool of fixed-size blocks, flat [slots, Hkv, D] with
+    slot = block * block_size + offset; sequences own block tables (common/block_pool.py).
+    Attention reads the pool through the block tables (common/paged_attention.py)."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        quantized: bool = False,
+        prefix_cache: bool = False,
+    ) -> None:
+        self.blocks = BlockManager(BlockPool(num_blocks, block_size), prefix_cache)
+        self.block_size, self.dtype, self.device = block_size, dtype, device
+        shape = (num_blocks * block_size, kv_heads, head_dim)
+        self.k = [_Store.zeros(shape, dtype, quantized, device) for _ in range(num_layers)]
+        self.v = [_Store.zeros(shape, dtype, quantized, device) for _ in range(num_layers)]
+        self.bytes_per_token = sum(s.nbytes for s in self.k + self.v) // shape[0]
+        self.slots: Tensor | None = None
+        self.valid: Tensor | None = None
+        self.live: set[int] = set()
+
+    # -- KVSlots: the scheduler's view
+    def admit(self, seq_id: int, tokens: list[int]) -> int:
+        try:
+            cached = self.blocks.allocate(seq_id, tokens)
+        except OutOfBlocks as e:
+            raise OutOfKV(str(e)) from e
+        self.live.add(seq_id)
+        return cached
+
+    def grow(self, seq_id: int, num_tokens: int) -> None:
+        extra = num_tokens - self.blocks.num_tokens(seq_id)
+        if extra > 0:
+            try:
+                self.blocks.append(seq_id, extra)
+            except OutOfBlocks as e:
+                raise OutOfKV(str(e)) from e
+
+    def release(self, seq_id: int) -> None:
+        self.blocks.free(seq_id)
+        self.live.discard(seq_id)
+
+    def commit(self, seq_id: int, tokens: list[int]) -> None:
+        self.blocks.commit(seq_id, tokens)
+
+    # -- forward
+    def begin(self, positions: Tensor, valid: Tensor, seq_ids: list[int] | None = None) -> AttnMeta:
+        for src, dst in self.blocks.take_copies():  # copy-on-write of shared blocks
+            bs = self.block_size
+            for store in self.k + self.v:
+                store.data[dst * bs : (dst + 1) * bs] = store.data[src * bs : (src + 1) * bs]
+                if store.scale is not None:
+                    store.scale[dst * bs : (dst + 1) * bs] = store.scale[src * bs : (src + 1) * bs]
+        starts, lens = positions[:, 0].tolist(), valid.sum(1).tolist()
+        slots = [self.blocks.slot_mapping(s, p, p + n) for s, p, n in zip(seq_ids, starts, lens)]
+        self.slots = torch.tensor([x for row in slots for x in row], device=self.device)
+        self.valid = valid
+        tables = [self.blocks.block_table(s) for s in seq_ids]
+        width = max(map(len, tables))
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        seq_lens = torch.tensor([p + n for p, n in zip(starts, lens)])
+        return AttnMeta(
+            paged=PagedMeta(block_tables.to(self.device), positions, seq_lens.to(self.device))
+        )
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        for store, new in ((self.k[layer], k), (self.v[layer], v)):
+            store.write((self.slots,), new.transpose(1, 2)[self.valid])
+        return self._pool(self.k[layer]), self._pool(self.v[layer])
+
+    def _pool(self, store: _Store):
+        """[num_blocks, block_size, Hkv, D] views (with scales when int8) for the kernel."""
+        shape = (-1, self.block_size, *store.data.shape[1:])
+        if store.scale is None:
+            return store.data.view(shape)
+        return QuantizedKV(store.data.view(shape), store.scale.view(*shape[:-1], 1))
+
+    def nbytes(self) -> int:
+        """Bytes of the blocks held by sequences (the pool itself is the budget)."""
+        pool = self.blocks.pool
+        return (pool.num_blocks - pool.num_free) * self.block_size * self.bytes_per_token
+
+    def used_bytes(self) -> int:
+        return sum(map(self.blocks.num_tokens, self.live)) * self.bytes_per_token
+
+
+KV_KINDS = ("dynamic", "contiguous", "none", "paged")
+
+
+def kv_token_bytes(
+    num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, int8: bool
+) -> int:
+    """K + V bytes one token occupies across all layers (int8: data plus one scale per head)."""
+    per_head = head_dim + SCALE_DTYPE.itemsize if int8 else head_dim * dtype.itemsize
+    return 2 * num_layers * kv_heads * per_head
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    kind: str = "dynamic"
+    int8: bool = False  # int8 K/V with per-token, per-head scales (contiguous and paged)
+    block_size: int = 16  # paged
+    budget_bytes: int | None = None  # paged pool size; None = room for the whole batch
+    prefix_cache: bool = False  # paged: reuse full blocks across requests
+
+    def __post_init__(self) -> None:
+        if self.kind not in KV_KINDS:
+            raise RecipeError(
+                f"unknown kv_cache.kind {self.kind!r}; choose one of {', '.join(KV_KINDS)}"
+            )
+        if self.int8 and self.kind not in ("contiguous", "paged"):
+            raise RecipeError(
+                "int8 KV needs kv_cache.kind contiguous or paged (+opt=static_kv or paged_kv)"
+            )
+        if self.prefix_cache and self.kind != "paged":
+            raise RecipeError("prefix_cache needs kv_cache.kind=paged (+opt=paged_kv)")
+        if self.block_size <= 0:
+            raise RecipeError(f"kv_cache.block_size must be > 0, got {self.block_size}")
 
 
 def make_cache(
-    kind: str,
+    spec: KVSpec,
     num_layers: int,
-    batch: int,
     kv_heads: int,
     head_dim: int,
+    batch: int,
     max_len: int,
     dtype: torch.dtype,
     device: torch.device,
 ) -> KVCache:
-    if kind == "dynamic":
+    if spec.kind == "dynamic":
         return DynamicCache(num_layers)
-    if kind == "contiguous":
-        return ContiguousCache(num_layers, batch, kv_heads, head_dim, max_len, dtype, device)
-    if kind == "none":
+    if spec.kind == "none":
         return NoCache()
-    raise RecipeError(f"unknown kv_cache.kind {kind!r}; choose one of {', '.join(KV_KINDS)}")
+    if spec.kind == "contiguous":
+        return ContiguousCache(
+            num_layers, batch, kv_heads, head_dim, max_len, dtype, device, spec.int8
+        )
+    block_bytes = spec.block_size * kv_token_bytes(num_layers, kv_heads, head_dim, dtype, spec.int8)
+    num_blocks = (
+        int(spec.budget_bytes // block_bytes)
+        if spec.budget_bytes
+        else batch * -(-max_len // spec.block_size)
+    )
+    if num_blocks <= 0:
+        raise RecipeError(
+            f"KV budget {spec.budget_bytes} bytes holds no {block_bytes:.0f}-byte block"
+        )
+    return PagedCache(
+        num_layers,
+        kv_heads,
+        head_dim,
+        num_blocks,
+        spec.block_size,
+        dtype,
+        device,
+        spec.int8,
+        spec.prefix_cache,
+    )

@@ -11,34 +11,61 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from common.engine import Completion, Engine, Request
+from common.kv_cache import kv_token_bytes
+from common.workload import batches
 
 
 @dataclass
 class Runner:
-    """What a variant is: generate a batch, teacher-force a continuation, report KV bytes."""
+    """A variant: how to run one group of requests (a static batch, or everything at once
+    under a scheduler), teacher-force a continuation, and report KV bytes at the peak."""
 
     generate: Callable[[list[Request]], list[Completion]]
     teacher_forced_logits: Callable[[list[int], list[int]], Tensor]
-    peak_kv_bytes: Callable[[], int]
+    peak_kv: Callable[[], tuple[int, int]]  # (reserved, used) bytes at the fullest moment
+    groups: Callable[[list[Request]], list[list[Request]]]
+    stats: Callable[[], dict] = dict  # engine counters since the last reset (decode steps, ...)
+    reset: Callable[[], None] = lambda: None
 
 
-def engine_runner(engine: Engine, seed: int) -> Runner:
+def engine_runner(engine: Engine, sched: Any, arrivals: list[float] | None, seed: int) -> Runner:
+    """Static batches through generate() (or the static scheduler on paged KV); continuous
+    batching and online arrivals put every request under one scheduler."""
+    one_scheduler = sched.kind == "continuous" or arrivals is not None
+
+    def generate(reqs: list[Request]) -> list[Completion]:
+        if engine.kv.kind != "paged" and not one_scheduler:
+            return engine.generate(reqs, seed)
+        return engine.serve(
+            reqs,
+            sched.kind,
+            sched.policy,
+            sched.max_batch,
+            sched.max_tokens_per_step,
+            arrivals,
+            seed,
+        )
+
     return Runner(
-        lambda reqs: engine.generate(reqs, seed),
+        generate,
         engine.teacher_forced_logits,
-        lambda: engine.peak_kv_bytes,
+        lambda: (engine.peak_kv_bytes, engine.peak_kv_used_bytes),
+        (lambda reqs: [reqs]) if one_scheduler else (lambda reqs: batches(reqs, sched.max_batch)),
+        lambda: dict(engine.stats),
+        engine.stats.clear,
     )
 
 
-def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
+def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype, int8: bool = False) -> int:
     a = model.args
-    return 2 * a.num_hidden_layers * a.num_key_value_heads * a.kv_head_dim * dtype.itemsize
+    return kv_token_bytes(a.num_hidden_layers, a.num_key_value_heads, a.kv_head_dim, dtype, int8)
 
 
 def decode_weight_bytes(model: nn.Module) -> int:
@@ -54,63 +81,93 @@ def decode_weight_bytes(model: nn.Module) -> int:
     return weight_bytes(model) - embeddings
 
 
-def _pass(runner: Runner, groups: list[list[Request]]) -> dict:
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def _pass(
+    runner: Runner, groups: list[list[Request]], queued: bool, slo: tuple | None, roof: Callable
+) -> dict:
+    """One timed pass. queued: all requests arrived at t=0, so a later static batch's times
+    include its wait (offline throughput); otherwise each group's times start with it."""
+    runner.reset()
     t0 = time.perf_counter()
-    done = [runner.generate(g) for g in groups]
+    done = []
+    for g in groups:
+        offset = time.perf_counter() - t0 if queued else 0.0
+        comps = runner.generate(g)
+        for c in comps:
+            c.token_times = [t + offset for t in c.token_times]
+        done.append(comps)
     wall = time.perf_counter() - t0
     comps = [c for batch in done for c in batch]
     decode_tokens = sum(len(c.tokens) - 1 for c in comps)
     decode_time = sum(max(c.token_times[-1] for c in b) - min(c.ttft for c in b) for b in done)
-    tpots = [c.tpot for c in comps if c.tpot is not None]
-    return {
-        "ttft_ms": 1e3 * statistics.median(c.ttft for c in comps),
-        "tpot_ms": 1e3 * statistics.median(tpots) if tpots else float("nan"),
+    ttfts = [1e3 * c.ttft for c in comps]
+    tpots = [1e3 * c.tpot for c in comps if c.tpot is not None]
+    metrics = {
+        "ttft_ms": statistics.median(ttfts),
+        "tpot_ms": statistics.median(tpots) if tpots else float("nan"),
         "tokens_per_s": sum(len(c.tokens) for c in comps) / wall,
         "decode_tokens_per_s": decode_tokens / decode_time if decode_time > 0 else float("nan"),
+        "requests_per_s": len(comps) / wall,
         "e2e_s": wall,
         "decode_s": decode_time,
+        "preemptions": sum(c.preemptions for c in comps),
         "outputs": [c.tokens for c in comps],
     }
+    stats = runner.stats()
+    metrics["roofline_pct"] = roof(stats, decode_time)
+    if stats.get("capacity_row_steps"):  # decode slots that ran no sequence (static batches)
+        metrics["idle_pct"] = 100.0 * (1 - stats["useful_row_steps"] / stats["capacity_row_steps"])
+    for q in (50, 90, 99):
+        metrics[f"ttft_p{q}_ms"] = _percentile(ttfts, q)
+        metrics[f"tpot_p{q}_ms"] = _percentile(tpots, q)
+    if slo:  # goodput: requests per second that met both latency objectives
+        ok = sum(
+            1e3 * c.ttft <= slo[0] and (c.tpot is None or 1e3 * c.tpot <= slo[1]) for c in comps
+        )
+        metrics["goodput_rps"] = ok / wall
+    return metrics
 
 
 def measure(
-    runner: Runner, groups: list[list[Request]], warmup: int, repeats: int, progress=None
+    runner: Runner,
+    requests: list[Request],
+    warmup: int,
+    repeats: int,
+    roof: Callable[[dict, float], float],
+    queued: bool = False,
+    slo: tuple[float, float] | None = None,
 ) -> tuple[dict, dict, list[list[int]]]:
     """(median metrics, [min, max] per metric, outputs of the last pass)."""
+    groups = runner.groups(requests)
     for _ in range(warmup):
-        _pass(runner, groups)
-        if progress:
-            progress()
-    runs = []
-    for _ in range(repeats):
-        runs.append(_pass(runner, groups))
-        if progress:
-            progress()
+        _pass(runner, groups, queued, slo, roof)
+    runs = [_pass(runner, groups, queued, slo, roof) for _ in range(repeats)]
     keys = [k for k in runs[0] if k != "outputs"]
     median = {k: statistics.median(r[k] for r in runs) for k in keys}
     spread = {k: [min(r[k] for r in runs), max(r[k] for r in runs)] for k in keys}
     return median, spread, runs[-1]["outputs"]
 
 
-def roofline_pct(
-    model: nn.Module,
-    groups: list[list[Request]],
-    outputs: list[list[int]],
-    decode_s: float,
-    kv_dtype: torch.dtype,
-    bandwidth: float,
-) -> float:
-    """Share of the memory-bandwidth bound achieved in decode: for every decode step, the
-    weights plus the live KV are read once; bound time = bytes / bandwidth."""
-    weights, per_token = decode_weight_bytes(model), kv_bytes_per_token(model, kv_dtype)
-    total_bytes, i = 0, 0
-    for g in groups:
-        outs = outputs[i : i + len(g)]
-        i += len(g)
-        steps = max(len(o) for o in outs) - 1
-        live = sum(len(r.prompt) + len(o) / 2 for r, o in zip(g, outs))  # mean context per step
-        total_bytes += steps * (weights + per_token * live)
-    return 100.0 * total_bytes / bandwidth / decode_s if decode_s > 0 else float("nan")
+def roofline(
+    model: nn.Module, kv_dtype: torch.dtype, bandwidth: float, kv_int8: bool = False
+) -> Callable[[dict, float], float]:
+    """% of the memory-bandwidth bound achieved in decode: every decode step reads the weights
+    once plus each row's live KV; bound time = bytes / bandwidth, against measured decode time."""
+    weights, per_token = decode_weight_bytes(model), kv_bytes_per_token(model, kv_dtype, kv_int8)
+
+    def pct(stats: dict, decode_s: float) -> float:
+        if not stats.get("decode_steps") or decode_s <= 0:
+            return float("nan")
+        total = stats["decode_steps"] * weights + stats["decode_ctx_tokens"] * per_token
+        return 100.0 * total / bandwidth / decode_s
+
+    return pct
 
 
 def fidelity(

@@ -16,6 +16,7 @@ from common.engine import Completion, Request
 from common.errors import RecipeError
 from common.measure import Runner
 from common.model_base import CausalLM
+from common.workload import batches
 
 PEERS = ("hf",)
 
@@ -44,7 +45,7 @@ def hf_model(model: CausalLM) -> transformers.PreTrainedModel:
     return hf.to(next(model.parameters()).device).eval()
 
 
-def hf_runner(model: CausalLM) -> Runner:
+def hf_runner(model: CausalLM, max_batch: int) -> Runner:
     hf = hf_model(model)
     eos = model.args.eos_ids
     pad = eos[0] if eos else 0
@@ -65,7 +66,9 @@ def hf_runner(model: CausalLM) -> Runner:
             ids.to(hf.device),
             attention_mask=mask.to(hf.device),
             max_new_tokens=new,
-            min_new_tokens=new if requests[0].ignore_eos else None,
+            # ignore_eos: EOS may be generated but does not stop (as in the engine);
+            # min_new_tokens would instead forbid EOS and change the tokens.
+            eos_token_id=None if requests[0].ignore_eos else eos,
             do_sample=s.do_sample,
             temperature=s.temperature if s.do_sample else None,
             top_k=s.top_k if s.do_sample else None,
@@ -94,10 +97,16 @@ def hf_runner(model: CausalLM) -> Runner:
         seq = torch.tensor([prompt + continuation[:-1]], device=hf.device)
         return hf(seq).logits[0, len(prompt) - 1 :].float()
 
-    return Runner(generate, teacher_forced_logits, lambda: peak[0])
+    return Runner(
+        generate,
+        teacher_forced_logits,
+        lambda: (peak[0], peak[0]),
+        lambda reqs: batches(reqs, max_batch),
+    )
 
 
-def peer_runner(name: str, model: CausalLM) -> Runner:
+def peer_runner(name: str, model: CausalLM, max_batch: int) -> Runner:
+    """transformers' generate() runs static batches of up to max_batch requests."""
     if name == "hf":
-        return hf_runner(model)
+        return hf_runner(model, max_batch)
     raise RecipeError(f"unknown peer {name!r}; choose from {', '.join(PEERS)}")

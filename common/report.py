@@ -27,6 +27,22 @@ COLUMNS = [  # (key, header, format)
     ("max_logit_err", "max logit err", "{:.3g}"),
     ("roofline_pct", "% roofline", "{:.0f}%"),
 ]
+# Second table: scheduling and KV memory (throughput, online and KV-cache runs).
+SERVING_COLUMNS = [
+    ("requests_per_s", "req/s", "{:.2f}"),
+    ("ttft_p90_ms", "TTFT p90 ms", "{:.0f}"),
+    ("ttft_p99_ms", "TTFT p99 ms", "{:.0f}"),
+    ("tpot_p90_ms", "TPOT p90 ms", "{:.1f}"),
+    ("tpot_p99_ms", "TPOT p99 ms", "{:.1f}"),
+    ("goodput_rps", "goodput req/s", "{:.2f}"),
+    ("idle_pct", "idle decode slots", "{:.0f}%"),
+    ("preemptions", "preemptions", "{:.0f}"),
+    ("kv_reserved_bytes", "KV reserved MB", "mb"),
+    ("kv_used_bytes", "KV used MB", "mb"),
+    ("kv_waste_pct", "KV waste", "{:.1f}%"),
+    ("max_concurrent_contiguous", "seqs in budget: contiguous", "{:.0f}"),
+    ("max_concurrent_paged", "seqs in budget: paged", "{:.0f}"),
+]
 SPREAD = {"ttft_ms", "tpot_ms", "decode_tokens_per_s", "tokens_per_s"}
 
 
@@ -71,24 +87,54 @@ def _cell(variant: dict, key: str, fmt: str) -> str:
     return text
 
 
-def rows(result: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["variant", *(h for _, h, _ in COLUMNS)]
-    return header, [
-        [v["name"], *(_cell(v, k, f) for k, _, f in COLUMNS)] for v in result["variants"]
+def rows(result: dict, columns: list = COLUMNS) -> tuple[list[str], list[list[str]]]:
+    columns = [
+        c
+        for c in columns
+        if any(c[0] in {**v["metrics"], **v["fidelity"]} for v in result["variants"])
     ]
+    header = ["variant", *(h for _, h, _ in columns)]
+    return header, [
+        [v["name"], *(_cell(v, k, f) for k, _, f in columns)] for v in result["variants"]
+    ]
+
+
+def serving_table(result: dict) -> bool:
+    return result["workload"]["kind"] in ("throughput", "online", "shared_prefix") or any(
+        "paged_kv" in v["opts"] or "cont_batch" in v["opts"] for v in result["variants"]
+    )
 
 
 def print_table(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    header, body = rows(result)
-    table = Table(title=f"{result['recipe']} · {result['hardware']} · {result['workload_desc']}")
-    for h in header:
-        table.add_column(h, justify="left" if h == "variant" else "right")
-    for r in body:
-        table.add_row(*r)
-    Console().print(table)
+    tables = [(result["workload_desc"], COLUMNS)]
+    if serving_table(result):
+        tables.append(("scheduling and KV memory", SERVING_COLUMNS))
+    for title, columns in tables:
+        header, body = rows(result, columns)
+        table = Table(title=f"{result['recipe']} · {result['hardware']} · {title}")
+        for h in header:
+            table.add_column(h, justify="left" if h == "variant" else "right")
+        for r in body:
+            table.add_row(*r)
+        console = Console()
+        if not console.is_terminal:  # a pipe or a log: the whole table, not squeezed to 80 columns
+            wide = console.options.update(max_width=1000)
+            console = Console(
+                width=max(console.width, console.measure(table, options=wide).maximum)
+            )
+        console.print(table)
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(r) + " |" for r in body),
+        "",
+    ]
 
 
 def markdown(result: dict) -> str:
@@ -107,11 +153,10 @@ def markdown(result: dict) -> str:
         f"- roofline: decode bytes (weights + live KV) / {result['bandwidth_gbs']:.1f} GB/s "
         f"({result['bandwidth_source']})",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-        *("| " + " | ".join(r) + " |" for r in body),
-        "",
+        *_md_table(header, body),
     ]
+    if serving_table(result):
+        lines += ["Scheduling and KV memory:", "", *_md_table(*rows(result, SERVING_COLUMNS))]
     return "\n".join(lines)
 
 
@@ -164,5 +209,15 @@ def write_results(result: dict, stem: Path) -> list[Path]:
     return paths
 
 
+_TYPED_ARGV: list[str] | None = None
+
+
+def set_command_line(argv: list[str]) -> None:
+    """Remember the command line as the user typed it (the entry point rewrites sys.argv)."""
+    global _TYPED_ARGV
+    _TYPED_ARGV = list(argv)
+
+
 def command_line() -> str:
-    return " ".join(["python", os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    argv = _TYPED_ARGV or sys.argv
+    return " ".join(["python", os.path.relpath(argv[0]), *argv[1:]])

@@ -7,10 +7,12 @@ import random
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from common.engine import Request
 from common.errors import RecipeError
 
-WORKLOADS = ("latency", "throughput", "file")
+WORKLOADS = ("latency", "throughput", "shared_prefix", "online", "file")
 
 
 def _span(value: Any) -> tuple[int, int]:
@@ -72,16 +74,42 @@ def file_requests(path: str, max_new: int, tokenizer, ignore_eos: bool) -> list[
 def build_requests(cfg: Any, vocab: int, tokenizer=None) -> list[Request]:
     kind = cfg.kind
     if kind == "latency":
-        n, plen, new = cfg.num_prompts, cfg.prompt_len, cfg.max_new_tokens
-    elif kind == "throughput":
-        n, plen, new = cfg.num_requests, cfg.prompt_len, cfg.max_new_tokens
+        count, plen, new = "num_prompts", cfg.prompt_len, cfg.max_new_tokens
+    elif kind in ("throughput", "online"):
+        count, plen, new = "num_requests", cfg.prompt_len, cfg.max_new_tokens
+    elif kind == "shared_prefix":
+        count, plen, new = "num_prompts", cfg.prompt_len, cfg.max_new_tokens
     elif kind == "file":
+        if OmegaConf.is_config(cfg) and OmegaConf.is_missing(cfg, "path"):
+            raise RecipeError("workload=file needs workload.path=FILE.jsonl")
         return file_requests(cfg.path, cfg.max_new_tokens, tokenizer, cfg.ignore_eos)
     else:
         raise RecipeError(f"unknown workload.kind {kind!r}; choose one of {', '.join(WORKLOADS)}")
+    n = getattr(cfg, count)
+    if n <= 0:  # no requests would leave every metric empty
+        raise RecipeError(f"workload.{count} must be > 0, got {n}")
     if isinstance(new, int) and new <= 0:
         raise RecipeError(f"max_new_tokens must be > 0, got {new}")
-    return synthetic_requests(n, plen, new, vocab, cfg.seed, cfg.ignore_eos)
+    requests = synthetic_requests(n, plen, new, vocab, cfg.seed, cfg.ignore_eos)
+    if kind == "shared_prefix":  # one seeded system prompt in front of every question
+        (prefix,) = synthetic_requests(1, cfg.prefix_len, 1, vocab, cfg.seed + 1, True)
+        for r in requests:
+            r.prompt = prefix.prompt + r.prompt
+    return requests
+
+
+def arrival_times(cfg: Any, n: int) -> list[float] | None:
+    """Online workloads: seeded Poisson arrivals (exponential gaps) at cfg.rate requests/s."""
+    if cfg.kind != "online":
+        return None
+    if cfg.rate <= 0:
+        raise RecipeError(f"workload.rate must be > 0 requests/s, got {cfg.rate}")
+    rng = random.Random(cfg.seed + 7)
+    times, t = [], 0.0
+    for _ in range(n):
+        times.append(t)
+        t += rng.expovariate(cfg.rate)
+    return times
 
 
 def batches(requests: list[Request], size: int) -> list[list[Request]]:
