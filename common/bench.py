@@ -126,16 +126,12 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
         runner, requests, cfg.bench.warmup, cfg.bench.repeats, roof, w.kind in QUEUED, slo
     )
     reference = Path(cfg.bench.reference)
-    reserved, used = runner.peak_kv()
     per_token = kv_bytes_per_token(model, dtype, spec.int8)
     result = {
         "metrics": {
             **{k: v for k, v in median.items() if k not in ("e2e_s", "decode_s")},
             "weight_bytes": weight_bytes(model),
-            "kv_bytes": reserved,
-            "kv_reserved_bytes": reserved,
-            "kv_used_bytes": used,
-            "kv_waste_pct": 100.0 * (1 - used / reserved) if reserved else float("nan"),
+            "kv_bytes": runner.peak_kv(),
             **kv_capacity(
                 requests, per_token, spec.block_size, spec.budget_bytes, cfg.scheduler.max_batch
             ),

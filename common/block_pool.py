@@ -44,7 +44,9 @@ def _cdiv(a: int, b: int) -> int:
 class BlockPool:
     def __init__(self, num_blocks: int, block_size: int) -> None:
         if num_blocks <= 0 or block_size <= 0:
-            raise ValueError(f"need num_blocks > 0 and block_size > 0, got {num_blocks}, {block_size}")
+            raise ValueError(
+                f"need num_blocks > 0 and block_size > 0, got {num_blocks}, {block_size}"
+            )
         self.num_blocks, self.block_size = num_blocks, block_size
         self.refcount = [0] * num_blocks
         # Free blocks, least recently freed first. OrderedDict gives O(1) pop-head, append-tail

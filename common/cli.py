@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ def _choices(group: str) -> str:
 
 def _explain(e: Exception, config_name: str) -> str:
     msg = str(e)
-    if m := re.search(r"Could not load '(\w+)/([^']+)'", msg):
+    # Hydra says "Could not find 'opt/x'" for a single choice, "Could not load" inside a list.
+    if m := re.search(r"Could not (?:load|find) '(\w+)/([^']+)'", msg):
         group, name = m.groups()
         return f"unknown {group} {name!r}; available: {_choices(group)}"
     if m := re.search(r"Could not override '([^']+)'", msg):
@@ -49,13 +51,19 @@ def _user_overrides(argv: list[str]) -> list[str]:
 
 def validate(config_name: str, argv: list[str]) -> Any:
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
     overrides = [a for a in _user_overrides(argv) if not a.startswith("hydra")]
     try:
         with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-            return compose(config_name, overrides=overrides)
+            cfg = compose(config_name, overrides=overrides)
     except Exception as e:
         raise RecipeError(_explain(e, config_name)) from e
+    if missing := sorted(OmegaConf.missing_keys(cfg)):
+        raise RecipeError(
+            f"{', '.join(missing)} must be set, e.g. {missing[0]}=... on the command line"
+        )
+    return cfg
 
 
 def fail(message: str) -> None:
@@ -69,7 +77,9 @@ def run_recipe(config_name: str, model_cls: type, task: Callable | None = None) 
     from hydra.core.hydra_config import HydraConfig
 
     from common.bench import run_main, run_worker
+    from common.report import set_command_line
 
+    set_command_line(sys.argv)  # results record the command as typed, not as rewritten
     argv = rewrite_opt_args(sys.argv[1:])
     try:
         if not _MULTIRUN & set(argv):
@@ -89,5 +99,12 @@ def run_recipe(config_name: str, model_cls: type, task: Callable | None = None) 
                 run_main(cfg, model_cls, overrides)
         except RecipeError as e:
             fail(str(e))
+        except Exception as e:
+            if cfg.bench.role != "worker":
+                raise
+            # The orchestrator reports a worker's last stderr line: make it name the error.
+            traceback.print_exc()
+            first = (str(e).strip().splitlines() or [""])[0]
+            fail(f"internal error in the worker: {type(e).__name__}: {first}")
 
     hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base=None)(main)()

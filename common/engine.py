@@ -77,8 +77,8 @@ class Engine:
         self.backend: Backend = get_backend(attention, device, paged=self.kv.kind == "paged")
         self.kv_dtype = next(model.parameters()).dtype  # the activation dtype
         self.peak_kv_bytes = 0  # reserved at the fullest moment
-        self.peak_kv_used_bytes = 0  # holding real tokens at that moment
-        # decode_steps, decode_ctx_tokens (KV read), useful_row_steps / capacity_row_steps
+        # decode_steps, decode_ctx_tokens (KV read), useful_row_steps / capacity_row_steps,
+        # kv_reserved_byte_steps / kv_used_byte_steps
         self.stats: Counter[str] = Counter()
 
     @property
@@ -107,8 +107,13 @@ class Engine:
         )
 
     def _track(self, cache: KVCache) -> None:
-        if cache.nbytes() >= self.peak_kv_bytes:
-            self.peak_kv_bytes, self.peak_kv_used_bytes = cache.nbytes(), cache.used_bytes()
+        """Per step: peak reserved bytes, and reserved vs used summed over steps (the
+        time-averaged share of reserved KV that holds real tokens)."""
+        reserved = cache.nbytes()
+        self.peak_kv_bytes = max(self.peak_kv_bytes, reserved)
+        self.stats.update(
+            kv_steps=1, kv_reserved_byte_steps=reserved, kv_used_byte_steps=cache.used_bytes()
+        )
 
     def forward(
         self,
@@ -188,7 +193,9 @@ class Engine:
         """Logits [len(continuation), V] predicting each continuation token from all before it."""
         seq = prompt + continuation
         ids, positions, valid = _pad([seq[:-1]], self.device.torch)
-        hidden = self.forward(self.new_cache(1, len(seq)), ids, positions, valid)
+        cache = self.new_cache(1, len(seq))
+        cache.admit(0, seq[:-1])
+        hidden = self.forward(cache, ids, positions, valid, [0])
         return self.model.logits(hidden[0, len(prompt) - 1 :]).float()
 
     @torch.inference_mode()

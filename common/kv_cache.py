@@ -59,6 +59,10 @@ class KVCache(ABC):
         """Bytes holding real tokens (the rest of nbytes() is reserved but empty)."""
         return self.nbytes()
 
+    def admit(self, seq_id: int, tokens: list[int]) -> int:
+        """Reserve room for a sequence (caches that track sequences); returns cached tokens."""
+        return 0
+
     def commit(self, seq_id: int, tokens: list[int]) -> None:
         """KV for `tokens` (a sequence's leading tokens) is written; prefix caches index it."""
         return None

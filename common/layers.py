@@ -135,3 +135,30 @@ class SelfAttention(nn.Module):
         q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
         out = ctx.attend(self.layer, q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class InterleavedRotaryEmbedding(RotaryEmbedding):
+    """Rotary on adjacent channel pairs (2i, 2i+1) instead of the two halves: the GPT-J /
+    GLM layout. Checkpoints trained with it need it; the two layouts are not interchangeable."""
+
+    @staticmethod
+    def layout(freqs: Tensor) -> Tensor:
+        return freqs.repeat_interleave(2, dim=-1)
+
+    @staticmethod
+    def rotate(x: Tensor) -> Tensor:
+        return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+class FusedGatedMLP(nn.Module):
+    """SwiGLU with gate and up stacked in one matrix, HF names gate_up_proj / down_proj
+    (GLM-4, Phi-3): one matmul reads x once; the output's first half is the gate."""
+
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)

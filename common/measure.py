@@ -29,7 +29,7 @@ class Runner:
 
     generate: Callable[[list[Request]], list[Completion]]
     teacher_forced_logits: Callable[[list[int], list[int]], Tensor]
-    peak_kv: Callable[[], tuple[int, int]]  # (reserved, used) bytes at the fullest moment
+    peak_kv: Callable[[], int]  # reserved KV bytes at the fullest moment
     groups: Callable[[list[Request]], list[list[Request]]]
     stats: Callable[[], dict] = dict  # engine counters since the last reset (decode steps, ...)
     reset: Callable[[], None] = lambda: None
@@ -56,7 +56,7 @@ def engine_runner(engine: Engine, sched: Any, arrivals: list[float] | None, seed
     return Runner(
         generate,
         engine.teacher_forced_logits,
-        lambda: (engine.peak_kv_bytes, engine.peak_kv_used_bytes),
+        lambda: engine.peak_kv_bytes,
         (lambda reqs: [reqs]) if one_scheduler else (lambda reqs: batches(reqs, sched.max_batch)),
         lambda: dict(engine.stats),
         engine.stats.clear,
@@ -121,6 +121,12 @@ def _pass(
     }
     stats = runner.stats()
     metrics["roofline_pct"] = roof(stats, decode_time)
+    if stats.get("kv_reserved_byte_steps"):  # time averages over engine steps
+        metrics["kv_reserved_bytes"] = stats["kv_reserved_byte_steps"] / stats["kv_steps"]
+        metrics["kv_used_bytes"] = stats["kv_used_byte_steps"] / stats["kv_steps"]
+        metrics["kv_waste_pct"] = 100.0 * (
+            1 - metrics["kv_used_bytes"] / metrics["kv_reserved_bytes"]
+        )
     if stats.get("capacity_row_steps"):  # decode slots that ran no sequence (static batches)
         metrics["idle_pct"] = 100.0 * (1 - stats["useful_row_steps"] / stats["capacity_row_steps"])
     for q in (50, 90, 99):

@@ -47,7 +47,9 @@ def _check(q: Tensor, k_pool: Pool, block_tables: Tensor, q_pos: Tensor, seq_len
     if data.dim() != 4 or data.shape[-1] != d or h % data.shape[2]:
         raise ValueError(f"pool {tuple(data.shape)} does not fit q {tuple(q.shape)}")
     if block_tables.shape[0] != b or q_pos.shape != (b, tq) or seq_lens.shape != (b,):
-        raise ValueError("block_tables [B, max_blocks], q_pos [B, Tq] and seq_lens [B] must match q")
+        raise ValueError(
+            "block_tables [B, max_blocks], q_pos [B, Tq] and seq_lens [B] must match q"
+        )
 
 
 # -- reference ------------------------------------------------------------------------------
@@ -189,7 +191,9 @@ _FLAGS = "-O3 -march=native -fno-math-errno -fno-trapping-math -fassociative-mat
 def _machine() -> str:
     """What -march=native depends on, so a shared cache never serves another CPU's binary."""
     try:
-        return next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+        return next(
+            x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags")
+        )
     except (OSError, StopIteration):
         return platform.machine() + platform.processor()
 
@@ -222,7 +226,9 @@ def paged_attention_cpu(
     _check(q, k_pool, block_tables, q_pos, seq_lens)
     (k, ks), (v, vs) = _split(k_pool), _split(v_pool)
     if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"paged_attention_cpu needs float32/bfloat16 on cpu, got {q.dtype} on {q.device}")
+        raise ValueError(
+            f"paged_attention_cpu needs float32/bfloat16 on cpu, got {q.dtype} on {q.device}"
+        )
     quant = ks is not None
     if k.dtype != (torch.int8 if quant else q.dtype) or (quant and ks.dtype != SCALE_DTYPE):
         raise ValueError(f"pool dtype {k.dtype} does not match q dtype {q.dtype}")
@@ -232,11 +238,23 @@ def paged_attention_cpu(
     lo, hi = torch.aminmax(block_tables)
     if int(seq_lens.max()) > block_tables.shape[1] * bs or int(lo) < 0 or int(hi) >= n:
         raise ValueError("block_tables too short for seq_lens, or a block id outside the pool")
-    tensors = [q, k, v, ks, vs, block_tables.to(torch.int32), q_pos.to(torch.int64), seq_lens.to(torch.int64)]
+    tensors = [
+        q,
+        k,
+        v,
+        ks,
+        vs,
+        block_tables.to(torch.int32),
+        q_pos.to(torch.int64),
+        seq_lens.to(torch.int64),
+    ]
     q, k, v, ks, vs, bt, pos, lens = (None if t is None else t.contiguous() for t in tensors)
     out = torch.empty_like(q)
     name = ("paged_bf16" if q.dtype == torch.bfloat16 else "paged_f32") + ("_i8" if quant else "")
-    ptr = [None if t is None else ctypes.c_void_p(t.data_ptr()) for t in (q, k, v, ks, vs, bt, pos, lens, out)]
+    ptr = [
+        None if t is None else ctypes.c_void_p(t.data_ptr())
+        for t in (q, k, v, ks, vs, bt, pos, lens, out)
+    ]
     sizes = [ctypes.c_int64(x) for x in (b, h, hkv, tq, d, bs, bt.shape[1])]
     getattr(_cpp_lib(), name)(*ptr, *sizes, ctypes.c_int(torch.get_num_threads()))
     return out
@@ -337,7 +355,13 @@ def paged_attention_flex(
         q = torch.cat((q, q.new_zeros(2 - b, *q.shape[1:])))
     k = k_pool.view(1, n * bs, hkv, d).transpose(1, 2)
     v = v_pool.view(1, n * bs, hkv, d).transpose(1, 2)
-    for t in (q, mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices):
+    for t in (
+        q,
+        mask.kv_num_blocks,
+        mask.kv_indices,
+        mask.full_kv_num_blocks,
+        mask.full_kv_indices,
+    ):
         torch._dynamo.maybe_mark_dynamic(t, 0)
         torch._dynamo.maybe_mark_dynamic(t, 2)
     out = _compiled_flex()(q, k, v, block_mask=mask, enable_gqa=hkv != q.shape[1])

@@ -100,7 +100,7 @@ def hf_runner(model: CausalLM, max_batch: int) -> Runner:
     return Runner(
         generate,
         teacher_forced_logits,
-        lambda: (peak[0], peak[0]),
+        lambda: peak[0],
         lambda reqs: batches(reqs, max_batch),
     )
 
