@@ -8,6 +8,7 @@ would, and starts with clean memory and compile caches.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,23 @@ from common.report import command_line, environment, print_table, write_results
 from common.sampling import SamplingParams
 from common.workload import arrival_times, build_requests
 
-QUEUED = ("throughput", "online")  # all requests are in the system together: times include waiting
+QUEUED = ("throughput", "online")
+# What "speedup" compares, per workload: the metric users of that workload care about.
+SPEEDUP = {
+    "latency": ("decode_tokens_per_s", "decode tok/s"),
+    "file": ("decode_tokens_per_s", "decode tok/s"),
+    "throughput": ("tokens_per_s", "output tok/s"),
+    "online": ("tokens_per_s", "output tok/s"),
+    "shared_prefix": ("ttft_ms", "TTFT (baseline TTFT / variant TTFT)"),
+}
+
+
+def speedup(metrics: dict, base: dict, key: str) -> float:
+    lower_is_better = key.endswith("_ms")
+    num, den = (base[key], metrics[key]) if lower_is_better else (metrics[key], base[key])
+    return (
+        num / den if den else float("nan")
+    )  # all requests are in the system together: times include waiting
 
 
 @dataclass
@@ -168,10 +185,20 @@ def _spawn(script: str, overrides: list[str], variant: Variant, extra: list[str]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             lines = [ln for ln in (proc.stderr + proc.stdout).strip().splitlines() if ln.strip()]
-            raise RecipeError(
-                f"variant {variant.name!r} failed: {lines[-1] if lines else proc.returncode}"
-            )
+            last = lines[-1].removeprefix("error: ") if lines else f"exit code {proc.returncode}"
+            raise RecipeError(f"variant {variant.name!r} failed: {last}")
         return json.loads(Path(out.name).read_text())
+
+
+def _job_suffix() -> str:
+    """Under -m, each job's own overrides name its results, so jobs never overwrite each other."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return ""
+    return "@" + re.sub(r"[^\w.=,+-]+", "_", hc.job.override_dirname)
 
 
 def run_main(cfg: Any, model_cls: type[CausalLM], user_overrides: list[str]) -> dict:
@@ -183,8 +210,13 @@ def run_main(cfg: Any, model_cls: type[CausalLM], user_overrides: list[str]) -> 
     check_opts_supported(cfg.opts, device)
     resolve_dtype(cfg.model.dtype, device)
     SamplingParams(**cfg.generation)
-    if not cfg.model.path:
+    if cfg.model.path:
+        model_cls.args_from_hf(cfg.model.path)  # a missing dir or bad config.json fails here
+    else:
         preset_args(cfg.model, model_cls)
+    if cfg.bench.repeats < 1 or cfg.bench.warmup < 0:
+        raise RecipeError("bench.repeats must be >= 1 and bench.warmup >= 0")
+    kv_spec(cfg)
     opts = list(cfg.opts)
     variants = plan(opts, cfg.bench.ladder, cfg.bench.each, list(cfg.bench.peers))
     bandwidth, bw_source = (
@@ -192,6 +224,8 @@ def run_main(cfg: Any, model_cls: type[CausalLM], user_overrides: list[str]) -> 
         if cfg.hardware.mem_bw_gbs
         else (measure_read_bandwidth(device), "measured streaming read")
     )
+    sweep = cfg.bench.sweep
+    points = [(sweep.key, v) for v in sweep["values"]] if sweep else [(None, None)]
     results = []
     with (
         tempfile.TemporaryDirectory() as ref,
@@ -202,13 +236,22 @@ def run_main(cfg: Any, model_cls: type[CausalLM], user_overrides: list[str]) -> 
             TimeElapsedColumn(),
         ) as progress,
     ):
-        task = progress.add_task("benchmark", total=len(variants))
+        task = progress.add_task("benchmark", total=len(variants) * len(points))
         extra = ["bench.role=worker", f"bench.reference={ref}", f"+bench.bandwidth={bandwidth}"]
-        for v in variants:
-            progress.update(task, description=f"running {v.name}")
-            results.append((v, _spawn(sys.argv[0], user_overrides, v, extra)))
-            progress.advance(task)
+        for key, value in points:
+            point = [f"{key}={value}"] if key else []
+            for v in variants:
+                name = f"{v.name} @ {key.split('.')[-1]}={value}" if key else v.name
+                progress.update(task, description=f"running {name}")
+                results.append(
+                    (
+                        Variant(name, v.opts, v.peer),
+                        _spawn(sys.argv[0], user_overrides + point, v, extra),
+                    )
+                )
+                progress.advance(task)
     base = results[0][1]["metrics"]
+    speedup_key, speedup_of = SPEEDUP[cfg.workload.kind]
     hardware = cfg.hardware.name or device.type
     result = {
         "recipe": cfg.recipe,
@@ -221,6 +264,8 @@ def run_main(cfg: Any, model_cls: type[CausalLM], user_overrides: list[str]) -> 
         "workload_desc": workload_desc(cfg.workload),
         "generation": OmegaConf.to_container(cfg.generation),
         "bench": {k: cfg.bench[k] for k in ("warmup", "repeats", "ladder", "each")},
+        "speedup_of": speedup_of,
+        "sweep": OmegaConf.to_container(sweep) if sweep else None,
         "bandwidth_gbs": bandwidth / 1e9,
         "bandwidth_source": bw_source,
         "variants": [
@@ -228,10 +273,7 @@ def run_main(cfg: Any, model_cls: type[CausalLM], user_overrides: list[str]) -> 
                 "name": v.name,
                 "opts": v.opts,
                 "peer": v.peer,
-                "metrics": {
-                    **r["metrics"],
-                    "speedup": r["metrics"]["decode_tokens_per_s"] / base["decode_tokens_per_s"],
-                },
+                "metrics": {**r["metrics"], "speedup": speedup(r["metrics"], base, speedup_key)},
                 "spread": r["spread"],
                 "fidelity": r["fidelity"],
                 "outputs": r["outputs"],
@@ -243,7 +285,7 @@ def run_main(cfg: Any, model_cls: type[CausalLM], user_overrides: list[str]) -> 
         Path(cfg.bench.results_dir)
         / cfg.recipe
         / hardware
-        / f"{cfg.workload.kind}-{'+'.join(opts) or 'baseline'}"
+        / f"{'sweep-' if sweep else ''}{cfg.workload.kind}-{'+'.join(opts) or 'baseline'}{_job_suffix()}"
     )
     print_table(result)
     for p in write_results(result, stem):

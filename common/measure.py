@@ -35,14 +35,36 @@ class Runner:
     reset: Callable[[], None] = lambda: None
 
 
+def static_online(
+    engine: Engine, reqs: list[Request], arrivals: list[float], max_batch: int, seed: int
+) -> list[Completion]:
+    """Static batching under arrivals, on any KV storage: each batch takes up to max_batch
+    requests that have arrived and runs to its longest member; times count from arrival."""
+    start, i, out = time.perf_counter(), 0, []
+    while i < len(reqs):
+        time.sleep(max(0.0, arrivals[i] - (time.perf_counter() - start)))
+        now = time.perf_counter() - start
+        j = i + 1
+        while j < len(reqs) and j - i < max_batch and arrivals[j] <= now:
+            j += 1
+        for k, c in enumerate(engine.generate(reqs[i:j], seed), start=i):
+            c.token_times = [t + now - arrivals[k] for t in c.token_times]
+            out.append(c)
+        i = j
+    return out
+
+
 def engine_runner(engine: Engine, sched: Any, arrivals: list[float] | None, seed: int) -> Runner:
-    """Static batches through generate() (or the static scheduler on paged KV); continuous
-    batching and online arrivals put every request under one scheduler."""
+    """Static batches run through generate() (row caches) or the static scheduler (paged);
+    continuous batching and online arrivals put every request under one scheduler."""
     one_scheduler = sched.kind == "continuous" or arrivals is not None
 
     def generate(reqs: list[Request]) -> list[Completion]:
-        if engine.kv.kind != "paged" and not one_scheduler:
-            return engine.generate(reqs, seed)
+        if engine.kv.kind != "paged":
+            if arrivals is not None and sched.kind == "static":
+                return static_online(engine, reqs, arrivals, sched.max_batch, seed)
+            if sched.kind == "static":
+                return engine.generate(reqs, seed)
         return engine.serve(
             reqs,
             sched.kind,

@@ -150,6 +150,7 @@ def markdown(result: dict) -> str:
         f"- workload: {result['workload_desc']}",
         f"- timing: {result['bench']['warmup']} warm-up + {result['bench']['repeats']} timed passes "
         "per variant, each variant in a fresh process; median (min–max)",
+        f"- speedup: {result['speedup_of']} against the baseline row",
         f"- roofline: decode bytes (weights + live KV) / {result['bandwidth_gbs']:.1f} GB/s "
         f"({result['bandwidth_source']})",
         "",
@@ -160,7 +161,47 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_sweep(result: dict, path: Path) -> None:
+    """Latency vs throughput: one line per variant through the swept values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = result["sweep"]["key"].split(".")[-1]
+    lines: dict[str, list] = {}
+    for v in result["variants"]:
+        name, _, value = v["name"].partition(f" @ {key}=")
+        lines.setdefault(name, []).append((value, v["metrics"]))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric, label in [
+        (axes[0], "ttft_p90_ms", "TTFT p90 (ms)"),
+        (axes[1], "tpot_p90_ms", "TPOT p90 (ms)"),
+    ]:
+        for name, points in lines.items():
+            xs = [m["tokens_per_s"] for _, m in points]
+            ys = [m[metric] for _, m in points]
+            ax.plot(xs, ys, marker="o", label=name)
+            for (value, _), x, y in zip(points, xs, ys):
+                ax.annotate(
+                    f"{key}={value}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                )
+        ax.set_xlabel("output tok/s")
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(
+        f"{result['recipe']} · {result['hardware']} · {result['workload_desc']}", fontsize=9
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot(result: dict, path: Path) -> None:
+    if result.get("sweep"):
+        return plot_sweep(result, path)
     import matplotlib
 
     matplotlib.use("Agg")

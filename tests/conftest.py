@@ -12,3 +12,9 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "cli_runs(*keys): recipe command lines a test reads (started up front)"
+    )
