@@ -21,11 +21,12 @@ from omegaconf import OmegaConf
 
 from common.device import measure_read_bandwidth, resolve_dtype, select_device
 from common.engine import Engine, Request
+from common.cli import CONFIG_DIR
 from common.errors import RecipeError
 from common.kv_cache import KVSpec
 from common.measure import engine_runner, fidelity, kv_bytes_per_token, measure, roofline
 from common.model_base import CausalLM
-from common.opts import apply_transforms, check_opts_supported
+from common.opts import apply_transforms, available_opts, check_opts_supported
 from common.report import command_line, environment, print_table, write_results
 from common.sampling import SamplingParams
 from common.workload import arrival_times, build_requests
@@ -56,9 +57,15 @@ class Variant:
     peer: str | None = None
 
 
-def plan(opts: list[str], ladder: bool, each: bool, peers: list[str]) -> list[Variant]:
+def plan(
+    opts: list[str], ladder: bool, each: bool, peers: list[str], rows: list[list[str]] | None = None
+) -> list[Variant]:
+    """Rows after the baseline: explicit opt lists (bench.variants), a cumulative ladder, each
+    opt alone, or all opts together; then the peers."""
     variants = [Variant("baseline", [])]
-    if ladder:
+    if rows:
+        variants += [Variant("+".join(r), list(r)) for r in rows]
+    elif ladder:
         variants += [
             Variant("+" + " +".join(opts[: i + 1]), opts[: i + 1]) for i in range(len(opts))
         ]
@@ -72,11 +79,14 @@ def plan(opts: list[str], ladder: bool, each: bool, peers: list[str]) -> list[Va
 def workload_desc(w: Any) -> str:
     if w.kind == "file":
         return f"file {w.path}, batch {w.batch_size}, max_new_tokens {w.max_new_tokens}"
-    n = w.num_prompts if w.kind == "latency" else w.num_requests
+    plain = OmegaConf.to_container(w, resolve=True)
+    n = plain.get("num_prompts", plain.get("num_requests"))
+    prefix = f"{plain['prefix_len']}-token shared prefix + " if "prefix_len" in plain else ""
+    rate = f", Poisson arrivals at {plain['rate']} req/s" if "rate" in plain else ""
     return (
-        f"{w.kind}: {n} requests, prompt {OmegaConf.to_object(w.prompt_len) if OmegaConf.is_config(w.prompt_len) else w.prompt_len}"
-        f" tokens, {OmegaConf.to_object(w.max_new_tokens) if OmegaConf.is_config(w.max_new_tokens) else w.max_new_tokens}"
-        f" new tokens, batch {w.batch_size}, greedy, EOS {'ignored' if w.ignore_eos else 'stops'}"
+        f"{w.kind}: {n} requests, prompt {prefix}{plain['prompt_len']} tokens, "
+        f"{plain['max_new_tokens']} new tokens, batch {w.batch_size}{rate}, greedy, "
+        f"EOS {'ignored' if w.ignore_eos else 'stops'}"
     )
 
 
@@ -85,7 +95,10 @@ def workload_desc(w: Any) -> str:
 
 def kv_spec(cfg: Any) -> KVSpec:
     kv = cfg.kv_cache
-    return KVSpec(kv.kind, kv.int8, kv.block_size, cfg.scheduler.kv_budget, kv.prefix_cache)
+    # int8 needs preallocated storage: on the default growing cache it takes the contiguous one,
+    # so +opt=kv_int8 works alone and composes with static_kv / paged_kv in any order.
+    kind = "contiguous" if kv.int8 and kv.kind == "dynamic" else kv.kind
+    return KVSpec(kind, kv.int8, kv.block_size, cfg.scheduler.kv_budget, kv.prefix_cache)
 
 
 def kv_capacity(
@@ -190,6 +203,12 @@ def _spawn(script: str, overrides: list[str], variant: Variant, extra: list[str]
         return json.loads(Path(out.name).read_text())
 
 
+def _label(opts: list[str], rows: list[list[str]]) -> str:
+    if rows:
+        return "vs-" + ",".join("+".join(r) for r in rows)
+    return "+".join(opts) or "baseline"
+
+
 def _job_suffix() -> str:
     """Under -m, each job's own overrides name its results, so jobs never overwrite each other."""
     from hydra.core.hydra_config import HydraConfig
@@ -216,9 +235,18 @@ def run_main(cfg: Any, model_cls: type[CausalLM], user_overrides: list[str]) -> 
         preset_args(cfg.model, model_cls)
     if cfg.bench.repeats < 1 or cfg.bench.warmup < 0:
         raise RecipeError("bench.repeats must be >= 1 and bench.warmup >= 0")
-    kv_spec(cfg)
+    if not cfg.bench.each:  # the combined variant must be a valid KV choice
+        kv_spec(cfg)
     opts = list(cfg.opts)
-    variants = plan(opts, cfg.bench.ladder, cfg.bench.each, list(cfg.bench.peers))
+    rows = [list(r) for r in cfg.bench.variants or []]
+    if rows and opts:
+        raise RecipeError(
+            "give the rows either as +opt=... or as bench.variants=[[...], ...], not both"
+        )
+    known = available_opts(CONFIG_DIR)
+    for name in {o for r in rows for o in r} - set(known):
+        raise RecipeError(f"unknown opt {name!r} in bench.variants; available: {', '.join(known)}")
+    variants = plan(opts, cfg.bench.ladder, cfg.bench.each, list(cfg.bench.peers), rows)
     bandwidth, bw_source = (
         (cfg.hardware.mem_bw_gbs * 1e9, "hardware config")
         if cfg.hardware.mem_bw_gbs
@@ -260,6 +288,7 @@ def run_main(cfg: Any, model_cls: type[CausalLM], user_overrides: list[str]) -> 
         "env": environment(results[0][1]["device"], results[0][1]["threads"]),
         "model": results[0][1]["model"],
         "opts": opts,
+        "rows": [v.name for v, _ in results],
         "workload": OmegaConf.to_container(cfg.workload, resolve=True),
         "workload_desc": workload_desc(cfg.workload),
         "generation": OmegaConf.to_container(cfg.generation),
@@ -285,7 +314,7 @@ def run_main(cfg: Any, model_cls: type[CausalLM], user_overrides: list[str]) -> 
         Path(cfg.bench.results_dir)
         / cfg.recipe
         / hardware
-        / f"{'sweep-' if sweep else ''}{cfg.workload.kind}-{'+'.join(opts) or 'baseline'}{_job_suffix()}"
+        / f"{'sweep-' if sweep else ''}{cfg.workload.kind}-{_label(opts, rows)}{_job_suffix()}"
     )
     print_table(result)
     for p in write_results(result, stem):

@@ -80,6 +80,13 @@ class Engine:
         # decode_steps, decode_ctx_tokens (KV read), useful_row_steps / capacity_row_steps,
         # kv_reserved_byte_steps / kv_used_byte_steps
         self.stats: Counter[str] = Counter()
+        self._pool: KVCache | None = None  # serve()'s paged pool, kept across calls
+        self._pool_shape: tuple[int, int] | None = None
+
+    def reset(self) -> None:
+        """Forget counters and the paged pool (with its cached prefixes): a fresh server."""
+        self.stats.clear()
+        self._pool = self._pool_shape = None
 
     @property
     def max_positions(self) -> int:
@@ -219,8 +226,11 @@ class Engine:
             )
         for r in requests:
             self.check(r)
-        longest = max(len(r.prompt) + r.max_new_tokens for r in requests)
-        cache = self.new_cache(max_batch, min(longest, self.max_positions))
+        longest = min(self.max_positions, max(len(r.prompt) + r.max_new_tokens for r in requests))
+        if self._pool_shape is None or self._pool_shape < (max_batch, longest):
+            # The pool outlives a call, as a server's does: cached prefix blocks serve later calls.
+            self._pool, self._pool_shape = self.new_cache(max_batch, longest), (max_batch, longest)
+        cache = self._pool
         scheduler = Scheduler(cache, kind, policy, max_batch, max_tokens_per_step)
         seqs = [
             Sequence(

@@ -81,7 +81,7 @@ def engine_runner(engine: Engine, sched: Any, arrivals: list[float] | None, seed
         lambda: engine.peak_kv_bytes,
         (lambda reqs: [reqs]) if one_scheduler else (lambda reqs: batches(reqs, sched.max_batch)),
         lambda: dict(engine.stats),
-        engine.stats.clear,
+        engine.reset,
     )
 
 

@@ -141,7 +141,7 @@ def markdown(result: dict) -> str:
     header, body = rows(result)
     env = result["env"]
     lines = [
-        f"# {result['recipe']}: {' + '.join(result['opts']) or 'baseline'}",
+        f"# {result['recipe']}: {' vs '.join(result['rows'])}",
         "",
         f"- command: `{result['command']}`",
         f"- hardware: {env['device']} ({result['hardware']}), torch {env['torch']}, "
