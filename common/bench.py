@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from common.cli import CONFIG_DIR
 from common.device import measure_read_bandwidth, resolve_dtype, select_device
 from common.engine import Engine, Request
-from common.cli import CONFIG_DIR
 from common.errors import RecipeError
 from common.kv_cache import KVSpec
 from common.measure import engine_runner, fidelity, kv_bytes_per_token, measure, roofline
