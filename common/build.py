@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from common.errors import RecipeError
 from common.model_base import CausalLM
@@ -22,7 +23,8 @@ def preset_args(mcfg: Any, model_cls: type[CausalLM]):
             "model.scale=full with random weights would allocate the real model; "
             "give model.path=DIR (real weights) or set model.allow_random_full=true"
         )
-    return model_cls.args_cls(**{**mcfg.common, **presets[mcfg.scale]})
+    plain = OmegaConf.to_container  # lists must be lists for transformers' strict configs
+    return model_cls.args_cls(**{**plain(mcfg.common), **plain(presets[mcfg.scale])})
 
 
 def load_tokenizer(path: str | Path):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from common.attention import ForwardContext
+from common.errors import RecipeError
 from common.loader import build_empty, init_random, load_weights, read_hf_config
 
 
@@ -49,6 +50,9 @@ class ModelArgs:
     def from_dict(cls, d: dict) -> ModelArgs:
         """Keep the keys this architecture uses; ignore the rest of an HF config."""
         names = {f.name for f in fields(cls)}
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        if missing := [k for k in required if k not in d]:
+            raise RecipeError(f"model config lacks {', '.join(missing)} (needed by {cls.__name__})")
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
@@ -67,7 +71,7 @@ class CausalLM(nn.Module):
         )
 
     def forward(self, input_ids: Tensor, positions: Tensor, ctx: ForwardContext) -> Tensor:
-        raise NotImplementedError
+        return self.model(input_ids, positions, ctx)
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden)

@@ -227,12 +227,13 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are for everyone to read
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -244,9 +245,9 @@ def write_results(result: dict, stem: Path) -> list[Path]:
     text_json = json.dumps(result, indent=1) + "\n"
     text_md = markdown(result)
     paths = [stem.with_suffix(s) for s in (".json", ".md", ".png")]
-    _atomic_write(paths[0], lambda p: p.write_text(text_json))
-    _atomic_write(paths[1], lambda p: p.write_text(text_md))
-    _atomic_write(paths[2], lambda p: plot(result, p))
+    atomic_write(paths[0], lambda p: p.write_text(text_json))
+    atomic_write(paths[1], lambda p: p.write_text(text_md))
+    atomic_write(paths[2], lambda p: plot(result, p))
     return paths
 
 

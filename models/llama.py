@@ -7,10 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import nn
 
-from common.attention import ForwardContext
-from common.layers import GatedMLP, RMSNorm, RotaryEmbedding, SelfAttention
+from common.layers import (
+    DecoderModel,
+    GatedMLP,
+    PreNormDecoderLayer,
+    RotaryEmbedding,
+    SelfAttention,
+)
 from common.model_base import CausalLM, ModelArgs
 
 
@@ -45,37 +50,27 @@ class LlamaArgs(ModelArgs):
         return d
 
 
-class LlamaDecoderLayer(nn.Module):
-    def __init__(self, args: LlamaArgs, layer: int, rotary: RotaryEmbedding) -> None:
-        super().__init__()
-        self.self_attn = SelfAttention(
-            layer,
+def llama_model(args: LlamaArgs) -> DecoderModel:
+    rotary = RotaryEmbedding(args.kv_head_dim, args.rope_theta, args.rope_scaling)
+    layers = [
+        PreNormDecoderLayer(
+            SelfAttention(
+                i,
+                args.hidden_size,
+                args.num_attention_heads,
+                args.num_key_value_heads,
+                args.kv_head_dim,
+                rotary,
+                qkv_bias=args.attention_bias,
+                o_bias=args.attention_bias,
+            ),
+            GatedMLP(args.hidden_size, args.intermediate_size, bias=args.mlp_bias),
             args.hidden_size,
-            args.num_attention_heads,
-            args.num_key_value_heads,
-            args.kv_head_dim,
-            rotary,
-            qkv_bias=args.attention_bias,
-            o_bias=args.attention_bias,
+            args.rms_norm_eps,
         )
-        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, ctx: ForwardContext) -> Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, ctx)
-        return h + self.mlp(self.post_attention_layernorm(h))
-
-
-class LlamaModel(nn.Module):
-    def __init__(self, args: LlamaArgs) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.rotary_emb = RotaryEmbedding(args.kv_head_dim, args.rope_theta, args.rope_scaling)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(args, i, self.rotary_emb) for i in range(args.num_hidden_layers)
-        )
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        for i in range(args.num_hidden_layers)
+    ]
+    return DecoderModel(args.vocab_size, args.hidden_size, args.rms_norm_eps, rotary, layers)
 
 
 class LlamaForCausalLM(CausalLM):
@@ -84,12 +79,5 @@ class LlamaForCausalLM(CausalLM):
 
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__(args)
-        self.model = LlamaModel(args)
+        self.model = llama_model(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    def forward(self, input_ids: Tensor, positions: Tensor, ctx: ForwardContext) -> Tensor:
-        h = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary_emb(positions, h.dtype)
-        for layer in self.model.layers:
-            h = layer(h, cos, sin, ctx)
-        return self.model.norm(h)
