@@ -95,18 +95,17 @@ def npu_fused_attention(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta) -> Tens
     return out
 
 
-def _paged(kernel_name: str) -> Backend:
+def _paged(kernel_name: str, reads_int8: bool = False) -> Backend:
     """Adapt a common/paged_attention.py kernel to the backend signature (K/V are pools)."""
 
     def run(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta) -> Tensor:
         from common import paged_attention
 
         p = meta.paged
-        if isinstance(k, QuantizedKV):  # no fused int8 paged kernel on cpu: gather + dequantize
-            return paged_attention.paged_attention_reference(
-                q, k, v, p.block_tables, p.q_pos, p.seq_lens
-            )
-        kernel = getattr(paged_attention, kernel_name)
+        name = kernel_name
+        if isinstance(k, QuantizedKV) and not reads_int8:  # gather + dequantize instead
+            name = "paged_attention_reference"
+        kernel = getattr(paged_attention, name)
         return kernel(q, k, v, p.block_tables, p.q_pos, p.seq_lens)
 
     return run
@@ -117,9 +116,13 @@ _BY_DEVICE: dict[str, dict[str, Backend]] = {
     "cuda": {"eager": eager_attention, "sdpa": sdpa_attention, "flash": sdpa_attention},
     "npu": {"eager": eager_attention, "sdpa": sdpa_attention, "flash": npu_fused_attention},
 }
-# Paged KV: `eager` gathers each row's blocks (the reference); fused kernels read the pool.
+# Paged KV: `eager` gathers each row's blocks (the reference); fused kernels read the pool
+# (on cpu a C++ kernel that also reads int8 pools; FlexAttention on cuda).
 _PAGED_BY_DEVICE: dict[str, dict[str, Backend]] = {
-    "cpu": {"eager": _paged("paged_attention_reference"), "flash": _paged("paged_attention_flex")},
+    "cpu": {
+        "eager": _paged("paged_attention_reference"),
+        "flash": _paged("paged_attention_cpu", True),
+    },
     "cuda": {"eager": _paged("paged_attention_reference"), "flash": _paged("paged_attention_flex")},
     "npu": {"eager": _paged("paged_attention_reference"), "flash": _paged("paged_attention_npu")},
 }

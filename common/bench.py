@@ -24,7 +24,14 @@ from common.device import measure_read_bandwidth, resolve_dtype, select_device
 from common.engine import Engine, Request
 from common.errors import RecipeError
 from common.kv_cache import KVSpec
-from common.measure import engine_runner, fidelity, kv_bytes_per_token, measure, roofline
+from common.measure import (
+    engine_runner,
+    fidelity,
+    kv_bytes_per_token,
+    measure,
+    roofline,
+    summarize,
+)
 from common.model_base import CausalLM
 from common.opts import apply_transforms, available_opts, check_opts_supported
 from common.report import command_line, environment, print_table, write_results
@@ -152,14 +159,15 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
     w = cfg.workload
     slo = (w.slo_ttft_ms, w.slo_tpot_ms) if "slo_ttft_ms" in w else None
     roof = roofline(model, dtype, float(cfg.bench.bandwidth), spec.int8)
-    median, spread, outputs = measure(
+    runs, outputs = measure(
         runner, requests, cfg.bench.warmup, cfg.bench.repeats, roof, w.kind in QUEUED, slo
     )
     reference = Path(cfg.bench.reference)
     per_token = kv_bytes_per_token(model, dtype, spec.int8)
+    first_round = cfg.bench.get("round", 0) == 0
     result = {
+        "runs": runs,
         "metrics": {
-            **{k: v for k, v in median.items() if k not in ("e2e_s", "decode_s")},
             "weight_bytes": weight_bytes(model),
             "kv_bytes": runner.peak_kv(),
             **kv_capacity(
@@ -167,10 +175,11 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
             ),
             "peak_mem_bytes": device.peak_memory_bytes(),
         },
-        "spread": spread,
         "fidelity": fidelity(
             runner, requests, reference, not (reference / "outputs.pt").exists(), outputs
-        ),
+        )
+        if first_round
+        else None,
         "outputs": outputs,
         "model": f"{cfg.model.name}, {weights_desc}, {str(dtype).removeprefix('torch.')}",
         "device": device.describe(),
@@ -233,8 +242,8 @@ def run_main(cfg: Any, model_cls: type[CausalLM], user_overrides: list[str]) -> 
         model_cls.args_from_hf(cfg.model.path)  # a missing dir or bad config.json fails here
     else:
         preset_args(cfg.model, model_cls)
-    if cfg.bench.repeats < 1 or cfg.bench.warmup < 0:
-        raise RecipeError("bench.repeats must be >= 1 and bench.warmup >= 0")
+    if cfg.bench.repeats < 1 or cfg.bench.rounds < 1 or cfg.bench.warmup < 0:
+        raise RecipeError("bench.repeats and bench.rounds must be >= 1, bench.warmup >= 0")
     if not cfg.bench.each:  # the combined variant must be a valid KV choice
         kv_spec(cfg)
     opts = list(cfg.opts)
@@ -254,7 +263,18 @@ def run_main(cfg: Any, model_cls: type[CausalLM], user_overrides: list[str]) -> 
     )
     sweep = cfg.bench.sweep
     points = [(sweep.key, v) for v in sweep["values"]] if sweep else [(None, None)]
-    results = []
+    jobs = [  # (row name, variant, sweep key, value)
+        (
+            Variant(f"{v.name} @ {key.split('.')[-1]}={value}" if key else v.name, v.opts, v.peer),
+            v,
+            key,
+            value,
+        )
+        for key, value in points
+        for v in variants
+    ]
+    rounds = cfg.bench.rounds
+    collected: dict[str, dict] = {}
     with (
         tempfile.TemporaryDirectory() as ref,
         Progress(
@@ -264,20 +284,25 @@ def run_main(cfg: Any, model_cls: type[CausalLM], user_overrides: list[str]) -> 
             TimeElapsedColumn(),
         ) as progress,
     ):
-        task = progress.add_task("benchmark", total=len(variants) * len(points))
+        task = progress.add_task("benchmark", total=len(jobs) * rounds)
         extra = ["bench.role=worker", f"bench.reference={ref}", f"+bench.bandwidth={bandwidth}"]
-        for key, value in points:
-            point = [f"{key}={value}"] if key else []
-            for v in variants:
-                name = f"{v.name} @ {key.split('.')[-1]}={value}" if key else v.name
-                progress.update(task, description=f"running {name}")
-                results.append(
-                    (
-                        Variant(name, v.opts, v.peer),
-                        _spawn(sys.argv[0], user_overrides + point, v, extra),
-                    )
-                )
+        # Rounds interleave the variants, so drift on a shared machine hits all of them alike.
+        for r in range(rounds):
+            for named, v, key, value in jobs:
+                progress.update(task, description=f"round {r + 1}/{rounds}: {named.name}")
+                point = [f"{key}={value}"] if key else []
+                out = _spawn(sys.argv[0], user_overrides + point, v, extra + [f"+bench.round={r}"])
+                if r == 0:
+                    collected[named.name] = {**out, "variant": named}
+                else:
+                    collected[named.name]["runs"] += out["runs"]
                 progress.advance(task)
+    results = []
+    for entry in collected.values():
+        median, spread = summarize(entry["runs"])
+        entry["metrics"] = {**median, **entry["metrics"]}
+        entry["spread"] = spread
+        results.append((entry["variant"], entry))
     base = results[0][1]["metrics"]
     speedup_key, speedup_of = SPEEDUP[cfg.workload.kind]
     hardware = cfg.hardware.name or device.type
@@ -292,7 +317,7 @@ def run_main(cfg: Any, model_cls: type[CausalLM], user_overrides: list[str]) -> 
         "workload": OmegaConf.to_container(cfg.workload, resolve=True),
         "workload_desc": workload_desc(cfg.workload),
         "generation": OmegaConf.to_container(cfg.generation),
-        "bench": {k: cfg.bench[k] for k in ("warmup", "repeats", "ladder", "each")},
+        "bench": {k: cfg.bench[k] for k in ("warmup", "repeats", "rounds", "ladder", "each")},
         "speedup_of": speedup_of,
         "sweep": OmegaConf.to_container(sweep) if sweep else None,
         "bandwidth_gbs": bandwidth / 1e9,

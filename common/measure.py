@@ -170,16 +170,21 @@ def measure(
     roof: Callable[[dict, float], float],
     queued: bool = False,
     slo: tuple[float, float] | None = None,
-) -> tuple[dict, dict, list[list[int]]]:
-    """(median metrics, [min, max] per metric, outputs of the last pass)."""
+) -> tuple[list[dict], list[list[int]]]:
+    """(metrics of each timed pass, outputs of the last pass)."""
     groups = runner.groups(requests)
     for _ in range(warmup):
         _pass(runner, groups, queued, slo, roof)
     runs = [_pass(runner, groups, queued, slo, roof) for _ in range(repeats)]
-    keys = [k for k in runs[0] if k != "outputs"]
+    return [{k: v for k, v in r.items() if k != "outputs"} for r in runs], runs[-1]["outputs"]
+
+
+def summarize(runs: list[dict]) -> tuple[dict, dict]:
+    """Median and [min, max] of every metric over timed passes."""
+    keys = [k for k in runs[0] if k not in ("e2e_s", "decode_s")]
     median = {k: statistics.median(r[k] for r in runs) for k in keys}
     spread = {k: [min(r[k] for r in runs), max(r[k] for r in runs)] for k in keys}
-    return median, spread, runs[-1]["outputs"]
+    return median, spread
 
 
 def roofline(

@@ -8,11 +8,20 @@ length are never read); q [B, H, Tq, D]; q_pos int64 [B, Tq]; seq_lens [B] = cac
 per row, new ones included (already written). A query at position p sees its row's cached
 positions <= p; a query that sees nothing returns zeros. GQA when H is a multiple of Hkv.
 
-Kernels:
+Kernels (time per call relative to torch SDPA on a contiguous cache, measured on the 2-core
+CI CPU at 12 heads x 64, bf16, block 16, context 128-1024, batch 1 and 8):
 - paged_attention_reference: gathers the blocks into dense tensors, eager fp32 softmax.
-- paged_attention_cpu: a small C++ kernel (built once with g++, no torch headers, ~2 s)
-  that walks each row's blocks in place with an online softmax; reads int8 pools directly.
-- paged_attention_flex: torch FlexAttention with a block mask over the physical blocks.
+- paged_attention_cpp: a small C++ kernel (built once with g++, no torch headers, 1.5 s)
+  walking each row's blocks in place with an online softmax; reads int8 pools directly.
+  Decode 0.4-0.7x (int8: 0.4-1.05x); prefill 1.5-2.4x.
+- paged_attention_gather_sdpa: copies this step's rows, then SDPA. Prefill 1.2-1.7x;
+  decode 2-3x (the copy costs more than the attention).
+- paged_attention_cpu: the CPU choice: cpp up to 128 queries per row, gather + SDPA above.
+- paged_attention_flex: compiled FlexAttention, block mask over the physical blocks. Two
+  graphs (decode, prefill) per dtype, pool size and head layout. On CPU 2-11x (decode) and
+  2.6-8x (prefill): inductor's generic CPU template has a fixed cost per call, allocates
+  pool-sized buffers and, for bf16 prefill, repacks the whole pool. Meant for GPUs
+  (untested here: no GPU in CI).
 - paged_attention_npu: torch_npu fused infer attention with block_table (unverified).
 """
 
@@ -28,6 +37,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
@@ -76,6 +86,21 @@ def paged_attention_reference(
     seen = (key_pos <= q_pos[..., None]) & (key_pos < seq_lens[:, None, None])
     probs = scores.masked_fill(~seen[:, None], float("-inf")).softmax(dim=-1)
     return (probs.nan_to_num(0.0) @ v).to(q.dtype)  # nan: a query that sees no key
+
+
+def paged_attention_gather_sdpa(
+    q: Tensor, k_pool: Pool, v_pool: Pool, block_tables: Tensor, q_pos: Tensor, seq_lens: Tensor
+) -> Tensor:
+    """Gather this step's rows into dense K/V, then torch SDPA with the position mask. The
+    copy is small next to prefill's compute, so this is the fast prefill path on CPU."""
+    _check(q, k_pool, block_tables, q_pos, seq_lens)
+    k, v = _dense(k_pool, block_tables, q.dtype), _dense(v_pool, block_tables, q.dtype)
+    key_pos = torch.arange(k.shape[2], device=q.device)
+    seen = (key_pos <= q_pos[..., None]) & (key_pos < seq_lens[:, None, None])
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=seen[:, None], enable_gqa=k.shape[1] != q.shape[1]
+    )
+    return out.masked_fill(~seen.any(-1)[:, None, :, None], 0.0)  # a query that sees no key
 
 
 # -- C++ kernel -----------------------------------------------------------------------------
@@ -218,7 +243,7 @@ def _cpp_lib() -> ctypes.CDLL:
     return ctypes.CDLL(str(lib))
 
 
-def paged_attention_cpu(
+def paged_attention_cpp(
     q: Tensor, k_pool: Pool, v_pool: Pool, block_tables: Tensor, q_pos: Tensor, seq_lens: Tensor
 ) -> Tensor:
     """The C++ kernel: reads each row's blocks in place (bf16/fp32 pools, or int8 pools with
@@ -227,37 +252,42 @@ def paged_attention_cpu(
     (k, ks), (v, vs) = _split(k_pool), _split(v_pool)
     if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(
-            f"paged_attention_cpu needs float32/bfloat16 on cpu, got {q.dtype} on {q.device}"
+            f"paged_attention_cpp needs float32/bfloat16 on cpu, got {q.dtype} on {q.device}"
         )
     quant = ks is not None
     if k.dtype != (torch.int8 if quant else q.dtype) or (quant and ks.dtype != SCALE_DTYPE):
         raise ValueError(f"pool dtype {k.dtype} does not match q dtype {q.dtype}")
+    pools = (k, v, ks, vs) if quant else (k, v)
+    if any(t.dtype != p.dtype or not t.is_contiguous() for t, p in zip(pools, (k, k, ks, ks))):
+        raise ValueError("pools must be contiguous, K and V of one dtype")  # never copy a pool
     b, h, tq, d = q.shape
     n, bs, hkv, _ = k.shape
     # The kernel trusts the tables: check the reads it will do stay inside the pool.
     lo, hi = torch.aminmax(block_tables)
     if int(seq_lens.max()) > block_tables.shape[1] * bs or int(lo) < 0 or int(hi) >= n:
         raise ValueError("block_tables too short for seq_lens, or a block id outside the pool")
-    tensors = [
-        q,
-        k,
-        v,
-        ks,
-        vs,
-        block_tables.to(torch.int32),
-        q_pos.to(torch.int64),
-        seq_lens.to(torch.int64),
-    ]
-    q, k, v, ks, vs, bt, pos, lens = (None if t is None else t.contiguous() for t in tensors)
+    q = q.contiguous()
+    bt = block_tables.to(torch.int32).contiguous()
+    pos, lens = q_pos.to(torch.int64).contiguous(), seq_lens.to(torch.int64).contiguous()
     out = torch.empty_like(q)
-    name = ("paged_bf16" if q.dtype == torch.bfloat16 else "paged_f32") + ("_i8" if quant else "")
-    ptr = [
-        None if t is None else ctypes.c_void_p(t.data_ptr())
-        for t in (q, k, v, ks, vs, bt, pos, lens, out)
-    ]
+    ptrs = [None if t is None else ctypes.c_void_p(t.data_ptr()) for t in (q, k, v, ks, vs)]
+    ptrs += [ctypes.c_void_p(t.data_ptr()) for t in (bt, pos, lens, out)]
     sizes = [ctypes.c_int64(x) for x in (b, h, hkv, tq, d, bs, bt.shape[1])]
-    getattr(_cpp_lib(), name)(*ptr, *sizes, ctypes.c_int(torch.get_num_threads()))
+    name = ("paged_bf16" if q.dtype == torch.bfloat16 else "paged_f32") + ("_i8" if quant else "")
+    getattr(_cpp_lib(), name)(*ptrs, *sizes, ctypes.c_int(torch.get_num_threads()))
     return out
+
+
+_PREFILL_TQ = 128  # above this many queries per row, gather + SDPA beats the C++ kernel here
+
+
+def paged_attention_cpu(
+    q: Tensor, k_pool: Pool, v_pool: Pool, block_tables: Tensor, q_pos: Tensor, seq_lens: Tensor
+) -> Tensor:
+    """The fastest measured CPU choice: the C++ kernel for decode and short chunks (reads
+    the pool in place), gather + SDPA for long prefills (compute-bound)."""
+    kernel = paged_attention_cpp if q.shape[2] <= _PREFILL_TQ else paged_attention_gather_sdpa
+    return kernel(q, k_pool, v_pool, block_tables, q_pos, seq_lens)
 
 
 # -- FlexAttention --------------------------------------------------------------------------
@@ -265,33 +295,61 @@ def paged_attention_cpu(
 _Q_BLOCK = 128  # query rows per block-mask tile
 
 
+def _flex_call(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, gqa: bool) -> Tensor:
+    return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+
+
 @functools.cache
 def _compiled_flex():
+    # Each (dtype, pool size, head layout) takes two graphs; past dynamo's limit (8 by
+    # default) flex would run uncompiled, materializing scores over the whole pool. Raise it
+    # once, process-wide (a scoped config.patch costs ~1.6 ms per call).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     # dynamic=None + explicit marks: batch and query length are symbolic from the first call
-    # (dynamic=True would also make the pool size symbolic, which miscompiles the mask_mod
-    # on CPU in torch 2.13; a static first call would specialize on every new shape).
-    return torch.compile(flex_attention, dynamic=None)
+    # (a static first call would specialize on every new shape; dynamic=True would also make
+    # the pool size symbolic).
+    return torch.compile(_flex_call, dynamic=None)
 
 
-def flex_block_mask(
+# Per (device, pool size): q_start [cap], seq_lens [cap], physical -> logical block
+# [cap, num_blocks + 1], rows [0, B) rewritten for each new mask. What mask_mod reads must
+# have static shapes: in torch 2.13 a symbolic size inside the CPU mask_mod code can collide
+# with the kernel's own size names and fail to compile ("cur_qSplitSize8 was not declared").
+_ROWS: dict[tuple[torch.device, int], tuple[Tensor, Tensor, Tensor]] = {}
+
+
+def _row_buffers(dev: torch.device, num_blocks: int, b: int) -> tuple[Tensor, Tensor, Tensor]:
+    bufs = _ROWS.get((dev, num_blocks))
+    if bufs is None or bufs[0].shape[0] < b:
+        cap = max(64, 1 << (b - 1).bit_length())  # growing recompiles once
+        bufs = (
+            torch.zeros(cap, dtype=torch.long, device=dev),
+            torch.zeros(cap, dtype=torch.long, device=dev),
+            torch.full((cap, num_blocks + 1), -1, dtype=torch.long, device=dev),
+        )
+        for t in bufs:
+            torch._dynamo.mark_static(t)
+        _ROWS[(dev, num_blocks)] = bufs
+    return bufs
+
+
+def _flex_block_mask(
     block_tables: Tensor, q_pos: Tensor, seq_lens: Tensor, num_blocks: int, block_size: int
 ) -> BlockMask:
     """Block mask over the physical pool (kv length num_blocks * block_size): for each row
-    and tile of _Q_BLOCK queries, the blocks partly visible (mask_mod decides per element) and
-    the blocks fully visible (no mask_mod). Build once per forward and share across layers.
+    and tile of _Q_BLOCK queries, the blocks partly visible (mask_mod decides per element)
+    and the blocks fully visible (no mask_mod). Valid until the next call (shared buffers).
 
     Shapes are padded so only two graphs compile (decode Tq == 1, prefill Tq > 1): batch to
-    >= 2 (a dummy row with no blocks) and tiles to >= 2 when Tq > 1, avoiding 0/1
+    >= 2 (a dummy row without blocks) and tiles to >= 2 when Tq > 1, avoiding 0/1
     specialization."""
     dev = block_tables.device
     b, tq = q_pos.shape
-    q_start = q_pos[:, 0]
-    if not torch.equal(q_pos, q_start[:, None] + torch.arange(tq, device=dev)):
+    if not torch.equal(q_pos, q_pos[:, :1] + torch.arange(tq, device=dev)):
         raise ValueError("paged_attention_flex needs consecutive query positions per row")
-    pad_b = max(0, 2 - b)
-    tables = torch.nn.functional.pad(block_tables.long(), (0, 0, 0, pad_b))
-    q_start = torch.nn.functional.pad(q_start, (0, pad_b))
-    lens = torch.nn.functional.pad(seq_lens.long(), (0, pad_b))  # dummy row: length 0
+    pad = (0, max(0, 2 - b))
+    tables = F.pad(block_tables.long(), (0, 0, *pad))
+    q_start, lens = F.pad(q_pos[:, 0], pad), F.pad(seq_lens.long(), pad)  # dummy: length 0
     b, mb = tables.shape
     rows = max(2, -(-tq // _Q_BLOCK)) if tq > 1 else 1
     first = q_start[:, None] + torch.arange(rows, device=dev) * _Q_BLOCK  # [B, rows]
@@ -304,22 +362,21 @@ def flex_block_mask(
     def compact(sel: Tensor) -> tuple[Tensor, Tensor]:
         order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)  # selected first
         ids = torch.gather(tables[:, None].expand(b, rows, mb), -1, order).to(torch.int32)
-        ids = torch.nn.functional.pad(ids, (0, num_blocks - mb))  # flex wants pool-wide columns
+        ids = F.pad(ids, (0, num_blocks - mb))  # flex wants pool-wide columns
         return sel.sum(-1, dtype=torch.int32)[:, None], ids[:, None]
 
+    start_buf, lens_buf, logical = _row_buffers(dev, num_blocks, b)
+    start_buf[:b], lens_buf[:b] = q_start, lens
     # Physical block -> its index in the row's table. Unused table entries (padding, maybe
-    # repeating a real id) are sent to a spare last column so they cannot overwrite one.
-    used = start < lens[:, None]
-    logical = torch.full((b, num_blocks + 1), -1, dtype=torch.long, device=dev)
-    idx = torch.where(used, tables, num_blocks)
-    logical.scatter_(1, idx, torch.arange(mb, device=dev).expand(b, mb).contiguous())
+    # repeating a real id) go to the spare last column so they cannot overwrite one.
+    rows_logical = logical[:b].fill_(-1)
+    idx = torch.where(start < lens[:, None], tables, num_blocks)
+    rows_logical.scatter_(1, idx, torch.arange(mb, device=dev).expand(b, mb).contiguous())
 
     def mask_mod(bi: Tensor, hi: Tensor, qi: Tensor, kv: Tensor) -> Tensor:
         pos = logical[bi, kv // block_size] * block_size + kv % block_size
-        return (pos >= 0) & (pos <= q_start[bi] + qi) & (pos < lens[bi])
+        return (pos >= 0) & (pos <= start_buf[bi] + qi) & (pos < lens_buf[bi])
 
-    for t in (q_start, lens, logical):
-        torch._dynamo.maybe_mark_dynamic(t, 0)
     (kn, ki), (fn, fi) = compact(partial), compact(full)
     return BlockMask.from_kv_blocks(
         kn, ki, fn, fi, BLOCK_SIZE=(_Q_BLOCK, block_size), mask_mod=mask_mod,
@@ -334,7 +391,7 @@ def _mask_for(block_tables: Tensor, q_pos: Tensor, seq_lens: Tensor, n: int, bs:
     global _last_mask
     key = (block_tables, q_pos, seq_lens, n, bs)
     if not _last_mask or any(a is not b for a, b in zip(_last_mask[0], key, strict=True)):
-        _last_mask = (key, flex_block_mask(block_tables, q_pos, seq_lens, n, bs))
+        _last_mask = (key, _flex_block_mask(block_tables, q_pos, seq_lens, n, bs))
     return _last_mask[1]
 
 
@@ -347,7 +404,7 @@ def paged_attention_flex(
     arrive (one forward passes the same ones to every layer; don't modify them in place)."""
     _check(q, k_pool, block_tables, q_pos, seq_lens)
     if isinstance(k_pool, tuple):
-        raise ValueError("FlexAttention cannot read int8 pools; use paged_attention_cpu")
+        raise ValueError("FlexAttention cannot read int8 pools; use paged_attention_cpp")
     n, bs, hkv, d = k_pool.shape
     b = q.shape[0]
     mask = _mask_for(block_tables, q_pos, seq_lens, n, bs)
@@ -355,16 +412,13 @@ def paged_attention_flex(
         q = torch.cat((q, q.new_zeros(2 - b, *q.shape[1:])))
     k = k_pool.view(1, n * bs, hkv, d).transpose(1, 2)
     v = v_pool.view(1, n * bs, hkv, d).transpose(1, 2)
-    for t in (
-        q,
-        mask.kv_num_blocks,
-        mask.kv_indices,
-        mask.full_kv_num_blocks,
-        mask.full_kv_indices,
-    ):
+    torch._dynamo.mark_static(k)  # a new pool size recompiles rather than going symbolic
+    torch._dynamo.mark_static(v)
+    dims = (q, mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices)
+    for t in dims:
         torch._dynamo.maybe_mark_dynamic(t, 0)
         torch._dynamo.maybe_mark_dynamic(t, 2)
-    out = _compiled_flex()(q, k, v, block_mask=mask, enable_gqa=hkv != q.shape[1])
+    out = _compiled_flex()(q, k, v, mask, hkv != q.shape[1])
     return out[:b]
 
 

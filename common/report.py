@@ -148,8 +148,9 @@ def markdown(result: dict) -> str:
         f"transformers {env['transformers']}, {env['date']}, git {env['git_revision']}",
         f"- model: {result['model']}",
         f"- workload: {result['workload_desc']}",
-        f"- timing: {result['bench']['warmup']} warm-up + {result['bench']['repeats']} timed passes "
-        "per variant, each variant in a fresh process; median (min–max)",
+        f"- timing: {result['bench']['rounds']} rounds; in each, every variant runs in turn in a "
+        f"fresh process: {result['bench']['warmup']} warm-up + {result['bench']['repeats']} timed "
+        "pass(es); median (min–max) over all timed passes",
         f"- speedup: {result['speedup_of']} against the baseline row",
         f"- roofline: decode bytes (weights + live KV) / {result['bandwidth_gbs']:.1f} GB/s "
         f"({result['bandwidth_source']})",

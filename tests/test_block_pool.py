@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -9,6 +10,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from common.block_pool import BlockManager, BlockPool, KVCacheError, OutOfBlocks, hash_block
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def snapshot(m: BlockManager) -> tuple:
@@ -29,7 +32,7 @@ def test_hash_is_stable_across_processes_and_chained():
         "from common.block_pool import hash_block; print(hash_block(hash_block(None, [1, 2]), [3]))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="."
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert int(out.stdout) == hash_block(hash_block(None, [1, 2]), [3])
     assert hash_block(None, [1, 2]) != hash_block(None, [2, 1])

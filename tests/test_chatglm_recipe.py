@@ -43,6 +43,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
             *overrides,
             "model.scale=tiny",
             "bench.repeats=1",
+            "bench.rounds=1",
             "bench.warmup=0",
             f"bench.results_dir={out}",
             *LEAN,

@@ -32,7 +32,13 @@ from common.workload import build_requests
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "recipes" / "llama65b" / "run.py"
 CONFIGS = REPO / "configs"
-FAST = ["model.scale=tiny", "bench.warmup=0", "bench.repeats=1", "bench.threads=1"]
+FAST = [
+    "model.scale=tiny",
+    "bench.warmup=0",
+    "bench.repeats=1",
+    "bench.rounds=1",
+    "bench.threads=1",
+]
 LATENCY = {"num_prompts": 2, "prompt_len": 8, "max_new_tokens": 3}
 OPTS = "+opt=flash_attn,int8"
 ALL_OPTS = ", ".join(available_opts(CONFIGS))

@@ -11,11 +11,12 @@ from torch._dynamo.utils import counters
 from common import paged_attention as pa
 from common.kv_quant import dequantize_kv, quantize_kv
 
-H, HKV, D, BS, NUM_BLOCKS = 4, 2, 32, 4, 64
+H, HKV, D, BS, NUM_BLOCKS = 4, 2, 32, 4, 128
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 KERNELS = {
     "reference": pa.paged_attention_reference,
-    "cpu": pa.paged_attention_cpu,
+    "cpp": pa.paged_attention_cpp,
+    "gather_sdpa": pa.paged_attention_gather_sdpa,
     "flex": pa.paged_attention_flex,
 }
 
@@ -66,6 +67,7 @@ CASES = {
     "prefix_cached_prefill": ([13, 24, 9], [5, 8, 1]),  # starts at block boundaries 8, 16, 8
     "mixed_chunked": ([30, 6, 19], [3, 6, 1]),
     "batch_of_one": ([21], [1]),
+    "long_prefill": ([150, 40, 131], [150, 10, 131]),  # several query tiles of the flex mask
 }
 
 
@@ -79,7 +81,15 @@ def test_matches_dense_attention(kernel, case, dtype):
     torch.testing.assert_close(out.double(), batch.dense(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
-@pytest.mark.parametrize("kernel", ["reference", "cpu"])
+@pytest.mark.parametrize("new_tokens", [[1, 1, 1], [140, 6, 8]], ids=["decode", "prefill"])
+def test_cpu_choice_matches_dense(new_tokens):
+    batch = Batch([150, 6, 32], new_tokens, torch.bfloat16)
+    out = pa.paged_attention_cpu(*_args(batch))
+    tol = TOL[torch.bfloat16]
+    torch.testing.assert_close(out.double(), batch.dense(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("kernel", ["reference", "cpp", "gather_sdpa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_int8_pools(kernel, dtype):
     """int8 pools with float16 scales: equal to attention over the dequantized K/V."""
@@ -122,15 +132,15 @@ def _args(batch: Batch) -> tuple:
     return (batch.q, batch.k_pool, batch.v_pool, *batch.meta)
 
 
-def test_cpu_kernel_rejects_tables_that_would_read_outside_the_pool():
+def test_cpp_kernel_rejects_tables_that_would_read_outside_the_pool():
     batch = Batch([9, 3], [1, 1], torch.float32)
     with pytest.raises(ValueError, match="block"):
-        pa.paged_attention_cpu(
+        pa.paged_attention_cpp(
             batch.q, batch.k_pool, batch.v_pool, batch.block_tables[:, :1], *batch.meta[1:]
         )
     batch.block_tables[1, 0] = NUM_BLOCKS
     with pytest.raises(ValueError, match="block"):
-        pa.paged_attention_cpu(*_args(batch))
+        pa.paged_attention_cpp(*_args(batch))
 
 
 def test_flex_rejects_int8_and_non_consecutive_positions():
