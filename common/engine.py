@@ -151,6 +151,8 @@ class Engine:
     @torch.inference_mode()
     def generate(self, requests: list[Request], seed: int | None = 0) -> list[Completion]:
         """Run one static batch to completion: it ends when its longest member ends."""
+        if self.kv.kind == "paged":  # sequences own blocks: the scheduler's static mode
+            return self.serve(requests, "static", max_batch=len(requests), seed=seed)
         for r in requests:
             self.check(r)
         budgets = [min(r.max_new_tokens, self.max_positions - len(r.prompt)) for r in requests]

@@ -60,11 +60,10 @@ def engine_runner(engine: Engine, sched: Any, arrivals: list[float] | None, seed
     one_scheduler = sched.kind == "continuous" or arrivals is not None
 
     def generate(reqs: list[Request]) -> list[Completion]:
-        if engine.kv.kind != "paged":
-            if arrivals is not None and sched.kind == "static":
-                return static_online(engine, reqs, arrivals, sched.max_batch, seed)
-            if sched.kind == "static":
-                return engine.generate(reqs, seed)
+        if sched.kind == "static" and engine.kv.kind != "paged" and arrivals is not None:
+            return static_online(engine, reqs, arrivals, sched.max_batch, seed)
+        if sched.kind == "static" and arrivals is None:
+            return engine.generate(reqs, seed)
         return engine.serve(
             reqs,
             sched.kind,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import ClassVar
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 
 from common.attention import ForwardContext
 from common.errors import RecipeError
+from common.layers import DecoderModel, PreNormDecoderLayer, RotaryEmbedding, SelfAttention
 from common.loader import build_empty, init_random, load_weights, read_hf_config
 
 
@@ -54,6 +56,36 @@ class ModelArgs:
         if missing := [k for k in required if k not in d]:
             raise RecipeError(f"model config lacks {', '.join(missing)} (needed by {cls.__name__})")
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def pre_norm_decoder(
+    args: ModelArgs,
+    rotary: RotaryEmbedding,
+    mlp: Callable[[], nn.Module],
+    eps: float,
+    qkv_bias: bool = False,
+    o_bias: bool = False,
+) -> DecoderModel:
+    """The LLaMA-family stack: families differ in rotary variant, biases and MLP only."""
+    layers = [
+        PreNormDecoderLayer(
+            SelfAttention(
+                i,
+                args.hidden_size,
+                args.num_attention_heads,
+                args.num_key_value_heads,
+                args.kv_head_dim,
+                rotary,
+                qkv_bias=qkv_bias,
+                o_bias=o_bias,
+            ),
+            mlp(),
+            args.hidden_size,
+            eps,
+        )
+        for i in range(args.num_hidden_layers)
+    ]
+    return DecoderModel(args.vocab_size, args.hidden_size, eps, rotary, layers)
 
 
 class CausalLM(nn.Module):

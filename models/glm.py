@@ -16,10 +16,8 @@ from common.layers import (
     DecoderModel,
     FusedGatedMLP,
     InterleavedRotaryEmbedding,
-    PreNormDecoderLayer,
-    SelfAttention,
 )
-from common.model_base import CausalLM, ModelArgs
+from common.model_base import CausalLM, ModelArgs, pre_norm_decoder
 
 
 @dataclass(frozen=True)
@@ -69,25 +67,8 @@ class GlmArgs(ModelArgs):
 
 def glm_model(args: GlmArgs) -> DecoderModel:
     rotary = InterleavedRotaryEmbedding(args.rotary_dim, args.rope_theta)
-    layers = [
-        PreNormDecoderLayer(
-            SelfAttention(
-                i,
-                args.hidden_size,
-                args.num_attention_heads,
-                args.num_key_value_heads,
-                args.kv_head_dim,
-                rotary,
-                qkv_bias=args.attention_bias,
-                o_bias=False,
-            ),
-            FusedGatedMLP(args.hidden_size, args.intermediate_size),
-            args.hidden_size,
-            args.rms_norm_eps,
-        )
-        for i in range(args.num_hidden_layers)
-    ]
-    return DecoderModel(args.vocab_size, args.hidden_size, args.rms_norm_eps, rotary, layers)
+    mlp = lambda: FusedGatedMLP(args.hidden_size, args.intermediate_size)  # noqa: E731
+    return pre_norm_decoder(args, rotary, mlp, args.rms_norm_eps, qkv_bias=args.attention_bias)
 
 
 class GlmForCausalLM(CausalLM):

@@ -12,11 +12,9 @@ from torch import nn
 from common.layers import (
     DecoderModel,
     GatedMLP,
-    PreNormDecoderLayer,
     RotaryEmbedding,
-    SelfAttention,
 )
-from common.model_base import CausalLM, ModelArgs
+from common.model_base import CausalLM, ModelArgs, pre_norm_decoder
 
 
 @dataclass(frozen=True)
@@ -52,25 +50,9 @@ class LlamaArgs(ModelArgs):
 
 def llama_model(args: LlamaArgs) -> DecoderModel:
     rotary = RotaryEmbedding(args.kv_head_dim, args.rope_theta, args.rope_scaling)
-    layers = [
-        PreNormDecoderLayer(
-            SelfAttention(
-                i,
-                args.hidden_size,
-                args.num_attention_heads,
-                args.num_key_value_heads,
-                args.kv_head_dim,
-                rotary,
-                qkv_bias=args.attention_bias,
-                o_bias=args.attention_bias,
-            ),
-            GatedMLP(args.hidden_size, args.intermediate_size, bias=args.mlp_bias),
-            args.hidden_size,
-            args.rms_norm_eps,
-        )
-        for i in range(args.num_hidden_layers)
-    ]
-    return DecoderModel(args.vocab_size, args.hidden_size, args.rms_norm_eps, rotary, layers)
+    mlp = lambda: GatedMLP(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)  # noqa: E731
+    bias = args.attention_bias
+    return pre_norm_decoder(args, rotary, mlp, args.rms_norm_eps, qkv_bias=bias, o_bias=bias)
 
 
 class LlamaForCausalLM(CausalLM):

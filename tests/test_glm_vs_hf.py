@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from hf_oracle import assert_prefill_and_decode_match, hf_pair
 from omegaconf import OmegaConf
 
 from common.device import Device
@@ -40,36 +41,14 @@ def hf_glm(args: GlmArgs) -> transformers.GlmForCausalLM:
     return transformers.GlmForCausalLM(transformers.GlmConfig(**args.to_hf_config())).eval()
 
 
-def pair(case: str) -> tuple[GlmForCausalLM, transformers.GlmForCausalLM]:
-    args = GlmArgs(**BASE, **CASES[case])
-    hf = hf_glm(args)
-    ours = GlmForCausalLM(args).eval()
-    ours.load_state_dict(hf.state_dict(), strict=False)
-    if args.tie_word_embeddings:
-        ours.lm_head.weight = ours.model.embed_tokens.weight
-    assert set(ours.state_dict()) == set(hf.state_dict())
-    return ours, hf
+def pair(case: str):
+    return hf_pair(GlmForCausalLM, GlmArgs(**BASE, **CASES[case]))
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("kv,attn", [("dynamic", "eager"), ("contiguous", "sdpa")])
 def test_prefill_and_decode_match_hf(case: str, kv: str, attn: str) -> None:
-    ours, hf = pair(case)
-    engine = Engine(ours, Device("cpu"), kv_kind=kv, attention=attn)
-    prompt = torch.randint(0, 128, (1, 20))
-    cache = engine.new_cache(1, 40)
-    pos = torch.arange(20)[None]
-    with torch.inference_mode():
-        got = ours.logits(engine.forward(cache, prompt, pos, torch.ones_like(prompt, dtype=bool)))
-        out = hf(prompt, use_cache=True)
-        torch.testing.assert_close(got, out.logits, atol=1e-4, rtol=0)
-        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        for step in range(8):
-            p = torch.tensor([[20 + step]])
-            got = ours.logits(engine.forward(cache, tok, p, torch.ones_like(tok, dtype=bool)))
-            out = hf(tok, past_key_values=past, use_cache=True)
-            torch.testing.assert_close(got, out.logits, atol=1e-4, rtol=0)
-            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    assert_prefill_and_decode_match(*pair(case), kv, attn)
 
 
 def test_rotary_inv_freq_matches_hf() -> None:
