@@ -34,6 +34,7 @@ from common.measure import (
 )
 from common.model_base import CausalLM
 from common.opts import apply_transforms, available_opts, check_opts_supported
+from common.quant import weight_bytes
 from common.report import command_line, environment, print_table, write_results
 from common.sampling import SamplingParams
 from common.workload import arrival_times, build_requests
@@ -135,7 +136,6 @@ def kv_capacity(
 def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
     from common.build import build_model
     from common.peers import peer_runner
-    from common.quant import weight_bytes
 
     if cfg.bench.threads:
         torch.set_num_threads(int(cfg.bench.threads))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import sys
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +70,7 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def run_recipe(config_name: str, model_cls: type, task: Callable | None = None) -> None:
+def run_recipe(config_name: str, model_cls: type) -> None:
     """Parse the command line with Hydra and run the benchmark (or one worker)."""
     import hydra
     from hydra.core.hydra_config import HydraConfig

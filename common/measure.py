@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from common.engine import Completion, Engine, Request
 from common.kv_cache import kv_token_bytes
+from common.quant import weight_bytes
 from common.workload import batches
 
 
@@ -91,8 +92,6 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype, int8: bool = False)
 
 def decode_weight_bytes(model: nn.Module) -> int:
     """Weight bytes read per decode step: everything but embedding tables (one row is read)."""
-    from common.quant import weight_bytes
-
     linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     embeddings = sum(
         m.weight.nbytes
