@@ -129,10 +129,13 @@ constexpr int64_t QTILE = 16;  // queries of one row handled together (prefill)
 
 // One task = (row, kv head, tile of queries): every query head of the group and every query
 // of the tile share each K/V block load. Online softmax in fp32; invisible keys are skipped.
+// K/V element (block, token, head, d) is at block * st[0] + token * st[1] + head * st[2] + d,
+// its scale at block * st[3] + token * st[4] + head * st[5]: pools and dense caches alike.
 template <class T, class KV>
 void attend(const T* q, const KV* kp, const KV* vp, const uint16_t* ks, const uint16_t* vs,
             const int32_t* bt, const int64_t* qpos, const int64_t* slen, T* out, int64_t B,
-            int64_t H, int64_t Hkv, int64_t Tq, int64_t D, int64_t bs, int64_t mb, int nthreads) {
+            int64_t H, int64_t Hkv, int64_t Tq, int64_t D, int64_t bs, int64_t mb,
+            const int64_t* st, int nthreads) {
   const int64_t rep = H / Hkv, tiles = (Tq + QTILE - 1) / QTILE;
   const float scale = 1.f / std::sqrt(float(D));
 #pragma omp parallel num_threads(nthreads)
@@ -156,11 +159,12 @@ void attend(const T* q, const KV* kp, const KV* vp, const uint16_t* ks, const ui
       for (int64_t blk = 0; blk * bs <= last; ++blk) {
         const int64_t n = std::min(bs, last + 1 - blk * bs);
         for (int64_t i = 0; i < n; ++i) {
-          const int64_t row = (int64_t(bt[b * mb + blk]) * bs + i) * Hkv + g;
-          const float kscale = ks ? f16_to_f32(ks[row]) : 1.f, vscale = vs ? f16_to_f32(vs[row]) : 1.f;
+          const int64_t blk_id = bt[b * mb + blk], row = blk_id * st[0] + i * st[1] + g * st[2];
+          const int64_t srow = blk_id * st[3] + i * st[4] + g * st[5];
+          const float kscale = ks ? f16_to_f32(ks[srow]) : 1.f, vscale = vs ? f16_to_f32(vs[srow]) : 1.f;
           for (int64_t d = 0; d < D; ++d) {
-            kf[i * D + d] = to_f32(kp[row * D + d]) * kscale;
-            vf[i * D + d] = to_f32(vp[row * D + d]) * vscale;
+            kf[i * D + d] = to_f32(kp[row + d]) * kscale;
+            vf[i * D + d] = to_f32(vp[row + d]) * vscale;
           }
         }
         for (int64_t j = 0; j < nq; ++j) {
@@ -194,8 +198,8 @@ void attend(const T* q, const KV* kp, const KV* vp, const uint16_t* ks, const ui
 }  // namespace
 
 #define ARGS const int32_t *bt, const int64_t *qpos, const int64_t *slen, void *out, int64_t B, \
-    int64_t H, int64_t Hkv, int64_t Tq, int64_t D, int64_t bs, int64_t mb, int nt
-#define REST bt, qpos, slen, (T*)out, B, H, Hkv, Tq, D, bs, mb, nt
+    int64_t H, int64_t Hkv, int64_t Tq, int64_t D, int64_t bs, int64_t mb, const int64_t *st, int nt
+#define REST bt, qpos, slen, (T*)out, B, H, Hkv, Tq, D, bs, mb, st, nt
 #define KERNEL(name, Q, K)                                                                      \
   extern "C" void name(const void* q, const void* k, const void* v, const void* ks,           \
                        const void* vs, ARGS) {                                                  \
@@ -243,39 +247,83 @@ def _cpp_lib() -> ctypes.CDLL:
     return ctypes.CDLL(str(lib))
 
 
+def _cpp_call(
+    q: Tensor,
+    k: Pool,
+    v: Pool,
+    tables: Tensor,
+    q_pos: Tensor,
+    seq_lens: Tensor,
+    block_size: int,
+    token_dims: tuple[int, int, int],
+) -> Tensor:
+    """Run the kernel; k/v (data, and scales when int8) are indexed (block, token, head, d)
+    with the strides of their dims `token_dims` = (block, token, head)."""
+    (k, ks), (v, vs) = _split(k), _split(v)
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(
+            f"the C++ attention kernel needs float32/bfloat16 on cpu, got {q.dtype} on {q.device}"
+        )
+    quant = ks is not None
+    if k.dtype != (torch.int8 if quant else q.dtype) or (quant and ks.dtype != SCALE_DTYPE):
+        raise ValueError(f"K/V dtype {k.dtype} does not match q dtype {q.dtype}")
+    if (
+        k.dtype != v.dtype
+        or k.stride() != v.stride()
+        or k.stride(-1) != 1
+        or (quant and ks.stride() != vs.stride())
+    ):
+        raise ValueError("K and V must share dtype and strides, with unit stride over head_dim")
+    b, h, tq, d = q.shape
+    strides = [k.stride(i) for i in token_dims] + [ks.stride(i) if quant else 0 for i in token_dims]
+    q = q.contiguous()
+    bt = tables.to(torch.int32).contiguous()
+    pos, lens = q_pos.to(torch.int64).contiguous(), seq_lens.to(torch.int64).contiguous()
+    st = torch.tensor(strides, dtype=torch.int64)
+    out = torch.empty_like(q)
+    ptrs = [None if t is None else ctypes.c_void_p(t.data_ptr()) for t in (q, k, v, ks, vs)]
+    ptrs += [ctypes.c_void_p(t.data_ptr()) for t in (bt, pos, lens, out)]
+    sizes = [
+        ctypes.c_int64(x) for x in (b, h, k.shape[token_dims[2]], tq, d, block_size, bt.shape[1])
+    ]
+    name = ("paged_bf16" if q.dtype == torch.bfloat16 else "paged_f32") + ("_i8" if quant else "")
+    getattr(_cpp_lib(), name)(
+        *ptrs, *sizes, ctypes.c_void_p(st.data_ptr()), ctypes.c_int(torch.get_num_threads())
+    )
+    return out
+
+
 def paged_attention_cpp(
     q: Tensor, k_pool: Pool, v_pool: Pool, block_tables: Tensor, q_pos: Tensor, seq_lens: Tensor
 ) -> Tensor:
     """The C++ kernel: reads each row's blocks in place (bf16/fp32 pools, or int8 pools with
     float16 scales), any q_pos (decode, prefill, prefix-cached prefill), CPU only."""
     _check(q, k_pool, block_tables, q_pos, seq_lens)
-    (k, ks), (v, vs) = _split(k_pool), _split(v_pool)
-    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(
-            f"paged_attention_cpp needs float32/bfloat16 on cpu, got {q.dtype} on {q.device}"
-        )
-    quant = ks is not None
-    if k.dtype != (torch.int8 if quant else q.dtype) or (quant and ks.dtype != SCALE_DTYPE):
-        raise ValueError(f"pool dtype {k.dtype} does not match q dtype {q.dtype}")
-    pools = (k, v, ks, vs) if quant else (k, v)
-    if any(t.dtype != p.dtype or not t.is_contiguous() for t, p in zip(pools, (k, k, ks, ks))):
-        raise ValueError("pools must be contiguous, K and V of one dtype")  # never copy a pool
-    b, h, tq, d = q.shape
-    n, bs, hkv, _ = k.shape
+    k, _ = _split(k_pool)
+    if not all(t.is_contiguous() for t in (*_split(k_pool), *_split(v_pool)) if t is not None):
+        raise ValueError("pools must be contiguous")  # never copy a pool
+    n, bs = k.shape[:2]
     # The kernel trusts the tables: check the reads it will do stay inside the pool.
     lo, hi = torch.aminmax(block_tables)
     if int(seq_lens.max()) > block_tables.shape[1] * bs or int(lo) < 0 or int(hi) >= n:
         raise ValueError("block_tables too short for seq_lens, or a block id outside the pool")
-    q = q.contiguous()
-    bt = block_tables.to(torch.int32).contiguous()
-    pos, lens = q_pos.to(torch.int64).contiguous(), seq_lens.to(torch.int64).contiguous()
-    out = torch.empty_like(q)
-    ptrs = [None if t is None else ctypes.c_void_p(t.data_ptr()) for t in (q, k, v, ks, vs)]
-    ptrs += [ctypes.c_void_p(t.data_ptr()) for t in (bt, pos, lens, out)]
-    sizes = [ctypes.c_int64(x) for x in (b, h, hkv, tq, d, bs, bt.shape[1])]
-    name = ("paged_bf16" if q.dtype == torch.bfloat16 else "paged_f32") + ("_i8" if quant else "")
-    getattr(_cpp_lib(), name)(*ptrs, *sizes, ctypes.c_int(torch.get_num_threads()))
-    return out
+    return _cpp_call(q, k_pool, v_pool, block_tables, q_pos, seq_lens, bs, (0, 1, 2))
+
+
+def dense_decode_cpp(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The same kernel over dense caches k, v [B, Hkv, S, D] (any strides over B, Hkv, S):
+    every query sees all S keys, as in an unpadded decode step. Each row is one block."""
+    b, s = k.shape[0], k.shape[2]
+    if (
+        k.shape[1] == 0
+        or q.shape[1] % k.shape[1]
+        or q.shape[-1] != k.shape[-1]
+        or k.shape[0] != q.shape[0]
+    ):
+        raise ValueError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)}")
+    tables = torch.arange(b, dtype=torch.int32)[:, None]
+    q_pos = torch.full((b, q.shape[2]), s - 1, dtype=torch.int64)
+    return _cpp_call(q, k, v, tables, q_pos, torch.full((b,), s, dtype=torch.int64), s, (0, 2, 1))
 
 
 _PREFILL_TQ = 128  # above this many queries per row, gather + SDPA beats the C++ kernel here

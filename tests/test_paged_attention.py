@@ -150,3 +150,19 @@ def test_flex_rejects_int8_and_non_consecutive_positions():
     batch.q_pos[0] = torch.tensor([8, 3])
     with pytest.raises(ValueError, match="consecutive"):
         pa.paged_attention_flex(batch.q, batch.k_pool, batch.v_pool, *batch.meta)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dense_decode_on_strided_cache_views(dtype):
+    """The kernel over dense caches: a [B, Hkv, S, D] slice of a longer preallocated cache
+    (the contiguous cache's view) gives SDPA's result for one query per row."""
+    g = torch.Generator().manual_seed(0)
+    full_k = torch.randn(3, HKV, 40, D, generator=g).to(dtype)
+    full_v = torch.randn(3, HKV, 40, D, generator=g).to(dtype)
+    k, v = full_k[:, :, :27], full_v[:, :, :27]
+    q = torch.randn(3, H, 1, D, generator=g).to(dtype)
+    out = pa.dense_decode_cpp(q, k, v)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), enable_gqa=True
+    )
+    torch.testing.assert_close(out.double(), want, atol=TOL[dtype], rtol=TOL[dtype])
