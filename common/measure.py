@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from common.engine import Completion, Engine, Request
 from common.kv_cache import kv_token_bytes
-from common.quant import weight_bytes
+from common.quant import Int8Embedding, weight_bytes
 from common.workload import batches
 
 
@@ -91,14 +91,22 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype, int8: bool = False)
 
 
 def decode_weight_bytes(model: nn.Module) -> int:
-    """Weight bytes read per decode step: everything but embedding tables (one row is read)."""
-    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
-    embeddings = sum(
-        m.weight.nbytes
+    """Weight bytes read per decode step: everything but embedding tables (one row is read),
+    unless an LM head shares the table."""
+    tables = (nn.Embedding, Int8Embedding)
+
+    def own(m: nn.Module) -> list[Tensor]:
+        return [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+
+    read = {id(t) for m in model.modules() if not isinstance(m, tables) for t in own(m)}
+    embeddings = {
+        id(t): t.nbytes
         for m in model.modules()
-        if isinstance(m, nn.Embedding) and id(m.weight) not in linear
-    )
-    return weight_bytes(model) - embeddings
+        if isinstance(m, tables)
+        for t in own(m)
+        if id(t) not in read
+    }
+    return weight_bytes(model) - sum(embeddings.values())
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -1,7 +1,9 @@
 """Weight-only int8 quantization: per-output-channel symmetric int8 weights, float activations.
 
 Decode (batch 1) is memory-bound, so halving the bytes read per token is the whole win; the
-matmul itself still runs in the activation dtype.
+matmul itself still runs in the activation dtype. Embedding tables are quantized per row
+(a row is a tied LM head's output channel, so a tied pair shares one int8 table): decode
+reads one row of them, but they are a large share of a small model's bytes.
 """
 
 from __future__ import annotations
@@ -60,9 +62,8 @@ class Int8WeightOnlyLinear(nn.Module):
         self.register_buffer("bias", bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8WeightOnlyLinear:
-        # Quantizing always makes new tensors, so a weight tied to an embedding is left untouched.
-        weight_int8, scales = _quantize_per_channel(linear.weight)
+    def from_linear(cls, linear: nn.Linear, quantized: tuple[Tensor, Tensor] | None = None):
+        weight_int8, scales = quantized or _quantize_per_channel(linear.weight)
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(weight_int8, scales, bias)
 
@@ -85,24 +86,58 @@ class Int8WeightOnlyLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class Int8Embedding(nn.Module):
+    """Drop-in for nn.Embedding holding int8 rows [V, H] and one scale per row [V]."""
+
+    def __init__(self, weight_int8: Tensor, scales: Tensor) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight_int8.shape
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("scales", scales)
+
+    @classmethod
+    def from_embedding(
+        cls, embedding: nn.Embedding, quantized: tuple[Tensor, Tensor] | None = None
+    ):
+        return cls(*(quantized or _quantize_per_channel(embedding.weight)))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.weight_int8[ids].to(self.scales.dtype) * self.scales[ids, None]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+_INT8_MODULES = {
+    nn.Linear: Int8WeightOnlyLinear.from_linear,
+    nn.Embedding: Int8Embedding.from_embedding,
+}
+
+
 def quantize_int8(
-    model: nn.Module, skip: Callable[[str, nn.Linear], bool] | None = None
+    model: nn.Module, skip: Callable[[str, nn.Module], bool] | None = None
 ) -> nn.Module:
-    """Replace every nn.Linear (unless skip(name, linear)) with Int8WeightOnlyLinear, in place."""
-    # remove_duplicate=False: a Linear registered under two names must be replaced at both.
+    """Replace every nn.Linear and nn.Embedding (unless skip(name, module)) with its int8
+    version, in place. A weight shared by several modules (a tied LM head) is quantized once
+    and its int8 table shared, so it still counts once."""
+    # remove_duplicate=False: a module registered under two names must be replaced at both.
     targets = [
         (name, module)
         for name, module in model.named_modules(remove_duplicate=False)
-        if isinstance(module, nn.Linear) and not (skip is not None and skip(name, module))
+        if type(module) in _INT8_MODULES and not (skip is not None and skip(name, module))
     ]
-    quantized: dict[int, Int8WeightOnlyLinear] = {}
-    for name, linear in targets:
-        if id(linear) not in quantized:
-            quantized[id(linear)] = Int8WeightOnlyLinear.from_linear(linear)
-        if not name:  # the model itself is a Linear: nothing to replace it in
-            return quantized[id(linear)]
+    tables: dict[int, tuple[Tensor, Tensor]] = {}  # id(float weight) -> (int8, scales)
+    replaced: dict[int, nn.Module] = {}
+    for name, module in targets:
+        if id(module) not in replaced:
+            weight = module.weight
+            if id(weight) not in tables:
+                tables[id(weight)] = _quantize_per_channel(weight)
+            replaced[id(module)] = _INT8_MODULES[type(module)](module, tables[id(weight)])
+        if not name:  # the model itself is the module: nothing to replace it in
+            return replaced[id(module)]
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, quantized[id(linear)])
+        setattr(model.get_submodule(parent_name), attr, replaced[id(module)])
     return model
 
 

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from common.quant import (
+    Int8Embedding,
     Int8WeightOnlyLinear,
     _mm_cpu_bf16,
     _mm_dequant,
@@ -112,7 +113,7 @@ def test_misaligned_and_strided_inputs() -> None:
         assert torch.allclose(q(x), q(x.clone()), atol=0, rtol=0)
 
 
-def test_quantize_replaces_all_linears_and_unties_head() -> None:
+def test_quantize_replaces_linears_and_embeddings_sharing_the_tied_table() -> None:
     torch.manual_seed(0)
     model = TiedLM()
     embed_before = model.embed.weight.detach().clone()
@@ -120,19 +121,33 @@ def test_quantize_replaces_all_linears_and_unties_head() -> None:
     ref = model(ids).detach()
 
     assert quantize_int8(model) is model
-    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert not any(isinstance(m, (nn.Linear, nn.Embedding)) for m in model.modules())
     assert sum(isinstance(m, Int8WeightOnlyLinear) for m in model.modules()) == 3
-    assert isinstance(model.lm_head, Int8WeightOnlyLinear)
-    assert type(model.embed) is nn.Embedding
-    assert model.embed.weight.dtype == torch.float32
-    assert torch.equal(model.embed.weight, embed_before)
-    embed_ptr = model.embed.weight.untyped_storage().data_ptr()
-    assert all(b.untyped_storage().data_ptr() != embed_ptr for b in model.lm_head.buffers())
+    assert isinstance(model.embed, Int8Embedding)
+    # The tied pair shares one int8 table and one set of scales.
+    assert model.lm_head.weight_int8 is model.embed.weight_int8
+    assert model.lm_head.scales is model.embed.scales
+    rows = model.embed(ids)
+    assert rows.dtype == torch.float32
+    step = model.embed.scales[ids, None]
+    assert bool(((rows - embed_before[ids]).abs() <= step / 2 + 1e-7).all())
     assert _rel_err(model(ids), ref) < 2e-2
 
 
+def test_int8_embedding_bytes_and_decode_bytes() -> None:
+    from common.measure import decode_weight_bytes
+
+    untied = nn.Sequential(nn.Embedding(100, 32), nn.Linear(32, 100, bias=False)).bfloat16()
+    quantize_int8(untied)
+    table = 100 * 32 + 2 * 100  # int8 rows + one bf16 scale per row
+    assert weight_bytes(untied) == 2 * table
+    assert decode_weight_bytes(untied) == table  # decode reads one embedding row
+    tied = quantize_int8(TiedLM().bfloat16())
+    assert decode_weight_bytes(tied) == weight_bytes(tied)  # the head reads the whole table
+
+
 def test_quantize_skip_keeps_tied_head() -> None:
-    model = quantize_int8(TiedLM(), skip=lambda name, _: name == "lm_head")
+    model = quantize_int8(TiedLM(), skip=lambda name, _: name in ("lm_head", "embed"))
     assert type(model.lm_head) is nn.Linear
     assert model.lm_head.weight is model.embed.weight
     assert isinstance(model.body[0], Int8WeightOnlyLinear)
