@@ -106,29 +106,34 @@ def kv_spec(cfg: Any) -> KVSpec:
     # int8 needs preallocated storage: on the default growing cache it takes the contiguous one,
     # so +opt=kv_int8 works alone and composes with static_kv / paged_kv in any order.
     kind = "contiguous" if kv.int8 and kv.kind == "dynamic" else kv.kind
-    return KVSpec(kind, kv.int8, kv.block_size, cfg.scheduler.kv_budget, kv.prefix_cache)
+    return KVSpec(
+        kind, kv.int8, kv.block_size, cfg.scheduler.kv_budget, kv.prefix_cache, kv.max_len
+    )
 
 
 def kv_capacity(
-    requests: list[Request], per_token: int, block_size: int, budget: int | None, batch: int
+    requests: list[Request],
+    per_token: int,
+    spec: KVSpec,
+    batch: int,
 ) -> dict:
     """How many of the workload's sequences fit in one KV budget: contiguous allocation gives
-    every sequence the longest length; paged gives each ceil(len / block) blocks. The budget
-    defaults to what contiguous needs for `batch` sequences."""
+    every sequence kv_cache.max_len slots (or the workload's longest); paged gives each
+    ceil(len / block) blocks. The budget defaults to what contiguous needs for `batch`."""
     lengths = [len(r.prompt) + r.max_new_tokens for r in requests]
-    longest = max(lengths)
-    budget = budget or batch * longest * per_token
-    blocks_left = budget // (block_size * per_token)
+    slots = spec.max_len or max(lengths)
+    budget = spec.budget_bytes or batch * slots * per_token
+    blocks_left = budget // (spec.block_size * per_token)
     paged = 0
     while True:  # sequences in arrival order, cycling, until the next one does not fit
-        need = -(-lengths[paged % len(lengths)] // block_size)
+        need = -(-lengths[paged % len(lengths)] // spec.block_size)
         if need > blocks_left:
             break
         blocks_left -= need
         paged += 1
     return {
         "kv_budget_bytes": budget,
-        "max_concurrent_contiguous": budget // (longest * per_token),
+        "max_concurrent_contiguous": budget // (slots * per_token),
         "max_concurrent_paged": paged,
     }
 
@@ -170,9 +175,7 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
         "metrics": {
             "weight_bytes": weight_bytes(model),
             "kv_bytes": runner.peak_kv(),
-            **kv_capacity(
-                requests, per_token, spec.block_size, spec.budget_bytes, cfg.scheduler.max_batch
-            ),
+            **kv_capacity(requests, per_token, spec, cfg.scheduler.max_batch),
             "peak_mem_bytes": device.peak_memory_bytes(),
         },
         "fidelity": fidelity(
@@ -319,6 +322,7 @@ def run_main(cfg: Any, model_cls: type[CausalLM], user_overrides: list[str]) -> 
         "generation": OmegaConf.to_container(cfg.generation),
         "bench": {k: cfg.bench[k] for k in ("warmup", "repeats", "rounds", "ladder", "each")},
         "speedup_of": speedup_of,
+        "kv_max_len": cfg.kv_cache.max_len,
         "sweep": OmegaConf.to_container(sweep) if sweep else None,
         "bandwidth_gbs": bandwidth / 1e9,
         "bandwidth_source": bw_source,

@@ -310,6 +310,9 @@ class KVSpec:
     block_size: int = 16  # paged
     budget_bytes: int | None = None  # paged pool size; None = room for the whole batch
     prefix_cache: bool = False  # paged: reuse full blocks across requests
+    # contiguous: slots reserved per sequence, as a server sized for its longest accepted
+    # request (vLLM's max_model_len); None = the batch's own longest sequence
+    max_len: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KV_KINDS:
@@ -324,6 +327,8 @@ class KVSpec:
             raise RecipeError("prefix_cache needs kv_cache.kind=paged (+opt=paged_kv)")
         if self.block_size <= 0:
             raise RecipeError(f"kv_cache.block_size must be > 0, got {self.block_size}")
+        if self.max_len is not None and self.max_len <= 0:
+            raise RecipeError(f"kv_cache.max_len must be > 0, got {self.max_len}")
 
 
 def make_cache(
@@ -341,8 +346,13 @@ def make_cache(
     if spec.kind == "none":
         return NoCache()
     if spec.kind == "contiguous":
+        if spec.max_len is not None and max_len > spec.max_len:
+            raise RecipeError(
+                f"a sequence needs {max_len} KV slots but kv_cache.max_len is {spec.max_len}"
+            )
+        slots = spec.max_len or max_len
         return ContiguousCache(
-            num_layers, batch, kv_heads, head_dim, max_len, dtype, device, spec.int8
+            num_layers, batch, kv_heads, head_dim, slots, dtype, device, spec.int8
         )
     block_bytes = spec.block_size * kv_token_bytes(num_layers, kv_heads, head_dim, dtype, spec.int8)
     num_blocks = (

@@ -152,6 +152,12 @@ def markdown(result: dict) -> str:
         f"fresh process: {result['bench']['warmup']} warm-up + {result['bench']['repeats']} timed "
         "pass(es); median (min–max) over all timed passes",
         f"- speedup: {result['speedup_of']} against the baseline row",
+        "- contiguous KV: every sequence reserves "
+        + (
+            f"kv_cache.max_len = {result['kv_max_len']} slots (max-length allocation)"
+            if result.get("kv_max_len")
+            else "its batch's longest sequence (kv_cache.max_len unset)"
+        ),
         f"- roofline: decode bytes (weights + live KV) / {result['bandwidth_gbs']:.1f} GB/s "
         f"({result['bandwidth_source']})",
         "",

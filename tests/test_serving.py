@@ -192,3 +192,29 @@ def test_contiguous_int8_matches_paged_int8() -> None:
 def test_cont_batch_needs_paged_kv() -> None:
     with pytest.raises(RecipeError, match="paged"):
         Engine(model(), CPU, KVSpec("contiguous")).serve(workload())
+
+
+def test_contiguous_max_len_reserves_max_length_slots() -> None:
+    """Max-length allocation: same outputs, every row reserves max_len slots, so most of
+    them hold no token; a batch that needs more slots than max_len is a clear error."""
+    reqs = workload()[:3]
+    tight = Engine(model(), CPU, KVSpec("contiguous"))
+    fixed = Engine(model(), CPU, KVSpec("contiguous", max_len=90))
+    assert [c.tokens for c in fixed.generate(reqs)] == [c.tokens for c in tight.generate(reqs)]
+    tight.generate(reqs)
+    assert fixed.peak_kv_bytes == 3 * 90 * TOKEN_BYTES > tight.peak_kv_bytes
+    used = fixed.stats["kv_used_byte_steps"] / fixed.stats["kv_reserved_byte_steps"]
+    assert used < tight.stats["kv_used_byte_steps"] / tight.stats["kv_reserved_byte_steps"]
+    with pytest.raises(RecipeError, match="kv_cache.max_len is 10"):
+        Engine(model(), CPU, KVSpec("contiguous", max_len=10)).generate(reqs)
+
+
+def test_kv_capacity_contiguous_max_len_vs_paged() -> None:
+    from common.bench import kv_capacity
+
+    reqs = [Request([1] * 10, 6), Request([1] * 30, 2)]  # 16 and 32 tokens
+    cap = kv_capacity(reqs, 100, KVSpec("paged", block_size=BS, max_len=64), batch=2)
+    assert cap["kv_budget_bytes"] == 2 * 64 * 100
+    assert cap["max_concurrent_contiguous"] == 2
+    # 128 slots = 32 blocks; sequences take 4, 8, 4, 8, ... blocks: 5 fit (28 blocks)
+    assert cap["max_concurrent_paged"] == 5
