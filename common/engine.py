@@ -295,10 +295,11 @@ class Engine:
         starts = [w.seq.num_computed for w in group]
         ids, positions, valid = _pad(rows, self.device.torch, starts)
         hidden = self.forward(cache, ids, positions, valid, [w.seq.id for w in group])
-        out = []
-        for i, w in enumerate(group):
-            if w.samples:
-                out.append((w.seq, self.model.logits(hidden[i, w.num_tokens - 1])[None]))
+        picked = [i for i, w in enumerate(group) if w.samples]
+        # One LM-head matmul for all sampled rows: it reads the whole head once, not per row.
+        last = torch.tensor([group[i].num_tokens - 1 for i in picked], device=hidden.device)
+        logits = self.model.logits(hidden[torch.tensor(picked, device=hidden.device), last])
+        for w in group:
             w.seq.num_computed += w.num_tokens
             cache.commit(w.seq.id, w.seq.tokens[: w.seq.num_computed])
-        return out
+        return [(group[i].seq, logits[j : j + 1]) for j, i in enumerate(picked)]

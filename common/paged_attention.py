@@ -267,15 +267,11 @@ def _cpp_call(
     quant = ks is not None
     if k.dtype != (torch.int8 if quant else q.dtype) or (quant and ks.dtype != SCALE_DTYPE):
         raise ValueError(f"K/V dtype {k.dtype} does not match q dtype {q.dtype}")
-    if (
-        k.dtype != v.dtype
-        or k.stride() != v.stride()
-        or k.stride(-1) != 1
-        or (quant and ks.stride() != vs.stride())
-    ):
+    strides = [k.stride(i) for i in token_dims] + [ks.stride(i) if quant else 0 for i in token_dims]
+    same = [v.stride(i) for i in token_dims] + [vs.stride(i) if quant else 0 for i in token_dims]
+    if k.dtype != v.dtype or strides != same or (k.shape[-1] > 1 and k.stride(-1) != 1):
         raise ValueError("K and V must share dtype and strides, with unit stride over head_dim")
     b, h, tq, d = q.shape
-    strides = [k.stride(i) for i in token_dims] + [ks.stride(i) if quant else 0 for i in token_dims]
     q = q.contiguous()
     bt = tables.to(torch.int32).contiguous()
     pos, lens = q_pos.to(torch.int64).contiguous(), seq_lens.to(torch.int64).contiguous()
@@ -310,9 +306,10 @@ def paged_attention_cpp(
     return _cpp_call(q, k_pool, v_pool, block_tables, q_pos, seq_lens, bs, (0, 1, 2))
 
 
-def dense_decode_cpp(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def dense_decode_cpp(q: Tensor, k: Tensor, v: Tensor, seq_lens: Tensor | None = None) -> Tensor:
     """The same kernel over dense caches k, v [B, Hkv, S, D] (any strides over B, Hkv, S):
-    every query sees all S keys, as in an unpadded decode step. Each row is one block."""
+    row b's queries see its first seq_lens[b] keys (default all S), as in a decode step on a
+    contiguous cache. Each row is one block."""
     b, s = k.shape[0], k.shape[2]
     if (
         k.shape[1] == 0
@@ -321,9 +318,13 @@ def dense_decode_cpp(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         or k.shape[0] != q.shape[0]
     ):
         raise ValueError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)}")
+    if k.stride()[:3] != v.stride()[:3]:  # e.g. a fresh v still in the projection's order
+        k = k.clone(memory_format=torch.contiguous_format)
+        v = v.clone(memory_format=torch.contiguous_format)
+    lens = torch.full((b,), s, dtype=torch.int64) if seq_lens is None else seq_lens.clamp(max=s)
     tables = torch.arange(b, dtype=torch.int32)[:, None]
-    q_pos = torch.full((b, q.shape[2]), s - 1, dtype=torch.int64)
-    return _cpp_call(q, k, v, tables, q_pos, torch.full((b,), s, dtype=torch.int64), s, (0, 2, 1))
+    q_pos = (lens - 1).clamp(min=0)[:, None].expand(b, q.shape[2])
+    return _cpp_call(q, k, v, tables, q_pos, lens, s, (0, 2, 1))
 
 
 _PREFILL_TQ = 128  # above this many queries per row, gather + SDPA beats the C++ kernel here

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,23 @@ from common.errors import RecipeError
 WORKLOADS = ("latency", "throughput", "shared_prefix", "online", "file")
 
 
-def _span(value: Any) -> tuple[int, int]:
-    """A length is an int or a [lo, hi] range (uniform, inclusive)."""
-    lo, hi = (value, value) if isinstance(value, int) else tuple(value)
+def length_sampler(value: Any) -> Callable[[random.Random], int]:
+    """A length spec: an int; [lo, hi] (uniform, inclusive); or {lo, hi, mean}: lo plus an
+    exponential with that mean, capped at hi (long-tailed, like chat output lengths)."""
+    if isinstance(value, int):
+        value = [value, value]
+    spec = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    if isinstance(spec, dict):
+        if set(spec) != {"lo", "hi", "mean"}:
+            raise RecipeError(f"workload length {spec} needs exactly lo, hi and mean")
+        lo, hi, mean = spec["lo"], spec["hi"], spec["mean"]
+        if not 0 < lo < mean < hi:
+            raise RecipeError(f"workload length {spec} must satisfy 0 < lo < mean < hi")
+        return lambda rng: min(hi, lo + round(rng.expovariate(1 / (mean - lo))))
+    lo, hi = spec
     if not 0 < lo <= hi:
         raise RecipeError(f"workload length range {value} must satisfy 0 < lo <= hi")
-    return lo, hi
+    return lambda rng: rng.randint(lo, hi)
 
 
 def synthetic_requests(
@@ -28,11 +40,11 @@ def synthetic_requests(
 ) -> list[Request]:
     """Seeded random token ids (avoiding ids 0-2: pad/bos/eos in LLaMA vocabularies)."""
     rng = random.Random(seed)
-    (plo, phi), (olo, ohi) = _span(prompt_len), _span(max_new)
+    prompt_len, max_new = length_sampler(prompt_len), length_sampler(max_new)
     return [
         Request(
-            prompt=[rng.randrange(3, vocab) for _ in range(rng.randint(plo, phi))],
-            max_new_tokens=rng.randint(olo, ohi),
+            prompt=[rng.randrange(3, vocab) for _ in range(prompt_len(rng))],
+            max_new_tokens=max_new(rng),
             ignore_eos=ignore_eos,
         )
         for _ in range(n)

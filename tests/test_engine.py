@@ -17,7 +17,7 @@ from models.llama import LlamaArgs, LlamaForCausalLM
 
 CPU = Device("cpu")
 KV_KINDS = ("dynamic", "contiguous", "none")
-BACKENDS = ("eager", "sdpa")
+BACKENDS = ("eager", "sdpa", "flash")  # flash on cpu: the C++ kernel for decode
 ARGS = LlamaArgs(
     vocab_size=96,
     hidden_size=32,

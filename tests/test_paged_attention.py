@@ -166,3 +166,19 @@ def test_dense_decode_on_strided_cache_views(dtype):
         q.double(), k.double(), v.double(), enable_gqa=True
     )
     torch.testing.assert_close(out.double(), want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_dense_decode_per_row_prefix_lengths():
+    """Rows of a contiguous cache see different prefixes; a row that sees nothing gives 0."""
+    g = torch.Generator().manual_seed(1)
+    k, v = (torch.randn(3, HKV, 20, D, generator=g) for _ in range(2))
+    q = torch.randn(3, H, 1, D, generator=g)
+    lens = torch.tensor([20, 7, 0])
+    out = pa.dense_decode_cpp(q, k, v, lens)
+    for b in (0, 1):
+        n = int(lens[b])
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], enable_gqa=True
+        )
+        torch.testing.assert_close(out[b : b + 1], want, atol=1e-5, rtol=1e-5)
+    assert bool((out[2] == 0).all())
