@@ -297,8 +297,10 @@ class Engine:
         hidden = self.forward(cache, ids, positions, valid, [w.seq.id for w in group])
         picked = [i for i, w in enumerate(group) if w.samples]
         # One LM-head matmul for all sampled rows: it reads the whole head once, not per row.
-        last = torch.tensor([group[i].num_tokens - 1 for i in picked], device=hidden.device)
-        logits = self.model.logits(hidden[torch.tensor(picked, device=hidden.device), last])
+        index = torch.tensor(
+            [[i, group[i].num_tokens - 1] for i in picked], dtype=torch.long, device=hidden.device
+        ).view(-1, 2)
+        logits = self.model.logits(hidden[index[:, 0], index[:, 1]]) if picked else None
         for w in group:
             w.seq.num_computed += w.num_tokens
             cache.commit(w.seq.id, w.seq.tokens[: w.seq.num_computed])

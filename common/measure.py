@@ -225,7 +225,7 @@ def fidelity(
         }
         save_file(logits, str(reference / "logits.safetensors"))
         torch.save(outputs, reference / "outputs.pt")
-        return {"token_agreement": 1.0, "max_logit_err": 0.0}
+        return {"token_agreement": 1.0, "max_logit_err": 0.0, "same_outputs": 1.0}
     ref_logits = load_file(str(reference / "logits.safetensors"))
     ref_outputs = torch.load(reference / "outputs.pt", weights_only=True)
     agree = total = 0
@@ -235,4 +235,5 @@ def fidelity(
         agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
         total += len(o)
         err = max(err, float((got - ref).abs().max()))
-    return {"token_agreement": agree / total, "max_logit_err": err}
+    same = sum(list(o) == list(r) for o, r in zip(outputs, ref_outputs)) / len(ref_outputs)
+    return {"token_agreement": agree / total, "max_logit_err": err, "same_outputs": same}

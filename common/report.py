@@ -25,6 +25,7 @@ COLUMNS = [  # (key, header, format)
     ("peak_mem_bytes", "peak MB", "mb"),
     ("token_agreement", "token agree", "{:.3f}"),
     ("max_logit_err", "max logit err", "{:.3g}"),
+    ("same_outputs", "same outputs", "{:.0%}"),  # requests whose tokens equal the baseline's
     ("roofline_pct", "% roofline", "{:.0f}%"),
 ]
 # Second table: scheduling and KV memory (throughput, online and KV-cache runs).

@@ -12,13 +12,23 @@ python $llama +opt=flash_attn,int8 bench.ladder=true bench.peers=[hf]
 python $llama 'bench.variants=[[no_kv_cache],[static_kv]]' workload.num_prompts=1 workload.max_new_tokens=256 bench.rounds=2
 # Paged attention against the contiguous cache, same fused attention, batch 1.
 python $llama 'bench.variants=[[static_kv,flash_attn],[paged_kv,flash_attn]]'
-# KV memory and scheduling on mixed lengths: contiguous vs paged, int8 KV, continuous batching.
-python $llama workload=throughput bench.peers=[hf] bench.rounds=2 \
-  'bench.variants=[[static_kv],[static_kv,kv_int8],[paged_kv],[paged_kv,kv_int8],[paged_kv,cont_batch],[paged_kv,cont_batch,flash_attn]]'
+# KV memory on mixed lengths: contiguous max-length allocation (sized for the workload's
+# longest possible request, 256 + 512 tokens) vs paged, and int8 KV in both layouts.
+python $llama workload=throughput workload.num_requests=16 kv_cache.max_len=768 bench.rounds=1 \
+  'bench.variants=[[static_kv],[static_kv,kv_int8],[paged_kv],[paged_kv,kv_int8]]'
+# Scheduling at equal max batch (16) and attention kernel: static batches (padded, or paged
+# with finished rows leaving) vs continuous batching, and transformers' generate().
+# 64 requests per pass; no warm-up pass (each pass is ~20-140 s, and one-time costs are small).
+python $llama workload=throughput bench.peers=[hf] bench.rounds=2 bench.warmup=0 \
+  'bench.variants=[[static_kv,flash_attn],[paged_kv,flash_attn],[paged_kv,cont_batch,flash_attn]]'
+# Greedy outputs under continuous batching equal each request run alone (fp32, so batch
+# composition cannot change rounding): the baseline here runs every request by itself.
+python $llama workload=throughput workload.num_requests=16 workload.batch_size=1 scheduler.max_batch=16 \
+  model.dtype=float32 bench.rounds=1 bench.warmup=0 'bench.variants=[[paged_kv,cont_batch,flash_attn]]'
 # Prefix caching on a shared 512-token system prompt.
 python $llama workload=shared_prefix 'bench.variants=[[paged_kv],[paged_kv,prefix_cache]]'
 # Online serving: latency vs throughput as the arrival rate grows.
-python $llama workload=online 'bench.variants=[[paged_kv],[paged_kv,cont_batch]]' \
+python $llama workload=online 'bench.variants=[[paged_kv,flash_attn],[paged_kv,cont_batch,flash_attn]]' \
   'bench.sweep={key: workload.rate, values: [2, 8, 32]}' workload.num_requests=24 bench.rounds=1
 
 # The ChatGLM (GLM-4) recipe and what its 2 KV heads buy.

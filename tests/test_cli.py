@@ -331,7 +331,7 @@ def test_smoke_opts_as_typed(runs: Runs) -> None:
     assert OPTS in result["command"]
     base, opt = result["variants"]
     assert (base["opts"], opt["opts"]) == ([], ["flash_attn", "int8"])
-    assert base["fidelity"] == {"token_agreement": 1.0, "max_logit_err": 0.0}
+    assert base["fidelity"] == {"token_agreement": 1.0, "max_logit_err": 0.0, "same_outputs": 1.0}
     assert opt["metrics"]["weight_bytes"] < 0.6 * base["metrics"]["weight_bytes"]
     for v in result["variants"]:  # latency ignores EOS: every output has max_new_tokens
         assert [len(o) for o in v["outputs"]] == [3, 3]
@@ -441,3 +441,18 @@ def test_multirun_jobs_keep_their_own_results(runs: Runs) -> None:
         if p.suffix == ".json"
     )
     assert found == [2, 3]
+
+
+def test_long_tailed_length_spec() -> None:
+    from common.workload import length_sampler, synthetic_requests
+
+    reqs = synthetic_requests(2000, [4, 9], {"lo": 8, "hi": 512, "mean": 96}, 100, 0, True)
+    new = [r.max_new_tokens for r in reqs]
+    assert min(new) >= 8 and max(new) <= 512 and 85 < sum(new) / len(new) < 100
+    assert sorted(new)[len(new) // 2] < 80  # median below the mean: a long tail
+    assert new == [
+        r.max_new_tokens
+        for r in synthetic_requests(2000, [4, 9], {"lo": 8, "hi": 512, "mean": 96}, 100, 0, True)
+    ]
+    with pytest.raises(RecipeError, match="lo < mean < hi"):
+        length_sampler({"lo": 8, "hi": 50, "mean": 60})
