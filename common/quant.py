@@ -8,6 +8,7 @@ reads one row of them, but they are a large share of a small model's bytes.
 
 from __future__ import annotations
 
+from collections import Counter, deque
 from collections.abc import Callable
 
 import torch
@@ -18,16 +19,23 @@ _MIN_SCALE = 1e-8  # keeps all-zero rows from dividing by zero
 # Rows up to which torch._weight_int8pack_mm beats dequantize + bf16 matmul on the 2-core
 # AVX512 CI CPU (768-2048 wide layers: 0.3-0.8x the time at <= 8 rows, 1.5-4x at >= 16).
 _INT8PACK_MAX_ROWS = 8
+_QUANT_ROWS = 1024  # rows quantized at a time
 
 
 def _quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
     """[N, K] float -> ([N, K] int8, [N] scales in the weight's dtype)."""
-    w = weight.detach().float()
     floor = max(_MIN_SCALE, torch.finfo(weight.dtype).tiny)  # fp16 cannot hold 1e-8
-    # Scales are stored in the weight dtype (the CPU kernel reads them as the activation dtype), so
-    # quantize against the rounded scale: that keeps |w - q * scale| <= scale / 2 for the stored value.
-    scales = (w.abs().amax(dim=1) / 127).clamp(min=floor).to(weight.dtype)
-    weight_int8 = (w / scales.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+    n = weight.shape[0]
+    weight_int8 = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(n, dtype=weight.dtype, device=weight.device)
+    for i in range(0, n, _QUANT_ROWS):  # blocks of rows keep the fp32 temporaries small
+        w = weight[i : i + _QUANT_ROWS].detach().to(torch.float32, copy=True)  # divided in place
+        # Scales are stored in the weight dtype (the CPU kernel reads them as the activation
+        # dtype), so quantize against the rounded scale: that keeps |w - q * scale| <= scale / 2
+        # for the stored value.
+        s = (w.abs().amax(dim=1) / 127).clamp(min=floor).to(weight.dtype)
+        scales[i : i + _QUANT_ROWS] = s
+        weight_int8[i : i + _QUANT_ROWS] = w.div_(s.float()[:, None]).round_().clamp_(-127, 127)
     return weight_int8, scales
 
 
@@ -130,23 +138,37 @@ def quantize_int8(
     version, in place. A weight shared by several modules (a tied LM head) is quantized once
     and its int8 table shared, so it still counts once."""
     # remove_duplicate=False: a module registered under two names must be replaced at both.
-    targets = [
+    targets = deque(
         (name, module)
         for name, module in model.named_modules(remove_duplicate=False)
         if type(module) in _INT8_MODULES and not (skip is not None and skip(name, module))
-    ]
+    )
+    # Users left per module and per float weight: shared ones are converted once, and each
+    # float tensor is dropped as soon as its last user is replaced, so the peak holds about
+    # one float matrix beyond the int8 model, not the whole float model.
+    module_users = Counter(id(m) for _, m in targets)
+    weight_users = Counter(id(m.weight) for _, m in targets)
     tables: dict[int, tuple[Tensor, Tensor]] = {}  # id(float weight) -> (int8, scales)
     replaced: dict[int, nn.Module] = {}
-    for name, module in targets:
-        if id(module) not in replaced:
-            weight = module.weight
-            if id(weight) not in tables:
-                tables[id(weight)] = _quantize_per_channel(weight)
-            replaced[id(module)] = _INT8_MODULES[type(module)](module, tables[id(weight)])
+    while targets:
+        name, module = targets.popleft()
+        key, weight_key = id(module), id(module.weight)
+        if key not in replaced:
+            if weight_key not in tables:
+                tables[weight_key] = _quantize_per_channel(module.weight)
+            replaced[key] = _INT8_MODULES[type(module)](module, tables[weight_key])
+            weight_users[weight_key] -= 1
+            if not weight_users[weight_key]:
+                del tables[weight_key]
+        new = replaced[key]
+        module_users[key] -= 1
+        if not module_users[key]:
+            del replaced[key]
         if not name:  # the model itself is the module: nothing to replace it in
-            return replaced[id(module)]
+            return new
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, replaced[id(module)])
+        setattr(model.get_submodule(parent_name), attr, new)
+        del module
     return model
 
 

@@ -193,3 +193,15 @@ def test_state_dict_roundtrip() -> None:
     assert not torch.equal(dst(ids), src(ids))
     dst.load_state_dict(state)
     assert torch.equal(dst(ids), src(ids))
+
+
+def test_quantize_releases_float_weights() -> None:
+    """Nothing keeps the float weights alive, so peak memory is about the int8 model."""
+    import gc
+    import weakref
+
+    model = TiedLM()
+    refs = [weakref.ref(model.embed.weight), weakref.ref(model.body[0].weight)]
+    quantize_int8(model)
+    gc.collect()
+    assert all(r() is None for r in refs)
