@@ -25,11 +25,11 @@ COLUMNS = [  # (key, header, format)
     ("peak_mem_bytes", "peak MB", "mb"),
     ("token_agreement", "token agree", "{:.3f}"),
     ("max_logit_err", "max logit err", "{:.3g}"),
-    ("same_outputs", "same outputs", "{:.0%}"),  # requests whose tokens equal the baseline's
     ("roofline_pct", "% roofline", "{:.0f}%"),
 ]
 # Second table: scheduling and KV memory (throughput, online and KV-cache runs).
 SERVING_COLUMNS = [
+    ("same_outputs", "same outputs", "{:.0%}"),  # requests whose tokens equal the baseline's
     ("requests_per_s", "req/s", "{:.2f}"),
     ("ttft_p90_ms", "TTFT p90 ms", "{:.0f}"),
     ("ttft_p99_ms", "TTFT p99 ms", "{:.0f}"),
