@@ -89,9 +89,9 @@ def _prefix_lengths(meta: AttnMeta, s: int) -> Tensor | None:
 
 
 def cpu_flash_attention(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta) -> Tensor:
-    """SDPA, except for decode steps whose rows each see a prefix of the keys: there torch's
-    CPU flash kernel costs ~150 us per one-query call (more than eager), 2 ms with a padding
-    mask at batch 8, and the C++ online-softmax kernel 50 us / 0.3 ms."""
+    """SDPA, except for decode steps whose rows each see a prefix of the keys: for one query
+    per row torch's CPU flash kernel is slower than eager attention (far slower with a
+    padding mask), so those take the C++ online-softmax kernel over the cache in place."""
     if q.shape[2] == 1 and q.dtype in (torch.bfloat16, torch.float32):
         lens = _prefix_lengths(meta, k.shape[2])
         if lens is not None:
