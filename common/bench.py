@@ -30,6 +30,7 @@ from common.measure import (
     kv_bytes_per_token,
     measure,
     roofline,
+    same_as_alone,
     summarize,
 )
 from common.model_base import CausalLM
@@ -178,9 +179,12 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
             **kv_capacity(requests, per_token, spec, cfg.scheduler.max_batch),
             "peak_mem_bytes": device.peak_memory_bytes(),
         },
-        "fidelity": fidelity(
-            runner, requests, reference, not (reference / "outputs.pt").exists(), outputs
-        )
+        "fidelity": {
+            **fidelity(
+                runner, requests, reference, not (reference / "outputs.pt").exists(), outputs
+            ),
+            **(same_as_alone(runner, requests, outputs) if cfg.bench.check_alone else {}),
+        }
         if first_round
         else None,
         "outputs": outputs,

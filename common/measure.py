@@ -237,3 +237,12 @@ def fidelity(
         err = max(err, float((got - ref).abs().max()))
     same = sum(list(o) == list(r) for o, r in zip(outputs, ref_outputs)) / len(ref_outputs)
     return {"token_agreement": agree / total, "max_logit_err": err, "same_outputs": same}
+
+
+def same_as_alone(runner: Runner, requests: list[Request], outputs: list[list[int]]) -> dict:
+    """Run every request by itself through the same variant: the share whose tokens equal
+    what it produced inside the batch (batch invariance; exact in fp32, where batch
+    composition cannot change rounding)."""
+    alone = [runner.generate([r])[0].tokens for r in requests]
+    same = sum(a == list(o) for a, o in zip(alone, outputs)) / len(requests)
+    return {"same_as_alone": same}

@@ -30,6 +30,7 @@ COLUMNS = [  # (key, header, format)
 # Second table: scheduling and KV memory (throughput, online and KV-cache runs).
 SERVING_COLUMNS = [
     ("same_outputs", "same outputs", "{:.0%}"),  # requests whose tokens equal the baseline's
+    ("same_as_alone", "same as alone", "{:.0%}"),  # bench.check_alone
     ("requests_per_s", "req/s", "{:.2f}"),
     ("ttft_p90_ms", "TTFT p90 ms", "{:.0f}"),
     ("ttft_p99_ms", "TTFT p99 ms", "{:.0f}"),

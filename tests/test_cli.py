@@ -151,6 +151,17 @@ RUNS: dict[str, Callable[[Files], list[str]]] = {  # longest first: they start f
     "sweep": lambda f: ["-m", "workload.max_new_tokens=2,3", *FAST, *latency(max_new_tokens=None)],
     "smoke": lambda f: [OPTS, *FAST, *latency()],
     "file": lambda f: [*FAST, *file_workload(f)],
+    "alone": lambda f: [
+        *FAST,
+        "workload=throughput",
+        "workload.num_requests=5",
+        "workload.prompt_len=[3,9]",
+        "workload.max_new_tokens=[2,6]",
+        "workload.batch_size=4",
+        "model.dtype=float32",
+        "bench.check_alone=true",
+        "bench.variants=[[paged_kv,cont_batch,flash_attn]]",
+    ],
     # bad input, found in the worker
     "missing_ckpt": lambda f: [*FAST, *file_workload(f, ckpt=f.ckpt.parent / "nope")],
     "corrupt_ckpt": lambda f: [*FAST, *file_workload(f, ckpt=f.corrupt)],
@@ -456,3 +467,12 @@ def test_long_tailed_length_spec() -> None:
     ]
     with pytest.raises(RecipeError, match="lo < mean < hi"):
         length_sampler({"lo": 8, "hi": 50, "mean": 60})
+
+
+@pytest.mark.cli_runs("alone")
+def test_check_alone_reports_batch_invariance(runs: Runs) -> None:
+    """fp32: every request's output under continuous batching equals running it alone."""
+    run = runs.get("alone")
+    run.assert_ok()
+    variants = run.result()["variants"]
+    assert [v["fidelity"]["same_as_alone"] for v in variants] == [1.0, 1.0]
