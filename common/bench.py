@@ -92,9 +92,12 @@ def workload_desc(w: Any) -> str:
     n = plain.get("num_prompts", plain.get("num_requests"))
     prefix = f"{plain['prefix_len']}-token shared prefix + " if "prefix_len" in plain else ""
     rate = f", Poisson arrivals at {plain['rate']} req/s" if "rate" in plain else ""
+    new = plain["max_new_tokens"]
+    if plain.get("new_tokens_dist") == "exponential":
+        new = f"{new} (exponential, mean {plain['new_tokens_mean']})"
     return (
         f"{w.kind}: {n} requests, prompt {prefix}{plain['prompt_len']} tokens, "
-        f"{plain['max_new_tokens']} new tokens, batch {w.batch_size}{rate}, greedy, "
+        f"{new} new tokens, batch {w.batch_size}{rate}, greedy, "
         f"EOS {'ignored' if w.ignore_eos else 'stops'}"
     )
 

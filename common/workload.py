@@ -16,6 +16,13 @@ from common.errors import RecipeError
 WORKLOADS = ("latency", "throughput", "shared_prefix", "online", "file")
 
 
+def _span(value: Any) -> tuple[int, int]:
+    lo, hi = (value, value) if isinstance(value, int) else tuple(value)
+    if not 0 < lo <= hi:
+        raise RecipeError(f"workload length range {value} must satisfy 0 < lo <= hi")
+    return lo, hi
+
+
 def length_sampler(value: Any) -> Callable[[random.Random], int]:
     """A length spec: an int; [lo, hi] (uniform, inclusive); or {lo, hi, mean}: lo plus an
     exponential with that mean, capped at hi (long-tailed, like chat output lengths)."""
@@ -29,9 +36,7 @@ def length_sampler(value: Any) -> Callable[[random.Random], int]:
         if not 0 < lo < mean < hi:
             raise RecipeError(f"workload length {spec} must satisfy 0 < lo < mean < hi")
         return lambda rng: min(hi, lo + round(rng.expovariate(1 / (mean - lo))))
-    lo, hi = spec
-    if not 0 < lo <= hi:
-        raise RecipeError(f"workload length range {value} must satisfy 0 < lo <= hi")
+    lo, hi = _span(spec)
     return lambda rng: rng.randint(lo, hi)
 
 
@@ -102,6 +107,19 @@ def build_requests(cfg: Any, vocab: int, tokenizer=None) -> list[Request]:
         raise RecipeError(f"workload.{count} must be > 0, got {n}")
     if isinstance(new, int) and new <= 0:
         raise RecipeError(f"max_new_tokens must be > 0, got {new}")
+    dist = cfg.get("new_tokens_dist", "uniform")
+    if dist not in ("uniform", "exponential"):
+        raise RecipeError(
+            f"unknown workload.new_tokens_dist {dist!r}; choose uniform or exponential"
+        )
+    if dist == "exponential":  # long-tailed output lengths, like chat answers
+        lo, hi = _span(new)
+        if not lo < cfg.new_tokens_mean < hi:
+            raise RecipeError(
+                f"workload.new_tokens_mean={cfg.new_tokens_mean} must lie inside "
+                f"workload.max_new_tokens=[{lo}, {hi}]"
+            )
+        new = {"lo": lo, "hi": hi, "mean": cfg.new_tokens_mean}
     requests = synthetic_requests(n, plen, new, vocab, cfg.seed, cfg.ignore_eos)
     if kind == "shared_prefix":  # one seeded system prompt in front of every question
         (prefix,) = synthetic_requests(1, cfg.prefix_len, 1, vocab, cfg.seed + 1, True)

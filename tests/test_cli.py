@@ -157,6 +157,7 @@ RUNS: dict[str, Callable[[Files], list[str]]] = {  # longest first: they start f
         "workload.num_requests=5",
         "workload.prompt_len=[3,9]",
         "workload.max_new_tokens=[2,6]",
+        "workload.new_tokens_dist=uniform",
         "workload.batch_size=4",
         "model.dtype=float32",
         "bench.check_alone=true",
@@ -467,6 +468,10 @@ def test_long_tailed_length_spec() -> None:
     ]
     with pytest.raises(RecipeError, match="lo < mean < hi"):
         length_sampler({"lo": 8, "hi": 50, "mean": 60})
+    cfg = OmegaConf.load(CONFIGS / "workload" / "throughput.yaml")
+    cfg.max_new_tokens = [2, 6]
+    with pytest.raises(RecipeError, match="new_tokens_mean=96 must lie inside"):
+        build_requests(cfg, 100)
 
 
 @pytest.mark.cli_runs("alone")
