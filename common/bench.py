@@ -222,10 +222,12 @@ def _spawn(script: str, overrides: list[str], variant: Variant, extra: list[str]
         return json.loads(Path(out.name).read_text())
 
 
-def _label(opts: list[str], rows: list[list[str]]) -> str:
-    if rows:
-        return "vs-" + ",".join("+".join(r) for r in rows)
-    return "+".join(opts) or "baseline"
+def _label(opts: list[str], rows: list[list[str]], bench: Any) -> str:
+    """The results file name: the rows compared, and how they were expanded (ladder, each,
+    peers), so runs of the same opts with different rows never overwrite each other."""
+    label = "vs-" + ",".join("+".join(r) for r in rows) if rows else "+".join(opts) or "baseline"
+    extras = [k for k in ("ladder", "each") if bench[k]] + [f"with-{p}" for p in bench.peers]
+    return "-".join([label, *extras])
 
 
 def _job_suffix() -> str:
@@ -350,7 +352,7 @@ def run_main(cfg: Any, model_cls: type[CausalLM], user_overrides: list[str]) -> 
         Path(cfg.bench.results_dir)
         / cfg.recipe
         / hardware
-        / f"{'sweep-' if sweep else ''}{cfg.workload.kind}-{_label(opts, rows)}{_job_suffix()}"
+        / f"{'sweep-' if sweep else ''}{cfg.workload.kind}-{_label(opts, rows, cfg.bench)}{_job_suffix()}"
     )
     print_table(result)
     for p in write_results(result, stem):

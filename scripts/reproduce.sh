@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 llama=recipes/llama65b/run.py
 
-# The LLaMA recipe: what each opt adds, and transformers' generate() on the same weights.
+# The LLaMA recipe's default command, then what each opt adds and transformers' generate().
+python $llama +opt=flash_attn,int8
 python $llama +opt=flash_attn,int8 bench.ladder=true bench.peers=[hf]
 # What the KV cache buys: recompute vs preallocated cache, 256 generated tokens.
 python $llama 'bench.variants=[[no_kv_cache],[static_kv]]' workload.num_prompts=1 workload.max_new_tokens=256 bench.rounds=2
