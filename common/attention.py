@@ -6,6 +6,7 @@ per-forward AttnMeta prepared by the KV cache, and returns [B, H, Tq, D].
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -50,6 +51,16 @@ class AttnMeta:
             return self.mask
         return torch.ones(tq, s, dtype=torch.bool, device=device).tril(s - tq)
 
+    @functools.cached_property
+    def prefix_lens(self) -> Tensor | None:
+        """With a mask for one query per row: how many leading keys each row sees (CPU
+        int64 [B]), or None when a row's visible keys have holes. Cached, so the layers of
+        one forward share it."""
+        seen = self.mask[:, 0, 0]  # [B, S]
+        lens = seen.sum(-1)
+        prefix = torch.arange(seen.shape[-1], device=seen.device) < lens[:, None]
+        return lens.cpu() if torch.equal(seen, prefix) else None
+
 
 Backend = Callable[[Tensor, Tensor, Tensor, AttnMeta], Tensor]
 
@@ -77,27 +88,17 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta) -> Tensor:
     )
 
 
-def _prefix_lengths(meta: AttnMeta, s: int) -> Tensor | None:
-    """Per-row key counts when one query per row sees a prefix of the keys (a decode step on
-    an unpadded or contiguous cache); None when the visible keys have holes."""
-    if meta.mask is None:
-        return None if meta.causal and s > 1 else torch.full((1,), s)
-    seen = meta.mask[:, 0, 0]  # [B, S]
-    lens = seen.sum(-1)
-    prefix = torch.arange(s, device=seen.device) < lens[:, None]
-    return lens if torch.equal(seen, prefix) else None
-
-
 def cpu_flash_attention(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta) -> Tensor:
     """SDPA, except for decode steps whose rows each see a prefix of the keys: for one query
     per row torch's CPU flash kernel is slower than eager attention (far slower with a
     padding mask), so those take the C++ online-softmax kernel over the cache in place."""
     if q.shape[2] == 1 and q.dtype in (torch.bfloat16, torch.float32):
-        lens = _prefix_lengths(meta, k.shape[2])
-        if lens is not None:
-            from common.paged_attention import dense_decode_cpp
+        from common.paged_attention import dense_decode_cpp
 
-            return dense_decode_cpp(q, k, v, lens.expand(q.shape[0]).cpu())
+        if meta.mask is None and not (meta.causal and k.shape[2] > 1):  # every key visible
+            return dense_decode_cpp(q, k, v)
+        if meta.mask is not None and meta.prefix_lens is not None:
+            return dense_decode_cpp(q, k, v, meta.prefix_lens)
     return sdpa_attention(q, k, v, meta)
 
 

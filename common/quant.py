@@ -8,7 +8,7 @@ reads one row of them, but they are a large share of a small model's bytes.
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -138,37 +138,29 @@ def quantize_int8(
     version, in place. A weight shared by several modules (a tied LM head) is quantized once
     and its int8 table shared, so it still counts once."""
     # remove_duplicate=False: a module registered under two names must be replaced at both.
-    targets = deque(
-        (name, module)
-        for name, module in model.named_modules(remove_duplicate=False)
-        if type(module) in _INT8_MODULES and not (skip is not None and skip(name, module))
-    )
-    # Users left per module and per float weight: shared ones are converted once, and each
-    # float tensor is dropped as soon as its last user is replaced, so the peak holds about
-    # one float matrix beyond the int8 model, not the whole float model.
-    module_users = Counter(id(m) for _, m in targets)
-    weight_users = Counter(id(m.weight) for _, m in targets)
+    names: dict[int, tuple[nn.Module, list[str]]] = {}  # id(module) -> (module, its names)
+    for name, module in model.named_modules(remove_duplicate=False):
+        if type(module) in _INT8_MODULES and not (skip is not None and skip(name, module)):
+            names.setdefault(id(module), (module, []))[1].append(name)
+    # Modules are converted one at a time and dropped from `names`, so each float weight is
+    # freed once its last user is replaced: the peak holds one float matrix beyond the int8
+    # model, not the whole float model. A weight shared by modules is quantized once.
+    users = Counter(id(module.weight) for module, _ in names.values())
     tables: dict[int, tuple[Tensor, Tensor]] = {}  # id(float weight) -> (int8, scales)
-    replaced: dict[int, nn.Module] = {}
-    while targets:
-        name, module = targets.popleft()
-        key, weight_key = id(module), id(module.weight)
-        if key not in replaced:
-            if weight_key not in tables:
-                tables[weight_key] = _quantize_per_channel(module.weight)
-            replaced[key] = _INT8_MODULES[type(module)](module, tables[weight_key])
-            weight_users[weight_key] -= 1
-            if not weight_users[weight_key]:
-                del tables[weight_key]
-        new = replaced[key]
-        module_users[key] -= 1
-        if not module_users[key]:
-            del replaced[key]
-        if not name:  # the model itself is the module: nothing to replace it in
-            return new
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, new)
+    while names:
+        _, (module, module_names) = names.popitem()
+        key = id(module.weight)
+        table = tables.pop(key, None) or _quantize_per_channel(module.weight)
+        users[key] -= 1
+        if users[key]:
+            tables[key] = table
+        new = _INT8_MODULES[type(module)](module, table)
         del module
+        for name in module_names:
+            if not name:  # the model itself is the module: nothing to replace it in
+                return new
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, new)
     return model
 
 

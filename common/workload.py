@@ -17,35 +17,39 @@ WORKLOADS = ("latency", "throughput", "shared_prefix", "online", "file")
 
 
 def _span(value: Any) -> tuple[int, int]:
+    """A length is an int or a [lo, hi] range (inclusive)."""
     lo, hi = (value, value) if isinstance(value, int) else tuple(value)
     if not 0 < lo <= hi:
         raise RecipeError(f"workload length range {value} must satisfy 0 < lo <= hi")
     return lo, hi
 
 
-def length_sampler(value: Any) -> Callable[[random.Random], int]:
-    """A length spec: an int; [lo, hi] (uniform, inclusive); or {lo, hi, mean}: lo plus an
-    exponential with that mean, capped at hi (long-tailed, like chat output lengths)."""
-    if isinstance(value, int):
-        value = [value, value]
-    spec = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-    if isinstance(spec, dict):
-        if set(spec) != {"lo", "hi", "mean"}:
-            raise RecipeError(f"workload length {spec} needs exactly lo, hi and mean")
-        lo, hi, mean = spec["lo"], spec["hi"], spec["mean"]
-        if not 0 < lo < mean < hi:
-            raise RecipeError(f"workload length {spec} must satisfy 0 < lo < mean < hi")
-        return lambda rng: min(hi, lo + round(rng.expovariate(1 / (mean - lo))))
-    lo, hi = _span(spec)
-    return lambda rng: rng.randint(lo, hi)
+def length_sampler(value: Any, mean: float | None = None) -> Callable[[random.Random], int]:
+    """Uniform over the length range; with a mean (output lengths only), lo plus an
+    exponential of that mean, capped at hi (long-tailed, like chat answers)."""
+    lo, hi = _span(value)
+    if mean is None:
+        return lambda rng: rng.randint(lo, hi)
+    if not lo < mean < hi:
+        raise RecipeError(
+            f"workload.new_tokens_mean={mean} must lie inside max_new_tokens [{lo}, {hi}]"
+        )
+    return lambda rng: min(hi, lo + round(rng.expovariate(1 / (mean - lo))))
 
 
 def synthetic_requests(
-    n: int, prompt_len: Any, max_new: Any, vocab: int, seed: int, ignore_eos: bool
+    n: int,
+    prompt_len: Any,
+    max_new: Any,
+    vocab: int,
+    seed: int,
+    ignore_eos: bool,
+    new_mean: float | None = None,
 ) -> list[Request]:
-    """Seeded random token ids (avoiding ids 0-2: pad/bos/eos in LLaMA vocabularies)."""
+    """Seeded random token ids (avoiding ids 0-2: pad/bos/eos in LLaMA vocabularies); output
+    lengths uniform, or long-tailed around new_mean."""
     rng = random.Random(seed)
-    prompt_len, max_new = length_sampler(prompt_len), length_sampler(max_new)
+    prompt_len, max_new = length_sampler(prompt_len), length_sampler(max_new, new_mean)
     return [
         Request(
             prompt=[rng.randrange(3, vocab) for _ in range(prompt_len(rng))],
@@ -112,15 +116,8 @@ def build_requests(cfg: Any, vocab: int, tokenizer=None) -> list[Request]:
         raise RecipeError(
             f"unknown workload.new_tokens_dist {dist!r}; choose uniform or exponential"
         )
-    if dist == "exponential":  # long-tailed output lengths, like chat answers
-        lo, hi = _span(new)
-        if not lo < cfg.new_tokens_mean < hi:
-            raise RecipeError(
-                f"workload.new_tokens_mean={cfg.new_tokens_mean} must lie inside "
-                f"workload.max_new_tokens=[{lo}, {hi}]"
-            )
-        new = {"lo": lo, "hi": hi, "mean": cfg.new_tokens_mean}
-    requests = synthetic_requests(n, plen, new, vocab, cfg.seed, cfg.ignore_eos)
+    mean = cfg.new_tokens_mean if dist == "exponential" else None
+    requests = synthetic_requests(n, plen, new, vocab, cfg.seed, cfg.ignore_eos, mean)
     if kind == "shared_prefix":  # one seeded system prompt in front of every question
         (prefix,) = synthetic_requests(1, cfg.prefix_len, 1, vocab, cfg.seed + 1, True)
         for r in requests:

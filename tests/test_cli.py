@@ -458,16 +458,16 @@ def test_multirun_jobs_keep_their_own_results(runs: Runs) -> None:
 def test_long_tailed_length_spec() -> None:
     from common.workload import length_sampler, synthetic_requests
 
-    reqs = synthetic_requests(2000, [4, 9], {"lo": 8, "hi": 512, "mean": 96}, 100, 0, True)
+    reqs = synthetic_requests(2000, [4, 9], [8, 512], 100, 0, True, new_mean=96)
     new = [r.max_new_tokens for r in reqs]
     assert min(new) >= 8 and max(new) <= 512 and 85 < sum(new) / len(new) < 100
     assert sorted(new)[len(new) // 2] < 80  # median below the mean: a long tail
     assert new == [
         r.max_new_tokens
-        for r in synthetic_requests(2000, [4, 9], {"lo": 8, "hi": 512, "mean": 96}, 100, 0, True)
+        for r in synthetic_requests(2000, [4, 9], [8, 512], 100, 0, True, new_mean=96)
     ]
-    with pytest.raises(RecipeError, match="lo < mean < hi"):
-        length_sampler({"lo": 8, "hi": 50, "mean": 60})
+    with pytest.raises(RecipeError, match="must lie inside max_new_tokens"):
+        length_sampler([8, 50], mean=60)
     cfg = OmegaConf.load(CONFIGS / "workload" / "throughput.yaml")
     cfg.max_new_tokens = [2, 6]
     with pytest.raises(RecipeError, match="new_tokens_mean=96 must lie inside"):
