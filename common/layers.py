@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.cpu_kernels import KERNEL_DTYPES, cpu_kernels_available, rms_norm_cpp
+
 
 class AttentionContext(Protocol):
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
@@ -28,6 +30,8 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.is_cpu and x.dtype == self.weight.dtype in KERNEL_DTYPES and cpu_kernels_available():
+            return rms_norm_cpp(x, self.weight, self.eps)  # the math below in one call
         if x.device.type == "npu":
             return _npu_rms_norm(x, self.weight, self.eps)
         # fp32 statistics, cast back before the scale: the transformers formulation.
@@ -103,6 +107,25 @@ class GatedMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
+    def fused(self) -> FusedGatedMLP:
+        """The same MLP with gate and up stacked in one gate_up_proj (one matmul)."""
+        mlp = FusedGatedMLP.__new__(FusedGatedMLP)
+        nn.Module.__init__(mlp)
+        mlp.gate_up_proj = stack_linears(self.gate_proj, self.up_proj)
+        mlp.down_proj = self.down_proj
+        return mlp
+
+
+def stack_linears(*linears: nn.Linear) -> nn.Linear:
+    """One nn.Linear computing the given ones (same input) as consecutive output channels."""
+    weight = torch.cat([m.weight.detach() for m in linears])
+    biases = [m.bias for m in linears]
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=biases[0] is not None, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([b.detach() for b in biases]), requires_grad=False)
+    return fused
+
 
 class SelfAttention(nn.Module):
     """Multi-head / grouped-query attention with HF names q_proj, k_proj, v_proj, o_proj."""
@@ -124,13 +147,34 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=o_bias)
+        self.qkv_proj: nn.Linear | None = None  # set by fuse_qkv()
         self.rotary = [rotary]  # a list, so the shared module is not registered once per layer
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+            return q, k, v
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    @property
+    def qkv_sizes(self) -> tuple[int, int, int]:
+        kv = self.kv_heads * self.head_dim
+        return self.heads * self.head_dim, kv, kv
+
+    def fuse_qkv(self) -> None:
+        """Stack q_proj, k_proj, v_proj into one qkv_proj (in place): one matmul reads x once
+        and a decode step makes one weight pass instead of three. Same outputs; names no
+        longer match HF, so fuse after loading."""
+        if self.qkv_proj is None:
+            self.qkv_proj = stack_linears(self.q_proj, self.k_proj, self.v_proj)
+            del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttentionContext) -> Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
+        q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         rotary = self.rotary[0]
         q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
         out = ctx.attend(self.layer, q, k, v)
@@ -201,3 +245,15 @@ class DecoderModel(nn.Module):
         for layer in self.layers:
             h = layer(h, cos, sin, ctx)
         return self.norm(h)
+
+
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """Stack the projections that read the same input, in place: q/k/v of every SelfAttention,
+    gate/up of every GatedMLP. Outputs are unchanged; run it after loading (names change)."""
+    for module in list(model.modules()):
+        if isinstance(module, SelfAttention):
+            module.fuse_qkv()
+        for name, child in module.named_children():
+            if isinstance(child, GatedMLP):
+                setattr(module, name, child.fused())
+    return model

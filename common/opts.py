@@ -14,6 +14,7 @@ from torch import nn
 
 from common.device import Device
 from common.errors import RecipeError
+from common.layers import fuse_projections
 from common.quant import quantize_int8
 
 
@@ -31,6 +32,10 @@ def check_opts_supported(opts: Any, device: Device) -> None:
             )
 
 
+def _fuse(model: nn.Module, cfg: Any) -> nn.Module:
+    return fuse_projections(model) if cfg.fusion.projections else model
+
+
 def _quantize(model: nn.Module, cfg: Any) -> nn.Module:
     kind = cfg.quant.weights
     if kind == "none":
@@ -40,7 +45,7 @@ def _quantize(model: nn.Module, cfg: Any) -> nn.Module:
     raise RecipeError(f"unknown quant.weights {kind!r}; choose none or int8")
 
 
-TRANSFORMS: list[Callable[[nn.Module, Any], nn.Module]] = [_quantize]
+TRANSFORMS: list[Callable[[nn.Module, Any], nn.Module]] = [_fuse, _quantize]
 
 
 def apply_transforms(model: nn.Module, cfg: Any) -> nn.Module:

@@ -29,19 +29,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from common.errors import RecipeError
+from common.cpp_build import BF16, load_cpp
 from common.kv_quant import SCALE_DTYPE, dequantize_kv
 
 Pool = Tensor | tuple[Tensor, Tensor]  # [N, bs, Hkv, D] float, or (int8 data, float16 scale)
@@ -105,7 +99,9 @@ def paged_attention_gather_sdpa(
 
 # -- C++ kernel -----------------------------------------------------------------------------
 
-_CPP = r"""
+_CPP = (
+    BF16
+    + r"""
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -116,15 +112,13 @@ _CPP = r"""
 namespace {
 float to_f32(float x) { return x; }
 float to_f32(int8_t x) { return float(x); }
-float to_f32(uint16_t x) { uint32_t u = uint32_t(x) << 16; float f; std::memcpy(&f, &u, 4); return f; }  // bf16
+float to_f32(uint16_t x) { return bf16_to_f32(x); }
 float f16_to_f32(uint16_t h) {  // kv scales; never negative, inf or nan
   const int e = (h >> 10) & 31, m = h & 1023;
   return e ? std::ldexp(float(m | 1024), e - 25) : std::ldexp(float(m), -24);
 }
 void store(float f, float* d) { *d = f; }
-void store(float f, uint16_t* d) {  // bf16, round to nearest even
-  uint32_t u; std::memcpy(&u, &f, 4); *d = uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-}
+void store(float f, uint16_t* d) { *d = f32_to_bf16(f); }
 constexpr int64_t QTILE = 16;  // queries of one row handled together (prefill)
 
 // One task = (row, kv head, tile of queries): every query head of the group and every query
@@ -211,40 +205,19 @@ KERNEL(paged_bf16, uint16_t, uint16_t)
 KERNEL(paged_f32_i8, float, int8_t)
 KERNEL(paged_bf16_i8, uint16_t, int8_t)
 """
-
-# Vectorizable reductions without -ffast-math (which on gcc < 13 also sets flush-to-zero
-# for the whole process when the library loads).
-_FLAGS = "-O3 -march=native -fno-math-errno -fno-trapping-math -fassociative-math -fno-signed-zeros -fopenmp -shared -fPIC"
-
-
-def _machine() -> str:
-    """What -march=native depends on, so a shared cache never serves another CPU's binary."""
-    try:
-        return next(
-            x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags")
-        )
-    except (OSError, StopIteration):
-        return platform.machine() + platform.processor()
+)
 
 
 @functools.cache
-def _cpp_lib() -> ctypes.CDLL:
-    key = hashlib.sha256(f"{_CPP}{_FLAGS}{_machine()}".encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llm-recipes"
-    lib = cache / f"paged_attention_{key}.so"
-    if not lib.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            src, out = Path(tmp, "paged.cpp"), Path(tmp, "paged.so")
-            src.write_text(_CPP)
-            cmd = [os.environ.get("CXX", "g++"), *_FLAGS.split(), str(src), "-o", str(out)]
-            try:
-                subprocess.run(cmd, check=True, capture_output=True, text=True)
-            except (OSError, subprocess.CalledProcessError) as e:
-                detail = getattr(e, "stderr", None) or e
-                raise RecipeError(f"building the paged attention kernel failed: {detail}") from e
-            os.replace(out, lib)  # atomic: concurrent builds of the same key are harmless
-    return ctypes.CDLL(str(lib))
+def _kernel(name: str) -> ctypes._CFuncPtr:
+    fn = getattr(load_cpp("paged_attention", _CPP), name)
+    fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 7 + [ctypes.c_void_p, ctypes.c_int]
+    return fn
+
+
+@functools.lru_cache(maxsize=64)
+def _strides_arg(strides: tuple[int, ...]) -> Tensor:
+    return torch.tensor(strides, dtype=torch.int64)  # cached: every layer passes the same
 
 
 def _cpp_call(
@@ -275,17 +248,13 @@ def _cpp_call(
     q = q.contiguous()
     bt = tables.to(torch.int32).contiguous()
     pos, lens = q_pos.to(torch.int64).contiguous(), seq_lens.to(torch.int64).contiguous()
-    st = torch.tensor(strides, dtype=torch.int64)
     out = torch.empty_like(q)
-    ptrs = [None if t is None else ctypes.c_void_p(t.data_ptr()) for t in (q, k, v, ks, vs)]
-    ptrs += [ctypes.c_void_p(t.data_ptr()) for t in (bt, pos, lens, out)]
-    sizes = [
-        ctypes.c_int64(x) for x in (b, h, k.shape[token_dims[2]], tq, d, block_size, bt.shape[1])
-    ]
     name = ("paged_bf16" if q.dtype == torch.bfloat16 else "paged_f32") + ("_i8" if quant else "")
-    getattr(_cpp_lib(), name)(
-        *ptrs, *sizes, ctypes.c_void_p(st.data_ptr()), ctypes.c_int(torch.get_num_threads())
-    )
+    _kernel(name)(
+        *(t.data_ptr() if t is not None else None for t in (q, k, v, ks, vs, bt, pos, lens, out)),
+        b, h, k.shape[token_dims[2]], tq, d, block_size, bt.shape[1],
+        _strides_arg(tuple(strides)).data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
     return out
 
 
@@ -321,10 +290,22 @@ def dense_decode_cpp(q: Tensor, k: Tensor, v: Tensor, seq_lens: Tensor | None = 
     if k.stride()[:3] != v.stride()[:3]:  # e.g. a fresh v still in the projection's order
         k = k.clone(memory_format=torch.contiguous_format)
         v = v.clone(memory_format=torch.contiguous_format)
-    lens = torch.full((b,), s, dtype=torch.int64) if seq_lens is None else seq_lens.clamp(max=s)
-    tables = torch.arange(b, dtype=torch.int32)[:, None]
-    q_pos = (lens - 1).clamp(min=0)[:, None].expand(b, q.shape[2])
+    if seq_lens is None:
+        tables, q_pos, lens = _dense_rows(b, s, q.shape[2])
+    else:
+        lens = seq_lens.clamp(max=s)
+        tables = torch.arange(b, dtype=torch.int32)[:, None]
+        q_pos = (lens - 1).clamp(min=0)[:, None].expand(b, q.shape[2]).contiguous()
     return _cpp_call(q, k, v, tables, q_pos, lens, s, (0, 2, 1))
+
+
+@functools.lru_cache(maxsize=8)
+def _dense_rows(b: int, s: int, tq: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Block tables, query positions and lengths for rows that each see all s keys: shared
+    by the layers of one decode step, so built once per step, not per layer."""
+    lens = torch.full((b,), s, dtype=torch.int64)
+    tables = torch.arange(b, dtype=torch.int32)[:, None]
+    return tables, (lens - 1).clamp(min=0)[:, None].expand(b, tq).contiguous(), lens
 
 
 _PREFILL_TQ = 128  # above this many queries per row, gather + SDPA beats the C++ kernel here

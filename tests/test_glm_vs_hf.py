@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from common.device import Device
 from common.engine import Engine, Request
 from common.errors import RecipeError
+from common.layers import fuse_projections
 from models.glm import GlmArgs, GlmForCausalLM
 
 MODEL_CONFIG = Path(__file__).resolve().parents[1] / "configs/model/glm4_9b.yaml"
@@ -112,3 +113,10 @@ def test_from_pretrained_greedy_matches_hf_generate(tmp_path: Path) -> None:
     assert got[0].finish_reason == "eos" and got[0].tokens[-1] == eos
     for c in got:
         assert c.finish_reason == ("eos" if c.tokens[-1] in (127, eos) else "length")
+
+
+def test_fused_qkv_with_bias_still_matches_hf() -> None:
+    ours, hf = pair("glm4")
+    fuse_projections(ours)
+    assert ours.model.layers[0].self_attn.qkv_proj.bias is not None
+    assert_prefill_and_decode_match(ours, hf, "dynamic", "flash")

@@ -7,6 +7,7 @@ import torch
 import transformers
 from hf_oracle import assert_prefill_and_decode_match, hf_pair
 
+from common.layers import fuse_projections
 from models.llama import LlamaArgs, LlamaForCausalLM
 
 BASE = dict(
@@ -55,3 +56,11 @@ def test_args_round_trip_through_hf_config() -> None:
     args = LlamaArgs(**BASE, **CASES["llama3_rope"])
     cfg = transformers.LlamaConfig(**args.to_hf_config()).to_dict()
     assert LlamaArgs.from_hf_config(cfg) == replace(args, head_dim=args.kv_head_dim)
+
+
+@pytest.mark.parametrize("case", ["gqa", "tied"])
+def test_fused_projections_still_match_hf(case: str) -> None:
+    ours, hf = pair(case)
+    fuse_projections(ours)
+    assert not any(n.endswith(("q_proj", "gate_proj")) for n, _ in ours.named_modules())
+    assert_prefill_and_decode_match(ours, hf, "contiguous", "flash")

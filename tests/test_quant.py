@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from common.layers import stack_linears
 from common.quant import (
     Int8Embedding,
     Int8WeightOnlyLinear,
@@ -205,3 +206,14 @@ def test_quantize_releases_float_weights() -> None:
     quantize_int8(model)
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_stacking_rows_before_int8_changes_no_output(rows: int) -> None:
+    """Per-output-channel int8 of a stacked q/k/v matrix is the stack of each one's int8, so
+    fusing projections (the int8 opt does) leaves every output bit unchanged."""
+    q, k, v = (nn.Linear(64, n, bias=True).bfloat16() for n in (64, 32, 32))
+    x = torch.randn(rows, 64, dtype=torch.bfloat16)
+    fused = Int8WeightOnlyLinear.from_linear(stack_linears(q, k, v))(x)
+    parts = [Int8WeightOnlyLinear.from_linear(m)(x) for m in (q, k, v)]
+    assert torch.equal(fused, torch.cat(parts, dim=-1))
