@@ -4,11 +4,11 @@ int8_matvec_cpp: int8 weight-only matrix-vector product, y = (x @ w_int8ᵀ) * s
 Decode reads every weight once per token, so it runs at the speed weights stream from DRAM.
 torch._weight_int8pack_mm reaches ~11 GB/s on weights that are not in cache (a real decode
 step: the model is larger than L3) on the 2-core CI CPU; this loop, one output channel at a
-time so each thread reads one sequential stream, reaches ~19 GB/s (~65% of a plain
+time so each thread reads one sequential stream, reaches ~17-20 GB/s (~65% of a plain
 streaming read), and also runs fp32 activations, where int8pack_mm has only a scalar loop.
 
-rms_norm_cpp: RMSNorm in one pass, ~3 us per call where the same math as torch ops
-(cast, square, mean, rsqrt, two products) takes ~20 us at decode sizes.
+rms_norm_cpp: RMSNorm in one pass, ~4 us per call where the same math as torch ops
+(cast, square, mean, rsqrt, two products) takes ~18 us at decode sizes.
 """
 
 from __future__ import annotations
@@ -119,7 +119,12 @@ def _kernel(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr:
 
 def rms_norm_cpp(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """weight * (x / rms(x)) over the last dim, for float32/bfloat16 x and weight on cpu."""
-    if x.dtype not in _SUFFIX or weight.dtype != x.dtype or weight.shape != x.shape[-1:]:
+    if (
+        x.dtype not in _SUFFIX
+        or not x.is_cpu
+        or weight.dtype != x.dtype
+        or weight.shape != x.shape[-1:]
+    ):
         raise ValueError(f"rms_norm_cpp: x {x.dtype} {tuple(x.shape)}, weight {weight.dtype}")
     x = x.contiguous()
     y = torch.empty_like(x)
@@ -137,7 +142,7 @@ def int8_matvec_cpp(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
     (m, k), (n, k_w) = x2d.shape, weight_int8.shape
     if (
         x2d.dtype not in _SUFFIX
-        or x2d.device.type != "cpu"
+        or not x2d.is_cpu
         or k != k_w
         or weight_int8.dtype != torch.int8
         or not weight_int8.is_contiguous()

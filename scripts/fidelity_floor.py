@@ -1,12 +1,17 @@
 """Why greedy-token agreement is low on seeded random weights: the floor set by rounding.
 
     python scripts/fidelity_floor.py [--scale small]
+    python scripts/fidelity_floor.py --model-path DIR [--no-repeat-ngram-size 3]
 
 On the LLaMA recipe's latency workload, the baseline (bf16, eager attention) generates
 greedily; every pair below is then teacher-forced on those tokens and compared by argmax
 agreement and logit error. Pairs that differ only in rounding show how often near-tied
 logits flip with no change in the math; the int8 pair in fp32 shows int8 weights alone.
-Writes results/llama65b/cpu/fidelity_floor.{md,json} atomically.
+A checkpoint's DIR/prompts.jsonl, if any, gives the prompts; --no-repeat-ngram-size keeps an
+undertrained model's greedy text out of repetition loops, where every variant agrees
+trivially (agreement still compares raw argmaxes). Writes
+results/llama65b/cpu/fidelity_floor.{md,json} (with --model-path,
+fidelity_floor-<dir name>.{md,json}) atomically.
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from common.build import preset_args  # noqa: E402
+from common.build import load_tokenizer, preset_args  # noqa: E402
 from common.device import Device  # noqa: E402
 from common.engine import Engine  # noqa: E402
 from common.quant import quantize_int8  # noqa: E402
 from common.report import atomic_write, command_line  # noqa: E402
+from common.sampling import SamplingParams  # noqa: E402
 from common.workload import build_requests  # noqa: E402
 from models.llama import LlamaForCausalLM  # noqa: E402
 
@@ -44,18 +50,40 @@ PAIRS = [
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scale", default="small")
-    p.add_argument("--out", type=Path, default=ROOT / "results/llama65b/cpu/fidelity_floor")
+    p.add_argument("--model-path", type=Path, help="an HF checkpoint instead of seeded weights")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    results = ROOT / "results/llama65b/cpu"
     mcfg = OmegaConf.load(ROOT / "configs/model/llama65b.yaml")
     mcfg.scale = args.scale
-    margs = preset_args(mcfg, LlamaForCausalLM)
-    models = {
-        dtype: LlamaForCausalLM.from_seed(margs, mcfg.seed, "cpu", dtype)
-        for dtype in (torch.float32, torch.bfloat16)
-    }
-    quantized = {dtype: quantize_int8(copy.deepcopy(m)) for dtype, m in models.items()}
     wcfg = OmegaConf.load(ROOT / "configs/workload/latency.yaml")
-    requests = build_requests(wcfg, margs.vocab_size)
+    tokenizer = None
+    if args.model_path:
+        out = args.out or results / f"fidelity_floor-{args.model_path.name}"
+        what = f"checkpoint {args.model_path.name}"
+        models = {
+            dtype: LlamaForCausalLM.from_pretrained(args.model_path, "cpu", dtype)
+            for dtype in (torch.float32, torch.bfloat16)
+        }
+        if (args.model_path / "prompts.jsonl").is_file():
+            wcfg = OmegaConf.merge(
+                OmegaConf.load(ROOT / "configs/workload/file.yaml"),
+                {"path": str(args.model_path / "prompts.jsonl"), "ignore_eos": True},
+            )
+            tokenizer = load_tokenizer(args.model_path)
+    else:
+        out = args.out or results / "fidelity_floor"
+        what = f"preset {args.scale}, seeded random weights (seed {mcfg.seed})"
+        margs = preset_args(mcfg, LlamaForCausalLM)
+        models = {
+            dtype: LlamaForCausalLM.from_seed(margs, mcfg.seed, "cpu", dtype)
+            for dtype in (torch.float32, torch.bfloat16)
+        }
+    quantized = {dtype: quantize_int8(copy.deepcopy(m)) for dtype, m in models.items()}
+    requests = build_requests(wcfg, models[torch.float32].args.vocab_size, tokenizer)
+    for r in requests:
+        r.sampling = SamplingParams(no_repeat_ngram_size=args.no_repeat_ngram_size)
     baseline = Engine(models[torch.bfloat16], CPU)
     outputs = [baseline.generate([r])[0].tokens for r in requests]
 
@@ -84,11 +112,16 @@ def main() -> None:
     head = ["pair", "differs in", "token agree", "rms logit err", "max logit err",
             "median top-1/top-2 gap", "logit std"]  # fmt: skip
     lines = [
-        "# Greedy agreement floor on seeded random weights",
+        f"# Greedy agreement floor: {what}",
         "",
         f"- command: `{command_line()}`",
-        f"- model: llama-65b preset {args.scale}, seeded random weights (seed {mcfg.seed}); "
-        f"workload: latency ({len(requests)} prompts, {sum(map(len, outputs))} teacher-forced tokens)",
+        f"- model: llama-65b {what}; workload: {wcfg.kind} "
+        f"({len(requests)} prompts, {sum(map(len, outputs))} teacher-forced tokens)"
+        + (
+            f", no_repeat_ngram_size {args.no_repeat_ngram_size}"
+            if args.no_repeat_ngram_size
+            else ""
+        ),
         "- each pair teacher-forces the bf16 baseline's greedy tokens; the gap is the reference's",
         "",
         "| " + " | ".join(head) + " |",
@@ -102,9 +135,9 @@ def main() -> None:
         "",
     ]
     print("\n".join(lines))
-    result = {"command": command_line(), "scale": args.scale, "rows": rows}
+    result = {"command": command_line(), "model": what, "rows": rows}
     for suffix, text in ((".json", json.dumps(result, indent=1) + "\n"), (".md", "\n".join(lines))):
-        path = args.out.with_suffix(suffix)
+        path = out.with_suffix(suffix)
         atomic_write(path, lambda tmp, text=text: tmp.write_text(text))
         print(f"wrote {path}")
 

@@ -37,5 +37,13 @@ python recipes/chatglm/run.py +opt=flash_attn,int8 bench.ladder=true bench.peers
 python scripts/gqa_table.py
 # Why greedy agreement is low on random weights: rounding alone flips near-tied logits.
 python scripts/fidelity_floor.py
+# Fidelity on a trained model: the small preset trained briefly on Python's stdlib source
+# (offline, ~20 min), then the default opts and the same floor pairs on it, with held-out
+# prompts; trigram repeats are banned so greedy text does not fall into loops.
+ckpt=$HOME/.cache/llm-recipes/llama-small-stdlib
+python scripts/train_small_lm.py --steps 200
+python $llama +opt=flash_attn,int8 model.path="$ckpt" workload=file workload.path="$ckpt/prompts.jsonl" \
+  workload.ignore_eos=true generation.no_repeat_ngram_size=3
+python scripts/fidelity_floor.py --model-path "$ckpt" --no-repeat-ngram-size 3
 
 python scripts/render_tables.py
