@@ -1,11 +1,11 @@
 """Small C++ kernels for CPU decode, where a step is ~85 tiny calls and per-call cost counts.
 
 int8_matvec_cpp: int8 weight-only matrix-vector product, y = (x @ w_int8ᵀ) * scales.
-Decode reads every weight once per token, so it runs at the speed weights stream from DRAM.
-torch._weight_int8pack_mm reaches ~11 GB/s on weights that are not in cache (a real decode
-step: the model is larger than L3) on the 2-core CI CPU; this loop, one output channel at a
-time so each thread reads one sequential stream, reaches ~17-20 GB/s (~65% of a plain
-streaming read), and also runs fp32 activations, where int8pack_mm has only a scalar loop.
+Decode reads every weight once per token, so it runs at the speed weights stream from DRAM
+(the model is larger than L3). There this loop, one output channel at a time so each thread
+reads one sequential stream, is much faster than torch._weight_int8pack_mm on the 2-core CI CPU
+(results/llama65b/cpu/int8_kernels.md), and it also runs fp32 activations, where int8pack_mm has
+only a scalar loop.
 
 rms_norm_cpp: RMSNorm in one pass, ~4 us per call where the same math as torch ops
 (cast, square, mean, rsqrt, two products) takes ~18 us at decode sizes.

@@ -35,6 +35,8 @@ python $llama workload=online 'bench.variants=[[paged_kv,flash_attn],[paged_kv,c
 # The ChatGLM (GLM-4) recipe and what its 2 KV heads buy.
 python recipes/chatglm/run.py +opt=flash_attn,int8 bench.ladder=true bench.peers=[hf]
 python scripts/gqa_table.py
+# The decode step's matmuls alone, per int8 kernel (why CPU decode uses the C++ kernel).
+python scripts/int8_kernel_table.py
 # Why greedy agreement is low on random weights: rounding alone flips near-tied logits.
 python scripts/fidelity_floor.py
 # Fidelity on a trained model: the small preset trained briefly on Python's stdlib source
