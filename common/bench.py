@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,6 +247,7 @@ def run_main(cfg: Any, model_cls: type[CausalLM], user_overrides: list[str]) -> 
 
     from common.build import preset_args
 
+    start = time.perf_counter()
     device = select_device(cfg.hardware.device)
     check_opts_supported(cfg.opts, device)
     resolve_dtype(cfg.model.dtype, device)
@@ -335,6 +337,7 @@ def run_main(cfg: Any, model_cls: type[CausalLM], user_overrides: list[str]) -> 
         "sweep": OmegaConf.to_container(sweep) if sweep else None,
         "bandwidth_gbs": bandwidth / 1e9,
         "bandwidth_source": bw_source,
+        "wall_s": time.perf_counter() - start,
         "variants": [
             {
                 "name": v.name,

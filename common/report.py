@@ -162,6 +162,8 @@ def markdown(result: dict) -> str:
         ),
         f"- roofline: decode bytes (weights + live KV) / {result['bandwidth_gbs']:.1f} GB/s "
         f"({result['bandwidth_source']})",
+        f"- wall time: {result['wall_s']:.0f} s for the whole run, every round and variant "
+        "(interpreter start-up excluded)",
         "",
         *_md_table(header, body),
     ]
