@@ -21,13 +21,16 @@ from common.errors import RecipeError
 # for the whole process when the library loads).
 FLAGS = "-O3 -march=native -fno-math-errno -fno-trapping-math -fassociative-math -fno-signed-zeros -fopenmp -shared -fPIC"
 
-# Shared by every kernel: bf16 <-> fp32 as raw uint16_t, round to nearest even.
-BF16 = r"""
+# Shared by every kernel: element types as raw C types (bf16 is uint16_t), loaded as fp32 with
+# to_f32 and written back with store (bf16 rounds to nearest even).
+CONVERT = r"""
 #include <cstdint>
 #include <cstring>
-static inline float bf16_to_f32(uint16_t x) { uint32_t u = uint32_t(x) << 16; float f; std::memcpy(&f, &u, 4); return f; }
-static inline uint16_t f32_to_bf16(float f) {
-  uint32_t u; std::memcpy(&u, &f, 4); return uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+static inline float to_f32(float x) { return x; }
+static inline float to_f32(uint16_t x) { uint32_t u = uint32_t(x) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+static inline void store(float f, float* d) { *d = f; }
+static inline void store(float f, uint16_t* d) {
+  uint32_t u; std::memcpy(&u, &f, 4); *d = uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 """
 

@@ -19,20 +19,15 @@ import functools
 import torch
 from torch import Tensor
 
-from common.cpp_build import BF16, load_cpp
+from common.cpp_build import CONVERT, load_cpp
 from common.errors import RecipeError
 
 _CPP = (
-    BF16
+    CONVERT
     + r"""
 #include <cmath>
 #include <vector>
 namespace {
-float to_f32(float x) { return x; }
-float to_f32(uint16_t x) { return bf16_to_f32(x); }
-void store(float f, float* d) { *d = f; }
-void store(float f, uint16_t* d) { *d = f32_to_bf16(f); }
-
 // y[m, n] = scale[n] * sum_k x[m, k] * w[n, k], accumulated in fp32. Threads split the output
 // channels in contiguous ranges, so each reads one sequential stream of weights (the hardware
 // prefetcher's best case); a weight row is read from memory once for all m.

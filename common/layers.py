@@ -30,7 +30,8 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.is_cpu and x.dtype == self.weight.dtype in KERNEL_DTYPES and cpu_kernels_available():
+        on_cpu_kernel = x.is_cpu and x.dtype in KERNEL_DTYPES and x.dtype == self.weight.dtype
+        if on_cpu_kernel and cpu_kernels_available():
             return rms_norm_cpp(x, self.weight, self.eps)  # the math below in one call
         if x.device.type == "npu":
             return _npu_rms_norm(x, self.weight, self.eps)
@@ -109,8 +110,9 @@ class GatedMLP(nn.Module):
 
     def fused(self) -> FusedGatedMLP:
         """The same MLP with gate and up stacked in one gate_up_proj (one matmul)."""
-        mlp = FusedGatedMLP.__new__(FusedGatedMLP)
-        nn.Module.__init__(mlp)
+        hidden, intermediate = self.gate_proj.in_features, self.gate_proj.out_features
+        with torch.device("meta"):  # its own linears are replaced: allocate nothing for them
+            mlp = FusedGatedMLP(hidden, intermediate, bias=self.gate_proj.bias is not None)
         mlp.gate_up_proj = stack_linears(self.gate_proj, self.up_proj)
         mlp.down_proj = self.down_proj
         return mlp

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from common.cpp_build import BF16, load_cpp
+from common.cpp_build import CONVERT, load_cpp
 from common.kv_quant import SCALE_DTYPE, dequantize_kv
 
 Pool = Tensor | tuple[Tensor, Tensor]  # [N, bs, Hkv, D] float, or (int8 data, float16 scale)
@@ -100,7 +100,7 @@ def paged_attention_gather_sdpa(
 # -- C++ kernel -----------------------------------------------------------------------------
 
 _CPP = (
-    BF16
+    CONVERT
     + r"""
 #include <algorithm>
 #include <cmath>
@@ -109,16 +109,13 @@ _CPP = (
 #include <limits>
 #include <vector>
 
+static inline float to_f32(int8_t x) { return float(x); }  // beside the shared overloads
+
 namespace {
-float to_f32(float x) { return x; }
-float to_f32(int8_t x) { return float(x); }
-float to_f32(uint16_t x) { return bf16_to_f32(x); }
 float f16_to_f32(uint16_t h) {  // kv scales; never negative, inf or nan
   const int e = (h >> 10) & 31, m = h & 1023;
   return e ? std::ldexp(float(m | 1024), e - 25) : std::ldexp(float(m), -24);
 }
-void store(float f, float* d) { *d = f; }
-void store(float f, uint16_t* d) { *d = f32_to_bf16(f); }
 constexpr int64_t QTILE = 16;  // queries of one row handled together (prefill)
 
 // One task = (row, kv head, tile of queries): every query head of the group and every query
