@@ -11,13 +11,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from common.errors import RecipeError
-from common.layers import (
-    DecoderModel,
-    FusedGatedMLP,
-    InterleavedRotaryEmbedding,
-)
-from common.model_base import CausalLM, ModelArgs, pre_norm_decoder
+from common.core.errors import RecipeError
+from common.nn.causal_lm import CausalLM, ModelArgs, pre_norm_decoder
+from common.nn.decoder import DecoderModel
+from common.nn.mlp import FusedGatedMLP
+from common.nn.rotary import InterleavedRotaryEmbedding
 
 
 @dataclass(frozen=True)

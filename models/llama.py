@@ -9,12 +9,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from common.layers import (
-    DecoderModel,
-    GatedMLP,
-    RotaryEmbedding,
-)
-from common.model_base import CausalLM, ModelArgs, pre_norm_decoder
+from common.nn.causal_lm import CausalLM, ModelArgs, pre_norm_decoder
+from common.nn.decoder import DecoderModel
+from common.nn.mlp import GatedMLP
+from common.nn.rotary import RotaryEmbedding
 
 
 @dataclass(frozen=True)

@@ -28,13 +28,14 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from common.build import load_tokenizer, preset_args  # noqa: E402
-from common.device import Device  # noqa: E402
-from common.engine import Engine  # noqa: E402
-from common.quant import quantize_int8  # noqa: E402
-from common.report import atomic_write, command_line  # noqa: E402
-from common.sampling import SamplingParams  # noqa: E402
-from common.workload import build_requests  # noqa: E402
+from common.bench.report import atomic_write, command_line  # noqa: E402
+from common.bench.workload import build_requests  # noqa: E402
+from common.core.request import SamplingParams  # noqa: E402
+from common.device.select import Device  # noqa: E402
+from common.engine.engine import Engine  # noqa: E402
+from common.io.checkpoint import from_pretrained, from_seed  # noqa: E402
+from common.io.presets import load_tokenizer, preset_args  # noqa: E402
+from common.quant.int8 import quantize_int8  # noqa: E402
 from models.llama import LlamaForCausalLM  # noqa: E402
 
 CPU = Device("cpu")
@@ -63,7 +64,7 @@ def main() -> None:
         out = args.out or results / f"fidelity_floor-{args.model_path.name}"
         what = f"checkpoint {args.model_path.name}"
         models = {
-            dtype: LlamaForCausalLM.from_pretrained(args.model_path, "cpu", dtype)
+            dtype: from_pretrained(LlamaForCausalLM, args.model_path, "cpu", dtype)
             for dtype in (torch.float32, torch.bfloat16)
         }
         if (args.model_path / "prompts.jsonl").is_file():
@@ -77,7 +78,7 @@ def main() -> None:
         what = f"preset {args.scale}, seeded random weights (seed {mcfg.seed})"
         margs = preset_args(mcfg, LlamaForCausalLM)
         models = {
-            dtype: LlamaForCausalLM.from_seed(margs, mcfg.seed, "cpu", dtype)
+            dtype: from_seed(LlamaForCausalLM, margs, mcfg.seed, "cpu", dtype)
             for dtype in (torch.float32, torch.bfloat16)
         }
     quantized = {dtype: quantize_int8(copy.deepcopy(m)) for dtype, m in models.items()}

@@ -22,9 +22,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from common.kv_cache import kv_token_bytes  # noqa: E402
-from common.kv_quant import SCALE_DTYPE  # noqa: E402
-from common.report import atomic_write, command_line  # noqa: E402
+from common.bench.report import atomic_write, command_line  # noqa: E402
+from common.kv.cache import kv_token_bytes  # noqa: E402
+from common.kv.quant import SCALE_DTYPE  # noqa: E402
 from models.glm import GlmArgs  # noqa: E402
 
 GIB = 2**30

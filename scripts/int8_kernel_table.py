@@ -28,11 +28,12 @@ import torch.nn.functional as F  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from common.build import preset_args  # noqa: E402
-from common.cpu_kernels import int8_matvec_cpp  # noqa: E402
-from common.device import Device, measure_read_bandwidth  # noqa: E402
-from common.quant import _mm_cpu_bf16, _mm_dequant  # noqa: E402
-from common.report import atomic_write, command_line  # noqa: E402
+from common.bench.report import atomic_write, command_line  # noqa: E402
+from common.device.probe import measure_read_bandwidth  # noqa: E402
+from common.device.select import Device  # noqa: E402
+from common.io.presets import preset_args  # noqa: E402
+from common.ops.cpu_kernels import int8_matvec_cpp  # noqa: E402
+from common.quant.int8 import _mm_cpu_bf16, _mm_dequant  # noqa: E402
 from models.llama import LlamaForCausalLM  # noqa: E402
 
 

@@ -34,8 +34,8 @@ from omegaconf import OmegaConf  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from common.build import preset_args  # noqa: E402
-from common.report import atomic_write, command_line  # noqa: E402
+from common.bench.report import atomic_write, command_line  # noqa: E402
+from common.io.presets import preset_args  # noqa: E402
 from models.llama import LlamaForCausalLM  # noqa: E402
 
 SPECIAL = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2: the preset's unk, bos and eos

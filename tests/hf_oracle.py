@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import transformers
 
-from common.device import Device
-from common.engine import Engine
-from common.model_base import CausalLM, ModelArgs
+from common.device.select import Device
+from common.engine.engine import Engine
+from common.nn.causal_lm import CausalLM, ModelArgs
 
 
 def hf_pair(cls: type[CausalLM], args: ModelArgs) -> tuple[CausalLM, transformers.PreTrainedModel]:

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from common.block_pool import BlockManager, BlockPool, KVCacheError, OutOfBlocks, hash_block
+from common.kv.block_pool import BlockManager, BlockPool, KVCacheError, OutOfBlocks, hash_block
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def snapshot(m: BlockManager) -> tuple:
 
 def test_hash_is_stable_across_processes_and_chained():
     code = (
-        "from common.block_pool import hash_block; print(hash_block(hash_block(None, [1, 2]), [3]))"
+        "from common.kv.block_pool import hash_block; print(hash_block(hash_block(None, [1, 2]), [3]))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT

@@ -22,12 +22,12 @@ import torch
 import transformers
 from omegaconf import OmegaConf
 
-from common.cli import rewrite_opt_args, validate
-from common.device import Device
-from common.errors import RecipeError
-from common.opts import available_opts, check_opts_supported
-from common.report import command_line, set_command_line
-from common.workload import build_requests
+from common.bench.cli import rewrite_opt_args, validate
+from common.bench.report import command_line, set_command_line
+from common.bench.workload import build_requests
+from common.core.errors import RecipeError
+from common.device.select import Device
+from common.transforms.registry import available_opts, check_opts_supported
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "recipes" / "llama65b" / "run.py"
@@ -309,7 +309,7 @@ def test_workload_without_requests_is_an_error(workload: str, key: str) -> None:
 def test_command_line_is_recorded_as_typed(monkeypatch: pytest.MonkeyPatch) -> None:
     typed = [str(RUN), OPTS, "model.scale=tiny"]
     monkeypatch.setattr(sys, "argv", [str(RUN), *rewrite_opt_args(typed[1:])])
-    monkeypatch.setattr("common.report._TYPED_ARGV", None)
+    monkeypatch.setattr("common.bench.report._TYPED_ARGV", None)
     set_command_line(typed)
     assert command_line().endswith(f"run.py {OPTS} model.scale=tiny")
 
@@ -456,7 +456,7 @@ def test_multirun_jobs_keep_their_own_results(runs: Runs) -> None:
 
 
 def test_long_tailed_length_spec() -> None:
-    from common.workload import length_sampler, synthetic_requests
+    from common.bench.workload import length_sampler, synthetic_requests
 
     reqs = synthetic_requests(2000, [4, 9], [8, 512], 100, 0, True, new_mean=96)
     new = [r.max_new_tokens for r in reqs]

@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-import common.layers
-import common.quant
-from common.cpu_kernels import int8_matvec_cpp, rms_norm_cpp
-from common.layers import RMSNorm
-from common.quant import Int8WeightOnlyLinear
+import common.nn.norm
+import common.quant.int8
+from common.nn.norm import RMSNorm
+from common.ops.cpu_kernels import int8_matvec_cpp, rms_norm_cpp
+from common.quant.int8 import Int8WeightOnlyLinear
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -52,8 +52,8 @@ def test_rms_norm_matches_transformers_formulation(shape: tuple[int, ...]) -> No
 
 def test_rms_norm_module_uses_kernel_only_where_it_applies(monkeypatch) -> None:
     calls = []
-    real = common.layers.rms_norm_cpp
-    monkeypatch.setattr(common.layers, "rms_norm_cpp", lambda *a: calls.append(a) or real(*a))
+    real = common.nn.norm.rms_norm_cpp
+    monkeypatch.setattr(common.nn.norm, "rms_norm_cpp", lambda *a: calls.append(a) or real(*a))
     norm = RMSNorm(32, 1e-5)
     norm(torch.randn(2, 32))
     norm.bfloat16()(torch.randn(2, 32, dtype=torch.bfloat16))
@@ -66,8 +66,10 @@ def test_rms_norm_module_uses_kernel_only_where_it_applies(monkeypatch) -> None:
 def test_int8_linear_dispatch(monkeypatch) -> None:
     """bf16 at 1-2 rows and fp32 up to 8 take the C++ kernel; more rows dequantize + GEMM."""
     calls = []
-    real = common.quant.int8_matvec_cpp
-    monkeypatch.setattr(common.quant, "int8_matvec_cpp", lambda *a: calls.append(a) or real(*a))
+    real = common.quant.int8.int8_matvec_cpp
+    monkeypatch.setattr(
+        common.quant.int8, "int8_matvec_cpp", lambda *a: calls.append(a) or real(*a)
+    )
     q = Int8WeightOnlyLinear.from_linear(nn.Linear(64, 32).bfloat16())
     for rows, dtype in [(1, torch.bfloat16), (2, torch.bfloat16), (8, torch.float32)]:
         q(torch.randn(rows, 64, dtype=dtype))

@@ -9,10 +9,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from common.device import Device
-from common.engine import Completion, Engine, Request
-from common.errors import RecipeError
-from common.sampling import SamplingParams
+from common.core.errors import RecipeError
+from common.core.request import Completion, Request, SamplingParams
+from common.device.select import Device
+from common.engine.engine import Engine
+from common.io.checkpoint import from_seed
 from models.llama import LlamaArgs, LlamaForCausalLM
 
 CPU = Device("cpu")
@@ -37,7 +38,7 @@ NEW = 6
 @functools.cache
 def model(args: LlamaArgs = ARGS) -> LlamaForCausalLM:
     """Weights depend only on the dims and the seed, not on eos_token_id."""
-    return LlamaForCausalLM.from_seed(args, SEED, "cpu", torch.float32)
+    return from_seed(LlamaForCausalLM, args, SEED, "cpu", torch.float32)
 
 
 def engine(kv: str = "dynamic", attn: str = "eager", args: LlamaArgs = ARGS) -> Engine:
@@ -223,7 +224,7 @@ def test_unknown_kv_kind_or_backend_names_the_choices(kv: str, attn: str) -> Non
 def test_hf_peer_gives_the_engine_tokens(ignore_eos: bool) -> None:
     """The `hf` peer row (transformers' generate()) on the same weights: same greedy tokens,
     also when EOS is emitted but ignored (EOS must not be suppressed, nor stop the row)."""
-    from common.peers import hf_runner
+    from common.bench.peers import hf_runner
 
     args, _, _ = _eos_case()
     reqs = [Request(list(p), NEW, ignore_eos=ignore_eos) for p in PROMPTS[:2]]

@@ -9,10 +9,12 @@ import transformers
 from hf_oracle import assert_prefill_and_decode_match, hf_pair
 from omegaconf import OmegaConf
 
-from common.device import Device
-from common.engine import Engine, Request
-from common.errors import RecipeError
-from common.layers import fuse_projections
+from common.core.errors import RecipeError
+from common.core.request import Request
+from common.device.select import Device
+from common.engine.engine import Engine
+from common.io.checkpoint import from_pretrained
+from common.transforms.fusion import fuse_projections
 from models.glm import GlmArgs, GlmForCausalLM
 
 MODEL_CONFIG = Path(__file__).resolve().parents[1] / "configs/model/glm4_9b.yaml"
@@ -105,7 +107,7 @@ def test_from_pretrained_greedy_matches_hf_generate(tmp_path: Path) -> None:
     hf.config.eos_token_id = hf.generation_config.eos_token_id = [127, eos]
     hf.save_pretrained(tmp_path)
 
-    ours = GlmForCausalLM.from_pretrained(tmp_path)
+    ours = from_pretrained(GlmForCausalLM, tmp_path)
     assert ours.args.eos_ids == [127, eos]
     engine = Engine(ours, Device("cpu"))
     got = engine.generate([Request(p, max_new_tokens=12) for p in prompts])

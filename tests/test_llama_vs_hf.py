@@ -7,7 +7,7 @@ import torch
 import transformers
 from hf_oracle import assert_prefill_and_decode_match, hf_pair
 
-from common.layers import fuse_projections
+from common.transforms.fusion import fuse_projections
 from models.llama import LlamaArgs, LlamaForCausalLM
 
 BASE = dict(

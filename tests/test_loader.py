@@ -1,4 +1,4 @@
-"""Tests for common.loader: HF-format checkpoint loading, seeded init and saving."""
+"""Tests for common.io.checkpoint: HF-format checkpoint loading, seeded init and saving."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from common.errors import RecipeError
-from common.loader import (
+from common.core.errors import RecipeError
+from common.io.checkpoint import (
     build_empty,
     init_random,
     load_weights,

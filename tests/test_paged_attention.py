@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from common import paged_attention as pa
-from common.kv_quant import dequantize_kv, quantize_kv
+from common.attention import paged as pa
+from common.kv.quant import dequantize_kv, quantize_kv
 
 H, HKV, D, BS, NUM_BLOCKS = 4, 2, 32, 4, 128
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}

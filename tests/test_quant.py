@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from common.layers import stack_linears
-from common.quant import (
+from common.nn.mlp import stack_linears
+from common.quant.int8 import (
     Int8Embedding,
     Int8WeightOnlyLinear,
     _mm_cpu_bf16,
@@ -136,7 +136,7 @@ def test_quantize_replaces_linears_and_embeddings_sharing_the_tied_table() -> No
 
 
 def test_int8_embedding_bytes_and_decode_bytes() -> None:
-    from common.measure import decode_weight_bytes
+    from common.bench.measure import decode_weight_bytes
 
     untied = nn.Sequential(nn.Embedding(100, 32), nn.Linear(32, 100, bias=False)).bfloat16()
     quantize_int8(untied)

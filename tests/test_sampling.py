@@ -1,4 +1,4 @@
-"""common.sampling must match transformers' logits processors exactly, batch or ragged, and sample reproducibly."""
+"""common.engine.sampler must match transformers' logits processors exactly, batch or ragged, and sample reproducibly."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from common.errors import RecipeError
-from common.sampling import SamplingParams, make_generator, process_logits, sample
+from common.core.errors import RecipeError
+from common.core.request import SamplingParams
+from common.engine.sampler import make_generator, process_logits, sample
 
 VOCAB = 40
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from common.build import load_tokenizer
+from common.io.checkpoint import from_pretrained
+from common.io.presets import load_tokenizer
 from models.llama import LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +23,7 @@ def test_train_small_lm_writes_a_loadable_trained_checkpoint(tmp_path: Path) -> 
     log = json.loads(results.with_suffix(".json").read_text())
     assert log["steps"] == 8 and log["vocab_size"] == 512
     assert log["final_train_loss"] < log["first_loss"]  # seeded: it learns something
-    model = LlamaForCausalLM.from_pretrained(out, "cpu", torch.float32)  # strict load
+    model = from_pretrained(LlamaForCausalLM, out, "cpu", torch.float32)  # strict load
     assert model.args.vocab_size == 512
     tokenizer = load_tokenizer(out)
     text = "def f(x):\n    return x + 1\n"

@@ -9,11 +9,13 @@ import random
 import pytest
 import torch
 
-from common.device import Device
-from common.engine import Engine, Request
-from common.errors import RecipeError
-from common.kv_cache import KVSpec, kv_token_bytes
-from common.scheduler import Scheduler, Sequence
+from common.core.errors import RecipeError
+from common.core.request import Request
+from common.device.select import Device
+from common.engine.engine import Engine
+from common.engine.scheduler import Scheduler, Sequence
+from common.io.checkpoint import from_seed
+from common.kv.cache import KVSpec, kv_token_bytes
 from models.llama import LlamaArgs, LlamaForCausalLM
 
 CPU = Device("cpu")
@@ -32,7 +34,7 @@ BS = 4
 
 @functools.cache
 def model() -> LlamaForCausalLM:
-    return LlamaForCausalLM.from_seed(ARGS, 0, "cpu", torch.float32)
+    return from_seed(LlamaForCausalLM, ARGS, 0, "cpu", torch.float32)
 
 
 def workload(n: int = 7, seed: int = 0) -> list[Request]:
@@ -101,7 +103,7 @@ class CountingKV:
         self.capacity, self.held, self.peak = capacity, {}, 0
 
     def _set(self, seq_id: int, n: int) -> None:
-        from common.scheduler import OutOfKV
+        from common.kv.errors import OutOfKV
 
         if sum(self.held.values()) - self.held.get(seq_id, 0) + n > self.capacity:
             raise OutOfKV("full")
@@ -210,7 +212,7 @@ def test_contiguous_max_len_reserves_max_length_slots() -> None:
 
 
 def test_kv_capacity_contiguous_max_len_vs_paged() -> None:
-    from common.bench import kv_capacity
+    from common.bench.orchestrate import kv_capacity
 
     reqs = [Request([1] * 10, 6), Request([1] * 30, 2)]  # 16 and 32 tokens
     cap = kv_capacity(reqs, 100, KVSpec("paged", block_size=BS, max_len=64), batch=2)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from common.cli import run_recipe  # noqa: E402
+from common.bench.cli import run_recipe  # noqa: E402
 from models.llama import LlamaForCausalLM  # noqa: E402
 
 if __name__ == "__main__":

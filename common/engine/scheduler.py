@@ -13,15 +13,12 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from common.errors import RecipeError
-from common.sampling import SamplingParams
+from common.core.errors import RecipeError
+from common.core.request import SamplingParams
+from common.kv.errors import OutOfKV
 
 POLICIES = ("fcfs", "priority", "sjf")
 KINDS = ("static", "continuous")
-
-
-class OutOfKV(Exception):
-    """KV storage has no room; the scheduler preempts or waits."""
 
 
 class KVSlots(Protocol):

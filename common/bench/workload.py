@@ -10,8 +10,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from common.engine import Request
-from common.errors import RecipeError
+from common.core.errors import RecipeError
+from common.core.request import Request
 
 WORKLOADS = ("latency", "throughput", "shared_prefix", "online", "file")
 

@@ -19,8 +19,8 @@ import functools
 import torch
 from torch import Tensor
 
-from common.cpp_build import CONVERT, load_cpp
-from common.errors import RecipeError
+from common.core.errors import RecipeError
+from common.ops.build import CONVERT, load_cpp
 
 _CPP = (
     CONVERT

@@ -14,9 +14,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from common.errors import RecipeError
+from common.core.errors import RecipeError
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 _OPT_COMMA = re.compile(r"^(\+{0,2}opt)=([^\[\]'\"]+,[^\[\]'\"]+)$")
 _MULTIRUN = {"-m", "--multirun"}
 
@@ -75,8 +75,8 @@ def run_recipe(config_name: str, model_cls: type) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from common.bench import run_main, run_worker
-    from common.report import set_command_line
+    from common.bench.orchestrate import run_main, run_worker
+    from common.bench.report import set_command_line
 
     set_command_line(sys.argv)  # results record the command as typed, not as rewritten
     argv = rewrite_opt_args(sys.argv[1:])

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from common.errors import RecipeError
-from common.model_base import CausalLM
+from common.core.errors import RecipeError
+from common.io.checkpoint import from_pretrained, from_seed
+from common.nn.causal_lm import CausalLM
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
@@ -44,8 +45,8 @@ def load_tokenizer(path: str | Path):
 def build_model(mcfg: Any, model_cls: type[CausalLM], device: torch.device, dtype: torch.dtype):
     """(model, tokenizer or None, description of the weights used)."""
     if mcfg.path:
-        model = model_cls.from_pretrained(mcfg.path, device, dtype, mcfg.allow_pickle)
+        model = from_pretrained(model_cls, mcfg.path, device, dtype, mcfg.allow_pickle)
         return model, load_tokenizer(mcfg.path), f"checkpoint {mcfg.path}"
     args = preset_args(mcfg, model_cls)
-    model = model_cls.from_seed(args, mcfg.seed, device, dtype)
+    model = from_seed(model_cls, args, mcfg.seed, device, dtype)
     return model, None, f"seeded random weights (seed {mcfg.seed}), scale {mcfg.scale}"

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.cpu_kernels import cpu_kernels_available, int8_matvec_cpp
+from common.ops.cpu_kernels import cpu_kernels_available, int8_matvec_cpp
 
 _MIN_SCALE = 1e-8  # keeps all-zero rows from dividing by zero
 # Rows up to which torch._weight_int8pack_mm beats dequantize + bf16 matmul on the 2-core

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.device import Device
-from common.errors import RecipeError
+from common.core.errors import RecipeError
+from common.device.select import Device
 
 
 class QuantizedKV(NamedTuple):
@@ -93,7 +93,7 @@ def cpu_flash_attention(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta) -> Tens
     per row torch's CPU flash kernel is slower than eager attention (far slower with a
     padding mask), so those take the C++ online-softmax kernel over the cache in place."""
     if q.shape[2] == 1 and q.dtype in (torch.bfloat16, torch.float32):
-        from common.paged_attention import dense_decode_cpp
+        from common.attention.paged import dense_decode_cpp
 
         if meta.mask is None and not (meta.causal and k.shape[2] > 1):  # every key visible
             return dense_decode_cpp(q, k, v)
@@ -124,7 +124,7 @@ def _paged(kernel_name: str, reads_int8: bool = False) -> Backend:
     """Adapt a common/paged_attention.py kernel to the backend signature (K/V are pools)."""
 
     def run(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta) -> Tensor:
-        from common import paged_attention
+        from common.attention import paged as paged_attention
 
         p = meta.paged
         name = kernel_name

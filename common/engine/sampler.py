@@ -9,57 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from common.errors import RecipeError
+from common.core.request import SamplingParams
 
 # Left-pad value for ragged histories; negative so it never equals a real token id (see _history_tensor).
 _PAD = -1
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    do_sample: bool = False  # False = greedy (argmax after the logits processors)
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1.0 = off
-    repetition_penalty: float = 1.0  # 1.0 = off
-    no_repeat_ngram_size: int = 0  # 0 = off
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        def bad(name: str, valid: str) -> RecipeError:
-            return RecipeError(
-                f"sampling: {name}={getattr(self, name)!r} is invalid; expected {valid}"
-            )
-
-        def is_int(x: object) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool)
-
-        def is_real(x: object) -> bool:
-            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-        if not isinstance(self.do_sample, bool):
-            raise bad("do_sample", "True or False")
-        # Temperature only matters when sampling; greedy callers often pass 0 to mean "greedy".
-        if self.do_sample and not (is_real(self.temperature) and self.temperature > 0):
-            raise bad(
-                "temperature",
-                "a finite float > 0 when do_sample=True (use do_sample=False for greedy)",
-            )
-        if not (is_int(self.top_k) and self.top_k >= 0):
-            raise bad("top_k", "an integer >= 0 (0 = off)")
-        if not (is_real(self.top_p) and 0 < self.top_p <= 1):
-            raise bad("top_p", "a float in (0, 1] (1.0 = off)")
-        if not (is_real(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise bad("repetition_penalty", "a finite float > 0 (1.0 = off)")
-        if not (is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0):
-            raise bad("no_repeat_ngram_size", "an integer >= 0 (0 = off)")
-        if self.seed is not None and not (is_int(self.seed) and 0 <= self.seed < 2**64):
-            raise bad("seed", "None or an integer in [0, 2**64)")
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:

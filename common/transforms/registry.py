@@ -12,10 +12,10 @@ from typing import Any
 
 from torch import nn
 
-from common.device import Device
-from common.errors import RecipeError
-from common.layers import fuse_projections
-from common.quant import quantize_int8
+from common.core.errors import RecipeError
+from common.device.select import Device
+from common.quant.int8 import quantize_int8
+from common.transforms.fusion import fuse_projections
 
 
 def available_opts(config_dir: Path) -> list[str]:

@@ -20,12 +20,8 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from common.cli import CONFIG_DIR
-from common.device import measure_read_bandwidth, resolve_dtype, select_device
-from common.engine import Engine, Request
-from common.errors import RecipeError
-from common.kv_cache import KVSpec
-from common.measure import (
+from common.bench.cli import CONFIG_DIR
+from common.bench.measure import (
     engine_runner,
     fidelity,
     kv_bytes_per_token,
@@ -34,12 +30,18 @@ from common.measure import (
     same_as_alone,
     summarize,
 )
-from common.model_base import CausalLM
-from common.opts import apply_transforms, available_opts, check_opts_supported
-from common.quant import weight_bytes
-from common.report import command_line, environment, print_table, write_results
-from common.sampling import SamplingParams
-from common.workload import arrival_times, build_requests
+from common.bench.report import command_line, environment, print_table, write_results
+from common.bench.workload import arrival_times, build_requests
+from common.core.errors import RecipeError
+from common.core.request import Request, SamplingParams
+from common.device.probe import measure_read_bandwidth
+from common.device.select import resolve_dtype, select_device
+from common.engine.engine import Engine
+from common.io.checkpoint import args_from_hf
+from common.kv.cache import KVSpec
+from common.nn.causal_lm import CausalLM
+from common.quant.int8 import weight_bytes
+from common.transforms.registry import apply_transforms, available_opts, check_opts_supported
 
 QUEUED = ("throughput", "online")
 # What "speedup" compares, per workload: the metric users of that workload care about.
@@ -144,8 +146,8 @@ def kv_capacity(
 
 
 def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
-    from common.build import build_model
-    from common.peers import peer_runner
+    from common.bench.peers import peer_runner
+    from common.io.presets import build_model
 
     if cfg.bench.threads:
         torch.set_num_threads(int(cfg.bench.threads))
@@ -245,7 +247,7 @@ def _job_suffix() -> str:
 def run_main(cfg: Any, model_cls: type[CausalLM], user_overrides: list[str]) -> dict:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from common.build import preset_args
+    from common.io.presets import preset_args
 
     start = time.perf_counter()
     device = select_device(cfg.hardware.device)
@@ -253,7 +255,7 @@ def run_main(cfg: Any, model_cls: type[CausalLM], user_overrides: list[str]) -> 
     resolve_dtype(cfg.model.dtype, device)
     SamplingParams(**cfg.generation)
     if cfg.model.path:
-        model_cls.args_from_hf(cfg.model.path)  # a missing dir or bad config.json fails here
+        args_from_hf(model_cls, cfg.model.path)  # a missing dir or bad config.json fails here
     else:
         preset_args(cfg.model, model_cls)
     if cfg.bench.repeats < 1 or cfg.bench.rounds < 1 or cfg.bench.warmup < 0:

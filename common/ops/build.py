@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from common.errors import RecipeError
+from common.core.errors import RecipeError
 
 # Vectorizable reductions without -ffast-math (which on gcc < 13 also sets flush-to-zero
 # for the whole process when the library loads).

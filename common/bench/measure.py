@@ -17,10 +17,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from common.engine import Completion, Engine, Request
-from common.kv_cache import kv_token_bytes
-from common.quant import Int8Embedding, weight_bytes
-from common.workload import batches
+from common.bench.workload import batches
+from common.core.request import Completion, Request
+from common.engine.engine import Engine
+from common.kv.cache import kv_token_bytes
+from common.quant.int8 import Int8Embedding, weight_bytes
 
 
 @dataclass

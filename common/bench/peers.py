@@ -12,11 +12,11 @@ import torch
 import transformers
 from transformers.generation.streamers import BaseStreamer
 
-from common.engine import Completion, Request
-from common.errors import RecipeError
-from common.measure import Runner
-from common.model_base import CausalLM
-from common.workload import batches
+from common.bench.measure import Runner
+from common.bench.workload import batches
+from common.core.errors import RecipeError
+from common.core.request import Completion, Request
+from common.nn.causal_lm import CausalLM
 
 PEERS = ("hf",)
 

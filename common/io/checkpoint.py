@@ -20,7 +20,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from common.errors import RecipeError
+from common.core.errors import RecipeError
+from common.nn.causal_lm import CausalLM, ModelArgs
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -389,3 +390,27 @@ def _pickle_reason(e: BaseException) -> str:
     """torch's weights_only error is a paragraph; the line naming the blocked global is the point."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     return next((line for line in lines if "GLOBAL" in line), _first_line(e))
+
+
+def args_from_hf(cls: type[CausalLM], path: str | Path) -> ModelArgs:
+    """The model's hyper-parameters from a checkpoint's config.json."""
+    return cls.args_cls.from_hf_config(read_hf_config(path))
+
+
+def from_pretrained(
+    cls: type[CausalLM],
+    path: str | Path,
+    device: Device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
+) -> CausalLM:
+    """Build on the meta device, then load an HF checkpoint with strict name/shape checks."""
+    args = args_from_hf(cls, path)
+    return load_weights(build_empty(lambda: cls(args)), path, device, dtype, allow_pickle)
+
+
+def from_seed(
+    cls: type[CausalLM], args: ModelArgs, seed: int, device: Device = "cpu", dtype=torch.float32
+) -> CausalLM:
+    """The same architecture with seeded random weights (no checkpoint)."""
+    return init_random(build_empty(lambda: cls(args)), device, dtype, seed).eval()

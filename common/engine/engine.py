@@ -9,44 +9,18 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from common.attention import Backend, ForwardContext, get_backend
-from common.device import Device
-from common.errors import RecipeError
-from common.kv_cache import KVCache, KVSpec, NoCache, make_cache
-from common.model_base import CausalLM
-from common.sampling import SamplingParams, make_generator, sample
-from common.scheduler import Scheduler, Sequence, Work
-
-
-@dataclass
-class Request:
-    prompt: list[int]
-    max_new_tokens: int
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    ignore_eos: bool = False  # benchmarks fix the output length, as vLLM's benchmarks do
-    priority: int = 0  # lower runs first under scheduler.policy=priority
-
-
-@dataclass
-class Completion:
-    tokens: list[int]
-    finish_reason: str  # "eos" | "length"
-    token_times: list[float]  # seconds from the batch start (or arrival) to each token
-    preemptions: int = 0
-
-    @property
-    def ttft(self) -> float:
-        return self.token_times[0]
-
-    @property
-    def tpot(self) -> float | None:
-        n = len(self.token_times)
-        return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 else None
+from common.attention.backends import Backend, ForwardContext, get_backend
+from common.core.errors import RecipeError
+from common.core.request import Completion, Request
+from common.device.select import Device
+from common.engine.sampler import make_generator, sample
+from common.engine.scheduler import Scheduler, Sequence, Work
+from common.kv.cache import KVCache, KVSpec, NoCache, make_cache
+from common.nn.causal_lm import CausalLM
 
 
 def _pad(

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from common.cpp_build import CONVERT, load_cpp
-from common.kv_quant import SCALE_DTYPE, dequantize_kv
+from common.kv.quant import SCALE_DTYPE, dequantize_kv
+from common.ops.build import CONVERT, load_cpp
 
 Pool = Tensor | tuple[Tensor, Tensor]  # [N, bs, Hkv, D] float, or (int8 data, float16 scale)
 

@@ -1,19 +1,17 @@
-"""What every model gives the engine, and HF-style construction shared by all models."""
+"""What every model gives the engine: hyper-parameters with HF config names, and the LM interface."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
-from pathlib import Path
 from typing import ClassVar
 
-import torch
 from torch import Tensor, nn
 
-from common.attention import ForwardContext
-from common.errors import RecipeError
-from common.layers import DecoderModel, PreNormDecoderLayer, RotaryEmbedding, SelfAttention
-from common.loader import build_empty, init_random, load_weights, read_hf_config
+from common.core.errors import RecipeError
+from common.nn.attention import AttentionContext, SelfAttention
+from common.nn.decoder import DecoderModel, PreNormDecoderLayer
+from common.nn.rotary import RotaryEmbedding
 
 
 @dataclass(frozen=True)
@@ -102,31 +100,8 @@ class CausalLM(nn.Module):
             {"lm_head.weight": "model.embed_tokens.weight"} if args.tie_word_embeddings else {}
         )
 
-    def forward(self, input_ids: Tensor, positions: Tensor, ctx: ForwardContext) -> Tensor:
+    def forward(self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext) -> Tensor:
         return self.model(input_ids, positions, ctx)
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden)
-
-    @classmethod
-    def args_from_hf(cls, path: str | Path) -> ModelArgs:
-        return cls.args_cls.from_hf_config(read_hf_config(path))
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        allow_pickle: bool = False,
-    ) -> CausalLM:
-        """Build on the meta device, then load an HF checkpoint with strict name/shape checks."""
-        args = cls.args_from_hf(path)
-        return load_weights(build_empty(lambda: cls(args)), path, device, dtype, allow_pickle)
-
-    @classmethod
-    def from_seed(
-        cls, args: ModelArgs, seed: int, device: torch.device | str = "cpu", dtype=torch.float32
-    ) -> CausalLM:
-        """The same architecture with seeded random weights (no checkpoint)."""
-        return init_random(build_empty(lambda: cls(args)), device, dtype, seed).eval()

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from common.attention import AttnMeta, PagedMeta, QuantizedKV
-from common.block_pool import BlockManager, BlockPool, OutOfBlocks
-from common.errors import RecipeError
-from common.kv_quant import SCALE_DTYPE, dequantize_kv, quantize_kv
-from common.scheduler import OutOfKV
+from common.attention.backends import AttnMeta, PagedMeta, QuantizedKV
+from common.core.errors import RecipeError
+from common.kv.block_pool import BlockManager, BlockPool, OutOfBlocks
+from common.kv.errors import OutOfKV
+from common.kv.quant import SCALE_DTYPE, dequantize_kv, quantize_kv
 
 _NEVER = torch.iinfo(torch.int64).max  # key position of padding: above every query position
 

@@ -1,7 +1,6 @@
-"""Device selection and the few device services the engine and benchmarks need.
+"""Device selection: `auto` picks npu (torch_npu importable *and* a device present) > cuda > cpu.
 
-`auto` picks npu (torch_npu importable *and* a device present) > cuda > cpu. torch_npu
-installed without the CANN toolkit raises RuntimeError/OSError on import, so the guard
+torch_npu installed without the CANN toolkit raises RuntimeError/OSError on import, so the guard
 catches Exception, not only ImportError.
 """
 
@@ -10,12 +9,12 @@ from __future__ import annotations
 import functools
 import resource
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
 
-from common.errors import RecipeError
+from common.core.errors import RecipeError
+from common.device.probe import cpu_has_native_bf16
 
 DEVICE_TYPES = ("auto", "npu", "cuda", "cpu")
 
@@ -28,17 +27,6 @@ def npu_available() -> bool:
         return bool(torch.npu.is_available())
     except Exception:
         return False
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """bf16 matmuls are fast only with AVX512-BF16 or AMX; elsewhere they are emulated."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _available(kind: str) -> bool:
@@ -105,16 +93,3 @@ def resolve_dtype(name: str, device: Device) -> torch.dtype:
             f"unknown model.dtype {name!r}; choose auto, bfloat16, float16 or float32"
         )
     return dtype
-
-
-def measure_read_bandwidth(device: Device, nbytes: int = 512 << 20, repeats: int = 5) -> float:
-    """Streaming-read bandwidth in bytes/s: the best of a few full reductions over a buffer."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device.torch)
-    best = float("inf")
-    for _ in range(repeats):
-        device.synchronize()
-        t0 = time.perf_counter()
-        x.sum()
-        device.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best

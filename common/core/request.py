@@ -1,0 +1,76 @@
+"""What a caller asks for and gets back: requests, sampling parameters, completions."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from common.core.errors import RecipeError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    do_sample: bool = False  # False = greedy (argmax after the logits processors)
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off
+    no_repeat_ngram_size: int = 0  # 0 = off
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        def bad(name: str, valid: str) -> RecipeError:
+            return RecipeError(
+                f"sampling: {name}={getattr(self, name)!r} is invalid; expected {valid}"
+            )
+
+        def is_int(x: object) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_real(x: object) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        if not isinstance(self.do_sample, bool):
+            raise bad("do_sample", "True or False")
+        # Temperature only matters when sampling; greedy callers often pass 0 to mean "greedy".
+        if self.do_sample and not (is_real(self.temperature) and self.temperature > 0):
+            raise bad(
+                "temperature",
+                "a finite float > 0 when do_sample=True (use do_sample=False for greedy)",
+            )
+        if not (is_int(self.top_k) and self.top_k >= 0):
+            raise bad("top_k", "an integer >= 0 (0 = off)")
+        if not (is_real(self.top_p) and 0 < self.top_p <= 1):
+            raise bad("top_p", "a float in (0, 1] (1.0 = off)")
+        if not (is_real(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise bad("repetition_penalty", "a finite float > 0 (1.0 = off)")
+        if not (is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0):
+            raise bad("no_repeat_ngram_size", "an integer >= 0 (0 = off)")
+        if self.seed is not None and not (is_int(self.seed) and 0 <= self.seed < 2**64):
+            raise bad("seed", "None or an integer in [0, 2**64)")
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    ignore_eos: bool = False  # benchmarks fix the output length, as vLLM's benchmarks do
+    priority: int = 0  # lower runs first under scheduler.policy=priority
+
+
+@dataclass
+class Completion:
+    tokens: list[int]
+    finish_reason: str  # "eos" | "length"
+    token_times: list[float]  # seconds from the batch start (or arrival) to each token
+    preemptions: int = 0
+
+    @property
+    def ttft(self) -> float:
+        return self.token_times[0]
+
+    @property
+    def tpot(self) -> float | None:
+        n = len(self.token_times)
+        return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 else None

@@ -1,0 +1,70 @@
+"""Rotary position embeddings: rotate-half (LLaMA) and interleaved (GPT-J / GLM) layouts, llama3 scaling."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def rope_inv_freq(dim: int, theta: float, scaling: dict | None = None) -> Tensor:
+    """Inverse frequencies for `dim` rotated channels; `scaling` follows HF rope_parameters."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv_freq
+    if kind != "llama3":
+        raise ValueError(f"unsupported rope_type {kind!r}; supported: default, llama3")
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+    factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for given positions; `apply` rotates with the rotate-half convention."""
+
+    def __init__(self, rot_dim: int, theta: float, scaling: dict | None = None) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(rot_dim, theta, scaling), persistent=False)
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq  # [B, T, rot_dim / 2]
+        emb = self.layout(freqs)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    @staticmethod
+    def layout(freqs: Tensor) -> Tensor:
+        return torch.cat((freqs, freqs), dim=-1)
+
+    @staticmethod
+    def rotate(x: Tensor) -> Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
+
+    def apply(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x [B, H, T, D]; cos/sin [B, T, rot_dim] rotate the first rot_dim channels."""
+        cos, sin = cos[:, None], sin[:, None]
+        rot = cos.shape[-1]
+        x_rot, x_pass = x[..., :rot], x[..., rot:]
+        out = x_rot * cos + self.rotate(x_rot) * sin
+        return out if x_pass.shape[-1] == 0 else torch.cat((out, x_pass), dim=-1)
+
+
+class InterleavedRotaryEmbedding(RotaryEmbedding):
+    """Rotary on adjacent channel pairs (2i, 2i+1) instead of the two halves: the GPT-J /
+    GLM layout. Checkpoints trained with it need it; the two layouts are not interchangeable."""
+
+    @staticmethod
+    def layout(freqs: Tensor) -> Tensor:
+        return freqs.repeat_interleave(2, dim=-1)
+
+    @staticmethod
+    def rotate(x: Tensor) -> Tensor:
+        return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
