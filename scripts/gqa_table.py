@@ -23,8 +23,8 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from common.bench.report import atomic_write, command_line  # noqa: E402
-from common.kv.cache import kv_token_bytes  # noqa: E402
 from common.kv.quant import SCALE_DTYPE  # noqa: E402
+from common.parallel.memory import kv_bytes_per_token  # noqa: E402
 from models.glm import GlmArgs  # noqa: E402
 
 GIB = 2**30
@@ -59,7 +59,7 @@ def table(budgets_gib: list[float], contexts: list[int]) -> list[Row]:
         for attention, a in (("GQA", gqa), ("MHA", mha)):
             for kv_dtype in KV_DTYPES:
                 dims = (a.num_hidden_layers, a.num_key_value_heads, a.kv_head_dim)
-                per_token = kv_token_bytes(*dims, *KV_DTYPES[kv_dtype])
+                per_token = kv_bytes_per_token(*dims, *KV_DTYPES[kv_dtype])
                 fits = {
                     budget_key(b, c): int(b * GIB) // (c * per_token)
                     for b in budgets_gib

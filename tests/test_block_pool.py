@@ -28,9 +28,7 @@ def snapshot(m: BlockManager) -> tuple:
 
 
 def test_hash_is_stable_across_processes_and_chained():
-    code = (
-        "from common.kv.block_pool import hash_block; print(hash_block(hash_block(None, [1, 2]), [3]))"
-    )
+    code = "from common.kv.block_pool import hash_block; print(hash_block(hash_block(None, [1, 2]), [3]))"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )

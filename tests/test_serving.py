@@ -15,7 +15,8 @@ from common.device.select import Device
 from common.engine.engine import Engine
 from common.engine.scheduler import Scheduler, Sequence
 from common.io.checkpoint import from_seed
-from common.kv.cache import KVSpec, kv_token_bytes
+from common.kv.cache import KVSpec
+from common.parallel.memory import kv_bytes_per_token
 from models.llama import LlamaArgs, LlamaForCausalLM
 
 CPU = Device("cpu")
@@ -28,7 +29,7 @@ ARGS = LlamaArgs(
     num_key_value_heads=2,
     max_position_embeddings=96,
 )
-TOKEN_BYTES = kv_token_bytes(2, 2, 8, torch.float32, False)
+TOKEN_BYTES = kv_bytes_per_token(2, 2, 8, torch.float32, False)
 BS = 4
 
 
@@ -212,7 +213,7 @@ def test_contiguous_max_len_reserves_max_length_slots() -> None:
 
 
 def test_kv_capacity_contiguous_max_len_vs_paged() -> None:
-    from common.bench.orchestrate import kv_capacity
+    from common.bench.worker import kv_capacity
 
     reqs = [Request([1] * 10, 6), Request([1] * 30, 2)]  # 16 and 32 tokens
     cap = kv_capacity(reqs, 100, KVSpec("paged", block_size=BS, max_len=64), batch=2)

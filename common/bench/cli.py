@@ -75,8 +75,9 @@ def run_recipe(config_name: str, model_cls: type) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from common.bench.orchestrate import run_main, run_worker
+    from common.bench.orchestrate import run_main
     from common.bench.report import set_command_line
+    from common.bench.worker import run_worker
 
     set_command_line(sys.argv)  # results record the command as typed, not as rewritten
     argv = rewrite_opt_args(sys.argv[1:])

@@ -9,105 +9,13 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import nn
 
-from common.bench.workload import batches
-from common.core.request import Completion, Request
-from common.engine.engine import Engine
-from common.kv.cache import kv_token_bytes
-from common.quant.int8 import Int8Embedding, weight_bytes
-
-
-@dataclass
-class Runner:
-    """A variant: how to run one group of requests (a static batch, or everything at once
-    under a scheduler), teacher-force a continuation, and report KV bytes at the peak."""
-
-    generate: Callable[[list[Request]], list[Completion]]
-    teacher_forced_logits: Callable[[list[int], list[int]], Tensor]
-    peak_kv: Callable[[], int]  # reserved KV bytes at the fullest moment
-    groups: Callable[[list[Request]], list[list[Request]]]
-    stats: Callable[[], dict] = dict  # engine counters since the last reset (decode steps, ...)
-    reset: Callable[[], None] = lambda: None
-
-
-def static_online(
-    engine: Engine, reqs: list[Request], arrivals: list[float], max_batch: int, seed: int
-) -> list[Completion]:
-    """Static batching under arrivals, on any KV storage: each batch takes up to max_batch
-    requests that have arrived and runs to its longest member; times count from arrival."""
-    start, i, out = time.perf_counter(), 0, []
-    while i < len(reqs):
-        time.sleep(max(0.0, arrivals[i] - (time.perf_counter() - start)))
-        now = time.perf_counter() - start
-        j = i + 1
-        while j < len(reqs) and j - i < max_batch and arrivals[j] <= now:
-            j += 1
-        for k, c in enumerate(engine.generate(reqs[i:j], seed), start=i):
-            c.token_times = [t + now - arrivals[k] for t in c.token_times]
-            out.append(c)
-        i = j
-    return out
-
-
-def engine_runner(engine: Engine, sched: Any, arrivals: list[float] | None, seed: int) -> Runner:
-    """Static batches run through generate() (row caches) or the static scheduler (paged);
-    continuous batching and online arrivals put every request under one scheduler."""
-    one_scheduler = sched.kind == "continuous" or arrivals is not None
-
-    def generate(reqs: list[Request]) -> list[Completion]:
-        if sched.kind == "static" and engine.kv.kind != "paged" and arrivals is not None:
-            return static_online(engine, reqs, arrivals, sched.max_batch, seed)
-        if sched.kind == "static" and arrivals is None:
-            return engine.generate(reqs, seed)
-        return engine.serve(
-            reqs,
-            sched.kind,
-            sched.policy,
-            sched.max_batch,
-            sched.max_tokens_per_step,
-            arrivals,
-            seed,
-        )
-
-    return Runner(
-        generate,
-        engine.teacher_forced_logits,
-        lambda: engine.peak_kv_bytes,
-        (lambda reqs: [reqs]) if one_scheduler else (lambda reqs: batches(reqs, sched.max_batch)),
-        lambda: dict(engine.stats),
-        engine.reset,
-    )
-
-
-def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype, int8: bool = False) -> int:
-    a = model.args
-    return kv_token_bytes(a.num_hidden_layers, a.num_key_value_heads, a.kv_head_dim, dtype, int8)
-
-
-def decode_weight_bytes(model: nn.Module) -> int:
-    """Weight bytes read per decode step: everything but embedding tables (one row is read),
-    unless an LM head shares the table."""
-    tables = (nn.Embedding, Int8Embedding)
-
-    def own(m: nn.Module) -> list[Tensor]:
-        return [*m.parameters(recurse=False), *m.buffers(recurse=False)]
-
-    read = {id(t) for m in model.modules() if not isinstance(m, tables) for t in own(m)}
-    embeddings = {
-        id(t): t.nbytes
-        for m in model.modules()
-        if isinstance(m, tables)
-        for t in own(m)
-        if id(t) not in read
-    }
-    return weight_bytes(model) - sum(embeddings.values())
+from common.bench.runners import Runner
+from common.core.request import Request
+from common.parallel.memory import decode_weight_bytes, model_kv_bytes_per_token
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -199,7 +107,10 @@ def roofline(
 ) -> Callable[[dict, float], float]:
     """% of the memory-bandwidth bound achieved in decode: every decode step reads the weights
     once plus each row's live KV; bound time = bytes / bandwidth, against measured decode time."""
-    weights, per_token = decode_weight_bytes(model), kv_bytes_per_token(model, kv_dtype, kv_int8)
+    weights, per_token = (
+        decode_weight_bytes(model),
+        model_kv_bytes_per_token(model, kv_dtype, kv_int8),
+    )
 
     def pct(stats: dict, decode_s: float) -> float:
         if not stats.get("decode_steps") or decode_s <= 0:
@@ -208,42 +119,3 @@ def roofline(
         return 100.0 * total / bandwidth / decode_s
 
     return pct
-
-
-def fidelity(
-    runner: Runner,
-    requests: list[Request],
-    reference: Path,
-    is_baseline: bool,
-    outputs: list[list[int]],
-) -> dict:
-    """Teacher-force the baseline's output through this variant; compare logits with the
-    baseline's teacher-forced logits. The baseline writes the reference."""
-    if is_baseline:
-        logits = {
-            f"r{i}": runner.teacher_forced_logits(r.prompt, o).contiguous()
-            for i, (r, o) in enumerate(zip(requests, outputs))
-        }
-        save_file(logits, str(reference / "logits.safetensors"))
-        torch.save(outputs, reference / "outputs.pt")
-        return {"token_agreement": 1.0, "max_logit_err": 0.0, "same_outputs": 1.0}
-    ref_logits = load_file(str(reference / "logits.safetensors"))
-    ref_outputs = torch.load(reference / "outputs.pt", weights_only=True)
-    agree = total = 0
-    err = 0.0
-    for i, (r, o) in enumerate(zip(requests, ref_outputs)):
-        got, ref = runner.teacher_forced_logits(r.prompt, o), ref_logits[f"r{i}"]
-        agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
-        total += len(o)
-        err = max(err, float((got - ref).abs().max()))
-    same = sum(list(o) == list(r) for o, r in zip(outputs, ref_outputs)) / len(ref_outputs)
-    return {"token_agreement": agree / total, "max_logit_err": err, "same_outputs": same}
-
-
-def same_as_alone(runner: Runner, requests: list[Request], outputs: list[list[int]]) -> dict:
-    """Run every request by itself through the same variant: the share whose tokens equal
-    what it produced inside the batch (batch invariance; exact in fp32, where batch
-    composition cannot change rounding)."""
-    alone = [runner.generate([r])[0].tokens for r in requests]
-    same = sum(a == list(o) for a, o in zip(alone, outputs)) / len(requests)
-    return {"same_as_alone": same}

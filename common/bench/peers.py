@@ -12,7 +12,7 @@ import torch
 import transformers
 from transformers.generation.streamers import BaseStreamer
 
-from common.bench.measure import Runner
+from common.bench.runners import Runner
 from common.bench.workload import batches
 from common.core.errors import RecipeError
 from common.core.request import Completion, Request

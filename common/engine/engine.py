@@ -13,7 +13,8 @@ from collections import Counter, deque
 import torch
 from torch import Tensor
 
-from common.attention.backends import Backend, ForwardContext, get_backend
+from common.attention.backends import get_backend
+from common.attention.meta import Backend, ForwardContext
 from common.core.errors import RecipeError
 from common.core.request import Completion, Request
 from common.device.select import Device

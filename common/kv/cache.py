@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from common.attention.backends import AttnMeta, PagedMeta, QuantizedKV
+from common.attention.meta import AttnMeta, PagedMeta, QuantizedKV
 from common.core.errors import RecipeError
 from common.kv.block_pool import BlockManager, BlockPool, OutOfBlocks
 from common.kv.errors import OutOfKV
@@ -295,12 +295,13 @@ class PagedCache(KVCache):
 KV_KINDS = ("dynamic", "contiguous", "none", "paged")
 
 
-def kv_token_bytes(
+def token_bytes(
     num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, int8: bool
 ) -> int:
-    """K + V bytes one token occupies across all layers (int8: data plus one scale per head)."""
-    per_head = head_dim + SCALE_DTYPE.itemsize if int8 else head_dim * dtype.itemsize
-    return 2 * num_layers * kv_heads * per_head
+    """K + V bytes one token occupies across all layers, read off the storage format itself
+    (int8: data plus one scale per head)."""
+    one = _Store.zeros((1, kv_heads, head_dim), dtype, int8, "meta")
+    return 2 * num_layers * one.nbytes
 
 
 @dataclass(frozen=True)
@@ -354,7 +355,7 @@ def make_cache(
         return ContiguousCache(
             num_layers, batch, kv_heads, head_dim, slots, dtype, device, spec.int8
         )
-    block_bytes = spec.block_size * kv_token_bytes(num_layers, kv_heads, head_dim, dtype, spec.int8)
+    block_bytes = spec.block_size * token_bytes(num_layers, kv_heads, head_dim, dtype, spec.int8)
     num_blocks = (
         int(spec.budget_bytes // block_bytes)
         if spec.budget_bytes

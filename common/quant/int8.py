@@ -112,6 +112,8 @@ class Int8WeightOnlyLinear(nn.Module):
 class Int8Embedding(nn.Module):
     """Drop-in for nn.Embedding holding int8 rows [V, H] and one scale per row [V]."""
 
+    lookup_table = True  # forward reads one row per token (the memory model counts it so)
+
     def __init__(self, weight_int8: Tensor, scales: Tensor) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = weight_int8.shape
@@ -168,20 +170,3 @@ def quantize_int8(
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name), attr, new)
     return model
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and persistent buffers; a tensor shared by several modules counts once."""
-    seen: set[int] = set()
-    total = 0
-    for module in model.modules():
-        tensors = list(module._parameters.values()) + [
-            buf
-            for name, buf in module._buffers.items()
-            if name not in module._non_persistent_buffers_set
-        ]
-        for t in tensors:
-            if t is not None and id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-    return total

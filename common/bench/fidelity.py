@@ -1,0 +1,50 @@
+"""Output fidelity of a variant against the baseline: teacher-forced logits, greedy agreement, batch invariance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from common.bench.runners import Runner
+from common.core.request import Request
+
+
+def fidelity(
+    runner: Runner,
+    requests: list[Request],
+    reference: Path,
+    is_baseline: bool,
+    outputs: list[list[int]],
+) -> dict:
+    """Teacher-force the baseline's output through this variant; compare logits with the
+    baseline's teacher-forced logits. The baseline writes the reference."""
+    if is_baseline:
+        logits = {
+            f"r{i}": runner.teacher_forced_logits(r.prompt, o).contiguous()
+            for i, (r, o) in enumerate(zip(requests, outputs))
+        }
+        save_file(logits, str(reference / "logits.safetensors"))
+        torch.save(outputs, reference / "outputs.pt")
+        return {"token_agreement": 1.0, "max_logit_err": 0.0, "same_outputs": 1.0}
+    ref_logits = load_file(str(reference / "logits.safetensors"))
+    ref_outputs = torch.load(reference / "outputs.pt", weights_only=True)
+    agree = total = 0
+    err = 0.0
+    for i, (r, o) in enumerate(zip(requests, ref_outputs)):
+        got, ref = runner.teacher_forced_logits(r.prompt, o), ref_logits[f"r{i}"]
+        agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+        total += len(o)
+        err = max(err, float((got - ref).abs().max()))
+    same = sum(list(o) == list(r) for o, r in zip(outputs, ref_outputs)) / len(ref_outputs)
+    return {"token_agreement": agree / total, "max_logit_err": err, "same_outputs": same}
+
+
+def same_as_alone(runner: Runner, requests: list[Request], outputs: list[list[int]]) -> dict:
+    """Run every request by itself through the same variant: the share whose tokens equal
+    what it produced inside the batch (batch invariance; exact in fp32, where batch
+    composition cannot change rounding)."""
+    alone = [runner.generate([r])[0].tokens for r in requests]
+    same = sum(a == list(o) for a, o in zip(alone, outputs)) / len(requests)
+    return {"same_as_alone": same}

@@ -1,0 +1,117 @@
+"""The worker: measure one variant in this process (started by the orchestrator as a subprocess)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.bench.fidelity import fidelity, same_as_alone
+from common.bench.measure import measure, roofline
+from common.bench.runners import engine_runner
+from common.bench.workload import arrival_times, build_requests
+from common.core.request import Request, SamplingParams
+from common.device.select import resolve_dtype, select_device
+from common.engine.engine import Engine
+from common.kv.cache import KVSpec
+from common.nn.causal_lm import CausalLM
+from common.parallel.memory import model_kv_bytes_per_token, weight_bytes
+from common.transforms.registry import apply_transforms
+
+
+def kv_spec(cfg: Any) -> KVSpec:
+    kv = cfg.kv_cache
+    # int8 needs preallocated storage: on the default growing cache it takes the contiguous one,
+    # so +opt=kv_int8 works alone and composes with static_kv / paged_kv in any order.
+    kind = "contiguous" if kv.int8 and kv.kind == "dynamic" else kv.kind
+    return KVSpec(
+        kind, kv.int8, kv.block_size, cfg.scheduler.kv_budget, kv.prefix_cache, kv.max_len
+    )
+
+
+def kv_capacity(
+    requests: list[Request],
+    per_token: int,
+    spec: KVSpec,
+    batch: int,
+) -> dict:
+    """How many of the workload's sequences fit in one KV budget: contiguous allocation gives
+    every sequence kv_cache.max_len slots (or the workload's longest); paged gives each
+    ceil(len / block) blocks. The budget defaults to what contiguous needs for `batch`."""
+    lengths = [len(r.prompt) + r.max_new_tokens for r in requests]
+    slots = spec.max_len or max(lengths)
+    budget = spec.budget_bytes or batch * slots * per_token
+    blocks_left = budget // (spec.block_size * per_token)
+    paged = 0
+    while True:  # sequences in arrival order, cycling, until the next one does not fit
+        need = -(-lengths[paged % len(lengths)] // spec.block_size)
+        if need > blocks_left:
+            break
+        blocks_left -= need
+        paged += 1
+    return {
+        "kv_budget_bytes": budget,
+        "max_concurrent_contiguous": budget // (slots * per_token),
+        "max_concurrent_paged": paged,
+    }
+
+
+def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
+    from common.bench.peers import peer_runner
+    from common.io.presets import build_model
+
+    if cfg.bench.threads:
+        torch.set_num_threads(int(cfg.bench.threads))
+    device = select_device(cfg.hardware.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    model, tokenizer, weights_desc = build_model(cfg.model, model_cls, device.torch, dtype)
+    requests = build_requests(cfg.workload, model.args.vocab_size, tokenizer)
+    arrivals = arrival_times(cfg.workload, len(requests))
+    sampling = SamplingParams(**cfg.generation)
+    for r in requests:
+        r.sampling = sampling
+    spec = kv_spec(cfg)
+    if cfg.bench.peer:
+        runner = peer_runner(cfg.bench.peer, model, cfg.scheduler.max_batch)
+    else:
+        model = apply_transforms(model, cfg)
+        engine = Engine(model, device, spec, cfg.attention.backend)
+        for r in requests:
+            engine.check(r)
+        runner = engine_runner(engine, cfg.scheduler, arrivals, cfg.bench.seed)
+    w = cfg.workload
+    slo = (w.slo_ttft_ms, w.slo_tpot_ms) if "slo_ttft_ms" in w else None
+    roof = roofline(model, dtype, float(cfg.bench.bandwidth), spec.int8)
+    runs, outputs = measure(
+        runner, requests, cfg.bench.warmup, cfg.bench.repeats, roof, w.kind in QUEUED, slo
+    )
+    reference = Path(cfg.bench.reference)
+    per_token = model_kv_bytes_per_token(model, dtype, spec.int8)
+    first_round = cfg.bench.get("round", 0) == 0
+    result = {
+        "runs": runs,
+        "metrics": {
+            "weight_bytes": weight_bytes(model),
+            "kv_bytes": runner.peak_kv(),
+            **kv_capacity(requests, per_token, spec, cfg.scheduler.max_batch),
+            "peak_mem_bytes": device.peak_memory_bytes(),
+        },
+        "fidelity": {
+            **fidelity(
+                runner, requests, reference, not (reference / "outputs.pt").exists(), outputs
+            ),
+            **(same_as_alone(runner, requests, outputs) if cfg.bench.check_alone else {}),
+        }
+        if first_round
+        else None,
+        "outputs": outputs,
+        "model": f"{cfg.model.name}, {weights_desc}, {str(dtype).removeprefix('torch.')}",
+        "device": device.describe(),
+        "threads": torch.get_num_threads(),
+    }
+    Path(cfg.bench.worker_out).write_text(json.dumps(result))
+
+
+QUEUED = ("throughput", "online")
