@@ -13,6 +13,7 @@ from torch import nn
 
 from common.core.errors import RecipeError
 from common.io.checkpoint import (
+    args_from_hf,
     build_empty,
     init_random,
     load_weights,
@@ -281,6 +282,82 @@ def test_index_naming_absent_shard(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(RecipeError, match="model-00001-of-00002.safetensors"):
         load_weights(build_empty(Tiny), tmp_path, "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weight_is_refused_naming_the_tensor(tmp_path: Path, bad: float) -> None:
+    state = _tiny_state()
+    state["model.layers.0.proj.weight"][3, 5] = bad
+    path = _write(tmp_path, state)
+    with pytest.raises(RecipeError) as info:
+        load_weights(build_empty(Tiny), path, "cpu", torch.bfloat16)
+    message = str(info.value)
+    assert "tensor model.layers.0.proj.weight holds 1 non-finite value(s)" in message
+    assert str(path / "model.safetensors") in message and "\n" not in message
+
+
+def test_value_that_overflows_the_load_dtype_is_refused(tmp_path: Path) -> None:
+    state = _tiny_state()
+    state["model.norm.weight"][0] = 1e5  # finite in fp32 and bf16, inf in float16
+    path = _write(tmp_path, state)
+    load_weights(build_empty(Tiny), path, "cpu", torch.bfloat16)
+    with pytest.raises(
+        RecipeError, match=r"model\.norm\.weight has values up to 1e\+05, beyond float16"
+    ):
+        load_weights(build_empty(Tiny), path, "cpu", torch.float16)
+
+
+# --- architecture ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "recipe_cls", "fragment"),
+    [
+        (
+            {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 768},
+            "LlamaForCausalLM",
+            "architectures GPT2LMHeadModel, model_type 'gpt2'; this recipe runs "
+            "LlamaForCausalLM: no recipe here runs it; recipes: llama65b (LlamaForCausalLM), "
+            "chatglm (GlmForCausalLM)",
+        ),
+        (
+            {"architectures": ["GlmForCausalLM"], "model_type": "glm"},
+            "LlamaForCausalLM",
+            "this recipe runs LlamaForCausalLM: run it with recipes/chatglm/run.py",
+        ),
+        (
+            {"model_type": "llama"},
+            "GlmForCausalLM",
+            "model_type 'llama'; this recipe runs GlmForCausalLM: run it with "
+            "recipes/llama65b/run.py",
+        ),
+        (
+            {"architectures": ["ChatGLMModel"], "model_type": "chatglm"},
+            "GlmForCausalLM",
+            "THUDM's remote-code ChatGLM layout; use the transformers layout",
+        ),
+    ],
+)
+def test_other_architecture_names_it_and_the_recipe_that_fits(
+    tmp_path: Path, config: dict, recipe_cls: str, fragment: str
+) -> None:
+    from models.glm import GlmForCausalLM
+    from models.llama import LlamaForCausalLM
+
+    cls = {"LlamaForCausalLM": LlamaForCausalLM, "GlmForCausalLM": GlmForCausalLM}[recipe_cls]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RecipeError) as info:
+        args_from_hf(cls, tmp_path)
+    assert fragment in str(info.value)
+    assert str(tmp_path) in str(info.value)
+
+
+def test_config_without_architecture_names_is_read_by_its_keys(tmp_path: Path) -> None:
+    from models.llama import LlamaForCausalLM
+
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(RecipeError, match="model config lacks vocab_size"):
+        args_from_hf(LlamaForCausalLM, tmp_path)
 
 
 # --- pickle -------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ so peak host memory is the final model plus about one tensor, whatever the check
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -98,6 +99,7 @@ def load_weights(
                 raise RecipeError(
                     f"{entry.file}: cannot read tensor {name}: {_first_line(e)}"
                 ) from e
+            _check_finite(name, entry.file, value, dtype)
             _set_tensor(model, name, value, device, dtype)
     _tie(model, tied)
     return model.to(device).eval()  # moves the non-persistent buffers too
@@ -325,6 +327,27 @@ def _check_shapes(expected: dict[str, torch.Tensor], found: dict[str, _Entry]) -
         )
 
 
+def _check_finite(name: str, file: Path, value: torch.Tensor, dtype: torch.dtype) -> None:
+    """NaN or inf weights run and emit garbage that looks like output: refuse them at load, as
+    well as finite values the cast to `dtype` would turn into inf (fp32 > 65504 into float16).
+    aminmax propagates NaN and reads the tensor once without a full-size temporary."""
+    if not value.is_floating_point() or value.numel() == 0:
+        return
+    lo, hi = (float(v) for v in torch.aminmax(value))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        bad = int((~torch.isfinite(value)).sum())
+        raise RecipeError(
+            f"{file}: tensor {name} holds {bad} non-finite value(s) (NaN or inf) among "
+            f"{value.numel()}: the checkpoint is corrupt"
+        )
+    limit = torch.finfo(dtype).max
+    if max(-lo, hi) > limit:
+        raise RecipeError(
+            f"{file}: tensor {name} has values up to {max(-lo, hi):.4g}, beyond "
+            f"{str(dtype).removeprefix('torch.')}'s {limit:.4g}; use model.dtype=bfloat16 or float32"
+        )
+
+
 def _set_tensor(
     model: nn.Module, name: str, value: torch.Tensor, device: Device, dtype: torch.dtype
 ) -> None:
@@ -392,9 +415,56 @@ def _pickle_reason(e: BaseException) -> str:
     return next((line for line in lines if "GLOBAL" in line), _first_line(e))
 
 
+# The recipe (recipes/<name>/run.py) that runs each transformers architecture, and its model_type.
+RECIPES = {
+    "llama65b": ("LlamaForCausalLM", "llama"),
+    "chatglm": ("GlmForCausalLM", "glm"),
+}
+# Layouts of a supported family that no recipe loads, and what to use instead.
+OTHER_LAYOUTS = {
+    "chatglm": "THUDM's remote-code ChatGLM layout; use the transformers layout "
+    "(model_type 'glm', e.g. THUDM/glm-4-9b-chat-hf) with recipes/chatglm/run.py",
+}
+
+
+def check_architecture(cls: type[CausalLM], config: dict, path: str | Path) -> None:
+    """Refuse a checkpoint of another architecture by name, before its keys are read: a GPT-2
+    config would otherwise fail as "lacks hidden_size". config.json names the architecture in
+    `architectures` (written by save_pretrained) or, failing that, `model_type`."""
+    archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    model_type = config.get("model_type")
+    own_type = next((t for c, t in RECIPES.values() if c == cls.hf_class_name), None)
+    if archs:
+        if cls.hf_class_name.casefold() in (a.casefold() for a in archs):
+            return
+        by_class = {c.casefold(): name for name, (c, _) in RECIPES.items()}
+        fits = next((by_class[a.casefold()] for a in archs if a.casefold() in by_class), None)
+    elif isinstance(model_type, str):
+        if own_type is None or model_type == own_type:
+            return
+        fits = next((name for name, (_, t) in RECIPES.items() if t == model_type), None)
+    else:
+        return  # the config names no architecture: its keys are all there is to check
+    if fits:
+        hint = f"run it with recipes/{fits}/run.py"
+    elif model_type in OTHER_LAYOUTS:
+        hint = OTHER_LAYOUTS[model_type]
+    else:
+        hint = "no recipe here runs it; recipes: " + ", ".join(
+            f"{name} ({c})" for name, (c, _) in RECIPES.items()
+        )
+    found = f"architectures {', '.join(archs)}, " if archs else ""
+    raise RecipeError(
+        f"{path}: config.json names {found}model_type {model_type!r}; this recipe runs "
+        f"{cls.hf_class_name}: {hint}"
+    )
+
+
 def args_from_hf(cls: type[CausalLM], path: str | Path) -> ModelArgs:
     """The model's hyper-parameters from a checkpoint's config.json."""
-    return cls.args_cls.from_hf_config(read_hf_config(path))
+    config = read_hf_config(path)
+    check_architecture(cls, config, path)
+    return cls.args_cls.from_hf_config(config)
 
 
 def from_pretrained(
