@@ -60,10 +60,18 @@ def synthetic_requests(
     ]
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a token
+
+
 def file_requests(path: str, max_new: int, tokenizer, ignore_eos: bool) -> list[Request]:
+    """One request per non-empty line: {"prompt": TEXT} or {"prompt_ids": [INT, ...]}, with
+    an optional "max_new_tokens": INT. Any other line is `FILE:LINE: what is wrong`."""
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"workload.path {path!r} is not a file")
+    if not _is_int(max_new) or max_new <= 0:
+        raise RecipeError(f"workload.max_new_tokens must be an int > 0, got {max_new!r}")
     requests = []
     for i, line in enumerate(p.read_text().splitlines(), 1):
         if not line.strip():
@@ -72,9 +80,16 @@ def file_requests(path: str, max_new: int, tokenizer, ignore_eos: bool) -> list[
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise RecipeError(f"{path}:{i}: not valid JSON ({e.msg})") from e
+        if not isinstance(row, dict):
+            raise RecipeError(
+                f"{path}:{i}: each line must be a JSON object such as "
+                f'{{"prompt_ids": [1, 2, 3]}}, got {type(row).__name__} {line.strip()[:40]}'
+            )
         if "prompt_ids" in row:
             ids = row["prompt_ids"]
         elif "prompt" in row:
+            if not isinstance(row["prompt"], str):
+                raise RecipeError(f"{path}:{i}: prompt must be a string (text)")
             if tokenizer is None:
                 raise RecipeError(
                     f"{path}:{i}: text prompts need a tokenizer in model.path; give prompt_ids instead"
@@ -82,11 +97,12 @@ def file_requests(path: str, max_new: int, tokenizer, ignore_eos: bool) -> list[
             ids = tokenizer(row["prompt"])["input_ids"]
         else:
             raise RecipeError(f"{path}:{i}: each line needs 'prompt' (text) or 'prompt_ids' (ints)")
-        if not (isinstance(ids, list) and all(isinstance(t, int) for t in ids)):
+        if not (isinstance(ids, list) and all(_is_int(t) for t in ids)):
             raise RecipeError(f"{path}:{i}: prompt_ids must be a list of ints")
-        requests.append(
-            Request(ids, int(row.get("max_new_tokens", max_new)), ignore_eos=ignore_eos)
-        )
+        new = row.get("max_new_tokens", max_new)
+        if not _is_int(new) or new <= 0:
+            raise RecipeError(f"{path}:{i}: max_new_tokens must be an int > 0, got {new!r}")
+        requests.append(Request(ids, new, ignore_eos=ignore_eos))
     if not requests:
         raise RecipeError(f"workload.path {path!r} holds no prompts")
     return requests
