@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -27,18 +28,34 @@ def fidelity(
         }
         save_file(logits, str(reference / "logits.safetensors"))
         torch.save(outputs, reference / "outputs.pt")
-        return {"token_agreement": 1.0, "max_logit_err": 0.0, "same_outputs": 1.0}
-    ref_logits = load_file(str(reference / "logits.safetensors"))
-    ref_outputs = torch.load(reference / "outputs.pt", weights_only=True)
+        pairs = [(t, t) for t in logits.values()]  # against itself: only non-finite counts
+        ref_outputs = outputs
+    else:
+        ref_logits = load_file(str(reference / "logits.safetensors"))
+        ref_outputs = torch.load(reference / "outputs.pt", weights_only=True)
+        pairs = [
+            (runner.teacher_forced_logits(r.prompt, o), ref_logits[f"r{i}"])
+            for i, (r, o) in enumerate(zip(requests, ref_outputs))
+        ]
+    same = sum(list(o) == list(r) for o, r in zip(outputs, ref_outputs)) / len(ref_outputs)
+    return {**compare_logits(pairs), "same_outputs": same}
+
+
+def compare_logits(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """Greedy agreement and max |difference| over [tokens, vocab] logit pairs. A position with
+    a non-finite logit on either side is the worst case, never a match: it disagrees, and
+    makes the error inf (NaN would vanish from max() and read as perfect agreement)."""
     agree = total = 0
     err = 0.0
-    for i, (r, o) in enumerate(zip(requests, ref_outputs)):
-        got, ref = runner.teacher_forced_logits(r.prompt, o), ref_logits[f"r{i}"]
-        agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
-        total += len(o)
-        err = max(err, float((got - ref).abs().max()))
-    same = sum(list(o) == list(r) for o, r in zip(outputs, ref_outputs)) / len(ref_outputs)
-    return {"token_agreement": agree / total, "max_logit_err": err, "same_outputs": same}
+    for got, ref in pairs:
+        finite = torch.isfinite(got).all(-1) & torch.isfinite(ref).all(-1)
+        agree += int(((got.argmax(-1) == ref.argmax(-1)) & finite).sum())
+        total += finite.numel()
+        if not finite.all():
+            err = math.inf
+        elif finite.any():
+            err = max(err, float((got - ref).abs().max()))
+    return {"token_agreement": agree / total if total else math.nan, "max_logit_err": err}
 
 
 def same_as_alone(runner: Runner, requests: list[Request], outputs: list[list[int]]) -> dict:
