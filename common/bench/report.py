@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from common.device.probe import cpu_info
+
 COLUMNS = [  # (key, header, format)
     ("ttft_ms", "TTFT ms", "{:.1f}"),
     ("tpot_ms", "TPOT ms", "{:.2f}"),
@@ -48,6 +50,26 @@ SERVING_COLUMNS = [
 SPREAD = {"ttft_ms", "tpot_ms", "decode_tokens_per_s", "tokens_per_s"}
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def git_revision(root: Path = ROOT) -> str | None:
+    """HEAD, with +dirty when tracked or new files outside results/ differ from it: results
+    regenerated from a committed tree are not dirty because earlier results were rewritten."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=True, cwd=root,
+        ).stdout.strip()  # fmt: skip
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--", ".", ":(exclude)results"],
+            capture_output=True, text=True, check=True, cwd=root,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev + ("+dirty" if changed.strip() else "")
+
+
 def environment(device_desc: str, threads: int) -> dict[str, Any]:
     def version(mod: str) -> str | None:
         try:
@@ -55,16 +77,6 @@ def environment(device_desc: str, threads: int) -> dict[str, Any]:
         except Exception:
             return None
 
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], capture_output=True, text=True
-        ).stdout
-        rev += "+dirty" if dirty.strip() else ""
-    except Exception:
-        rev = None
     return {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(),
@@ -72,9 +84,10 @@ def environment(device_desc: str, threads: int) -> dict[str, Any]:
         "transformers": version("transformers"),
         "torch_npu": version("torch_npu"),
         "device": device_desc,
+        "cpu": cpu_info(),
         "threads": threads,
         "platform": platform.platform(),
-        "git_revision": rev,
+        "git_revision": git_revision(),
     }
 
 
@@ -111,7 +124,7 @@ def print_table(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    tables = [(result["workload_desc"], COLUMNS)]
+    tables = [(describe_workload(result), COLUMNS)]
     if serving_table(result):
         tables.append(("scheduling and KV memory", SERVING_COLUMNS))
     for title, columns in tables:
@@ -139,6 +152,11 @@ def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
     ]
 
 
+def _on_cpu(env: dict) -> str:
+    """The host CPU and its caches (results written before they were recorded lack them)."""
+    return f" on {env['cpu']}" if env.get("cpu") else ""
+
+
 def markdown(result: dict) -> str:
     header, body = rows(result)
     env = result["env"]
@@ -146,10 +164,10 @@ def markdown(result: dict) -> str:
         f"# {result['recipe']}: {' vs '.join(result['rows'])}",
         "",
         f"- command: `{result['command']}`",
-        f"- hardware: {env['device']} ({result['hardware']}), torch {env['torch']}, "
+        f"- hardware: {env['device']} ({result['hardware']}){_on_cpu(env)}, torch {env['torch']}, "
         f"transformers {env['transformers']}, {env['date']}, git {env['git_revision']}",
         f"- model: {result['model']}",
-        f"- workload: {result['workload_desc']}",
+        f"- workload: {describe_workload(result)}",
         f"- timing: {result['bench']['rounds']} rounds; in each, every variant runs in turn in a "
         f"fresh process: {result['bench']['warmup']} warm-up + {result['bench']['repeats']} timed "
         "pass(es); median (min–max) over all timed passes",
@@ -172,19 +190,46 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def describe_workload(result: dict) -> str:
+    """The workload line; a swept workload key shows the values its rows ran at, not the
+    config's single value (which no row ran at)."""
+    sweep = result.get("sweep")
+    if not sweep or not sweep["key"].startswith("workload."):
+        return result["workload_desc"]
+    from omegaconf import OmegaConf
+
+    from common.bench.plan import workload_desc
+
+    values = [str(v) for v in sweep["values"]]
+    swept = " or ".join([", ".join(values[:-1]), values[-1]] if len(values) > 1 else values)
+    key = sweep["key"].removeprefix("workload.")
+    return workload_desc(OmegaConf.create({**result["workload"], key: f"{swept} (swept)"}))
+
+
+def _sweep_points(result: dict) -> dict[str, list[tuple[str, dict]]]:
+    """Per row name, (swept value, metrics) in sweep order."""
+    key = result["sweep"]["key"].split(".")[-1]
+    lines: dict[str, list] = {}
+    for v in result["variants"]:
+        name, _, value = v["name"].partition(f" @ {key}=")
+        lines.setdefault(name, []).append((value, v["metrics"]))
+    return lines
+
+
 def plot_sweep(result: dict, path: Path) -> None:
-    """Latency vs throughput: one line per variant through the swept values."""
+    """Latency vs throughput, one line per variant through the swept values, with the SLO
+    drawn; and goodput against the swept value (against the offered rate when it is the rate)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     key = result["sweep"]["key"].split(".")[-1]
-    lines: dict[str, list] = {}
-    for v in result["variants"]:
-        name, _, value = v["name"].partition(f" @ {key}=")
-        lines.setdefault(name, []).append((value, v["metrics"]))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    lines = _sweep_points(result)
+    workload = result["workload"]
+    slo = {"ttft_p90_ms": workload.get("slo_ttft_ms"), "tpot_p90_ms": workload.get("slo_tpot_ms")}
+    has_goodput = all("goodput_rps" in m for points in lines.values() for _, m in points)
+    fig, axes = plt.subplots(1, 3 if has_goodput else 2, figsize=(16 if has_goodput else 11, 4))
     for ax, metric, label in [
         (axes[0], "ttft_p90_ms", "TTFT p90 (ms)"),
         (axes[1], "tpot_p90_ms", "TPOT p90 (ms)"),
@@ -197,13 +242,40 @@ def plot_sweep(result: dict, path: Path) -> None:
                 ax.annotate(
                     f"{key}={value}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points"
                 )
+        if slo[metric]:
+            ax.axhline(slo[metric], color="tab:red", linestyle="--", linewidth=1)
+            ax.annotate(f"SLO {slo[metric]:g} ms", (0, slo[metric]), xycoords=("axes fraction",
+                        "data"), fontsize=7, color="tab:red", xytext=(3, 3),
+                        textcoords="offset points")  # fmt: skip
         ax.set_xlabel("output tok/s")
         ax.set_ylabel(label)
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    if has_goodput:
+        ax = axes[2]
+        labels = [v for v, _ in next(iter(lines.values()))]
+        try:
+            xs = [float(v) for v in labels]
+        except ValueError:  # a swept value that is not a number: evenly spaced
+            xs = list(range(len(labels)))
+        top = 0.0
+        for name, points in lines.items():
+            ys = [m["goodput_rps"] for _, m in points]
+            ax.plot(xs, ys, marker="o", label=name)
+            top = max(top, *ys)
+        if key == "rate":  # goodput can at most equal the offered load
+            ax.plot(xs, xs, color="gray", linestyle=":", label="offered rate")
+            ax.set_xscale("log")
+            ax.set_ylim(0, 1.1 * max(top, min(max(xs), 2 * top)))
+        ax.set_xticks(xs, labels)
+        ax.minorticks_off()
+        ax.legend(fontsize=8)
+        ax.set_xlabel(result["sweep"]["key"] + (" (req/s)" if key == "rate" else ""))
+        ax.set_ylabel("goodput req/s (both SLOs met)")
+        ax.grid(alpha=0.3)
     fig.suptitle(
-        f"{result['recipe']} · {result['hardware']} · {result['workload_desc']}", fontsize=9
+        f"{result['recipe']} · {result['hardware']} · {describe_workload(result)}", fontsize=9
     )
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -1,9 +1,12 @@
-"""What the machine can do, measured or read from the OS: native bf16, streaming bandwidth."""
+"""What the machine can do, measured or read from the OS: CPU model and caches, native bf16,
+streaming bandwidth."""
 
 from __future__ import annotations
 
 import functools
+import platform
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +24,45 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+CACHE_DIR = Path("/sys/devices/system/cpu/cpu0/cache")
+
+
+@functools.cache
+def cpu_info() -> str:
+    """The CPU model and its data caches as one line, e.g. "AMD EPYC (L1d 32 KiB, L2 1 MiB,
+    L3 32 MiB)": kernel thresholds and bandwidth depend on them, so every table names them.
+    Linux only (/proc/cpuinfo, sysfs, as lscpu reads them); elsewhere the platform's name."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                model,
+            )
+    except OSError:
+        pass
+    caches = []
+    for index in sorted(CACHE_DIR.glob("index*")):
+        try:
+            level, kind, size = (
+                (index / name).read_text().strip() for name in ("level", "type", "size")
+            )
+            if kind != "Instruction":
+                caches.append(f"L{level}{'d' if kind == 'Data' else ''} {_kib(size)}")
+        except (OSError, ValueError, KeyError, IndexError):
+            continue  # an unreadable or unfamiliar entry: leave it out, keep the rest
+    return f"{model} ({', '.join(caches)})" if caches else model
+
+
+def _kib(size: str) -> str:
+    """A sysfs cache size ("32K", "32768K", "1M") in the largest whole binary unit."""
+    units = {"K": 1, "M": 1024, "G": 1024 * 1024}
+    kib = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size) // 1024
+    if kib >= 1024 and kib % 1024 == 0:
+        return f"{kib // 1024} MiB"
+    return f"{kib} KiB"
 
 
 def measure_read_bandwidth(device: Device, nbytes: int = 512 << 20, repeats: int = 5) -> float:
