@@ -24,11 +24,12 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from common.bench.report import atomic_write, command_line  # noqa: E402
 from common.kv.quant import SCALE_DTYPE  # noqa: E402
+from common.parallel.capacity import contiguous_fit  # noqa: E402
 from common.parallel.memory import kv_bytes_per_token  # noqa: E402
 from models.glm import GlmArgs  # noqa: E402
 
 GIB = 2**30
-# name -> (model dtype, int8 KV): the byte counts are the KV caches' own (+opt=kv_int8).
+# name -> (model dtype, int8 KV), sized by the memory model (+opt=kv_int8's format).
 KV_DTYPES = {"bf16": (torch.bfloat16, False), "int8": (torch.bfloat16, True)}
 SCALE = str(SCALE_DTYPE).removeprefix("torch.")
 MODEL_CONFIG = ROOT / "configs/model/glm4_9b.yaml"
@@ -58,10 +59,9 @@ def table(budgets_gib: list[float], contexts: list[int]) -> list[Row]:
         mha = replace(gqa, num_key_value_heads=gqa.num_attention_heads)
         for attention, a in (("GQA", gqa), ("MHA", mha)):
             for kv_dtype in KV_DTYPES:
-                dims = (a.num_hidden_layers, a.num_key_value_heads, a.kv_head_dim)
-                per_token = kv_bytes_per_token(*dims, *KV_DTYPES[kv_dtype])
+                per_token = kv_bytes_per_token(a, *KV_DTYPES[kv_dtype])
                 fits = {
-                    budget_key(b, c): int(b * GIB) // (c * per_token)
+                    budget_key(b, c): contiguous_fit(int(b * GIB), c, per_token)
                     for b in budgets_gib
                     for c in contexts
                 }

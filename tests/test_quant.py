@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from common.nn.mlp import stack_linears
-from common.parallel.memory import weight_bytes
+from common.parallel.measured import weight_bytes
 from common.quant.int8 import (
     Int8Embedding,
     Int8WeightOnlyLinear,
@@ -136,7 +136,7 @@ def test_quantize_replaces_linears_and_embeddings_sharing_the_tied_table() -> No
 
 
 def test_int8_embedding_bytes_and_decode_bytes() -> None:
-    from common.parallel.memory import decode_weight_bytes
+    from common.parallel.measured import decode_weight_bytes
 
     untied = nn.Sequential(nn.Embedding(100, 32), nn.Linear(32, 100, bias=False)).bfloat16()
     quantize_int8(untied)

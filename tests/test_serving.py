@@ -16,6 +16,7 @@ from common.engine.engine import Engine
 from common.engine.scheduler import Scheduler, Sequence
 from common.io.checkpoint import from_seed
 from common.kv.cache import KVSpec
+from common.parallel.capacity import kv_capacity
 from common.parallel.memory import kv_bytes_per_token
 from models.llama import LlamaArgs, LlamaForCausalLM
 
@@ -29,7 +30,7 @@ ARGS = LlamaArgs(
     num_key_value_heads=2,
     max_position_embeddings=96,
 )
-TOKEN_BYTES = kv_bytes_per_token(2, 2, 8, torch.float32, False)
+TOKEN_BYTES = kv_bytes_per_token(ARGS, torch.float32)
 BS = 4
 
 
@@ -213,11 +214,8 @@ def test_contiguous_max_len_reserves_max_length_slots() -> None:
 
 
 def test_kv_capacity_contiguous_max_len_vs_paged() -> None:
-    from common.bench.worker import kv_capacity
-
-    reqs = [Request([1] * 10, 6), Request([1] * 30, 2)]  # 16 and 32 tokens
-    cap = kv_capacity(reqs, 100, KVSpec("paged", block_size=BS, max_len=64), batch=2)
-    assert cap["kv_budget_bytes"] == 2 * 64 * 100
-    assert cap["max_concurrent_contiguous"] == 2
+    cap = kv_capacity([16, 32], 100, BS, batch=2, max_len=64)
+    assert cap.budget_bytes == 2 * 64 * 100
+    assert cap.contiguous == 2
     # 128 slots = 32 blocks; sequences take 4, 8, 4, 8, ... blocks: 5 fit (28 blocks)
-    assert cap["max_concurrent_paged"] == 5
+    assert cap.paged == 5

@@ -15,7 +15,8 @@ from torch import nn
 
 from common.bench.runners import Runner
 from common.core.request import Request
-from common.parallel.memory import decode_weight_bytes, model_kv_bytes_per_token
+from common.parallel.measured import decode_weight_bytes
+from common.parallel.memory import kv_bytes_per_token
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -106,11 +107,10 @@ def roofline(
     model: nn.Module, kv_dtype: torch.dtype, bandwidth: float, kv_int8: bool = False
 ) -> Callable[[dict, float], float]:
     """% of the memory-bandwidth bound achieved in decode: every decode step reads the weights
-    once plus each row's live KV; bound time = bytes / bandwidth, against measured decode time."""
-    weights, per_token = (
-        decode_weight_bytes(model),
-        model_kv_bytes_per_token(model, kv_dtype, kv_int8),
-    )
+    once (as this model holds them, whatever transforms ran) plus each row's live KV; bound
+    time = bytes / bandwidth, against measured decode time."""
+    weights = decode_weight_bytes(model)
+    per_token = kv_bytes_per_token(model.args, kv_dtype, kv_int8)
 
     def pct(stats: dict, decode_s: float) -> float:
         if not stats.get("decode_steps") or decode_s <= 0:

@@ -12,12 +12,14 @@ from common.bench.fidelity import fidelity, same_as_alone
 from common.bench.measure import measure, roofline
 from common.bench.runners import engine_runner
 from common.bench.workload import arrival_times, build_requests
-from common.core.request import Request, SamplingParams
+from common.core.request import SamplingParams
 from common.device.select import resolve_dtype, select_device
 from common.engine.engine import Engine
 from common.kv.cache import KVSpec
 from common.nn.causal_lm import CausalLM
-from common.parallel.memory import model_kv_bytes_per_token, weight_bytes
+from common.parallel.capacity import kv_capacity
+from common.parallel.measured import weight_bytes
+from common.parallel.memory import kv_bytes_per_token
 from common.transforms.registry import apply_transforms
 
 
@@ -29,33 +31,6 @@ def kv_spec(cfg: Any) -> KVSpec:
     return KVSpec(
         kind, kv.int8, kv.block_size, cfg.scheduler.kv_budget, kv.prefix_cache, kv.max_len
     )
-
-
-def kv_capacity(
-    requests: list[Request],
-    per_token: int,
-    spec: KVSpec,
-    batch: int,
-) -> dict:
-    """How many of the workload's sequences fit in one KV budget: contiguous allocation gives
-    every sequence kv_cache.max_len slots (or the workload's longest); paged gives each
-    ceil(len / block) blocks. The budget defaults to what contiguous needs for `batch`."""
-    lengths = [len(r.prompt) + r.max_new_tokens for r in requests]
-    slots = spec.max_len or max(lengths)
-    budget = spec.budget_bytes or batch * slots * per_token
-    blocks_left = budget // (spec.block_size * per_token)
-    paged = 0
-    while True:  # sequences in arrival order, cycling, until the next one does not fit
-        need = -(-lengths[paged % len(lengths)] // spec.block_size)
-        if need > blocks_left:
-            break
-        blocks_left -= need
-        paged += 1
-    return {
-        "kv_budget_bytes": budget,
-        "max_concurrent_contiguous": budget // (slots * per_token),
-        "max_concurrent_paged": paged,
-    }
 
 
 def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
@@ -88,14 +63,23 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
         runner, requests, cfg.bench.warmup, cfg.bench.repeats, roof, w.kind in QUEUED, slo
     )
     reference = Path(cfg.bench.reference)
-    per_token = model_kv_bytes_per_token(model, dtype, spec.int8)
+    capacity = kv_capacity(
+        [len(r.prompt) + r.max_new_tokens for r in requests],
+        kv_bytes_per_token(model.args, dtype, spec.int8),
+        spec.block_size,
+        cfg.scheduler.max_batch,
+        spec.max_len,
+        spec.budget_bytes,
+    )
     first_round = cfg.bench.get("round", 0) == 0
     result = {
         "runs": runs,
         "metrics": {
             "weight_bytes": weight_bytes(model),
             "kv_bytes": runner.peak_kv(),
-            **kv_capacity(requests, per_token, spec, cfg.scheduler.max_batch),
+            "kv_budget_bytes": capacity.budget_bytes,
+            "max_concurrent_contiguous": capacity.contiguous,
+            "max_concurrent_paged": capacity.paged,
             "peak_mem_bytes": device.peak_memory_bytes(),
         },
         "fidelity": {

@@ -1,67 +1,183 @@
-"""One memory model: bytes of weights and KV per token for a model, dtype and quantization.
+"""One memory model: the bytes a model needs per device, from its config alone.
 
-Everything that sizes memory (the bench's KV and roofline columns, KV capacity, the GQA
-table, and later the planner) asks this module, so the arithmetic exists once.
+Weights (for a dtype and a weight quantization scheme), KV per token, activations and
+workspace, split over a parallel layout (tensor-parallel ranks x pipeline stages). Everything
+that sizes memory (the bench's KV and roofline columns, KV capacity, the GQA table, the
+planner) asks this module; common/parallel/measured.py holds the measured counterparts the
+tests compare it with, and common/parallel/activations.py the activation estimate.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
-from torch import Tensor, nn
 
+from common.core.errors import RecipeError
 from common.kv.quant import SCALE_DTYPE
+from common.parallel.activations import activation_bytes, workspace_bytes
+from common.parallel.layout import ONE_DEVICE, Layout, Shard, shard
+
+if TYPE_CHECKING:
+    from common.nn.causal_lm import ModelArgs
+
+WEIGHT_SCHEMES = ("none", "int8")
 
 
-def kv_bytes_per_token(
-    num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, int8: bool
-) -> int:
-    """K + V bytes one token occupies across all layers (int8: data plus one scale per head)."""
-    per_head = head_dim + SCALE_DTYPE.itemsize if int8 else head_dim * dtype.itemsize
-    return 2 * num_layers * kv_heads * per_head
+def _matrix_bytes(rows: int, cols: int, dtype: torch.dtype, scheme: str) -> int:
+    """A [rows, cols] weight: float, or int8 with one scale per row (output channel) in the
+    weight dtype (common/quant/int8.py; embedding tables are quantized the same way)."""
+    if scheme == "int8":
+        return rows * cols + rows * dtype.itemsize
+    return rows * cols * dtype.itemsize
 
 
-def model_kv_bytes_per_token(model: nn.Module, dtype: torch.dtype, int8: bool = False) -> int:
-    a = model.args
-    return kv_bytes_per_token(
-        a.num_hidden_layers, a.num_key_value_heads, a.kv_head_dim, dtype, int8
+def _check_scheme(scheme: str) -> None:
+    if scheme not in WEIGHT_SCHEMES:
+        raise RecipeError(
+            f"unknown weight scheme {scheme!r}; choose one of {', '.join(WEIGHT_SCHEMES)}"
+        )
+
+
+# HF's modeling code, not config.json, decides whether attention_bias covers o_proj: LLaMA's
+# does, GLM-4's does not. Families listed here bias q/k/v only; a ModelArgs that defines
+# `o_proj_bias` itself overrides this.
+_QKV_ONLY_BIAS = {"GlmArgs"}
+
+
+def _biases(args: ModelArgs) -> tuple[bool, bool, bool]:
+    """(q/k/v, o_proj, MLP) biases."""
+    qkv = bool(getattr(args, "attention_bias", False))
+    o = getattr(args, "o_proj_bias", qkv and type(args).__name__ not in _QKV_ONLY_BIAS)
+    return qkv, bool(o), bool(getattr(args, "mlp_bias", False))
+
+
+@dataclass(frozen=True)
+class WeightBytes:
+    """Weight bytes one device holds, by part."""
+
+    embedding: int  # token embedding table (a forward reads one row per token)
+    layers: int  # this stage's decoder layers
+    head: int  # final norm + LM head; the head's table is `embedding` when tied on this device
+    head_reads_embedding: bool  # tied head on the embedding's device: decode reads the table
+
+    @property
+    def total(self) -> int:
+        return self.embedding + self.layers + self.head
+
+    @property
+    def decode_read(self) -> int:
+        """Bytes a decode step reads: all but the embedding table, unless the head is that table."""
+        return self.total - (0 if self.head_reads_embedding else self.embedding)
+
+
+def layer_weight_bytes(args: ModelArgs, dtype: torch.dtype, scheme: str, s: Shard) -> int:
+    """One decoder layer on one tensor-parallel rank: q/k/v and gate/up split by output
+    channel (q by heads, k/v by KV heads), o/down by input channel (their biases and int8
+    scales cover every output channel, so each rank holds all of them), norms replicated."""
+    h, d, e = args.hidden_size, args.kv_head_dim, dtype.itemsize
+    qkv_bias, o_bias, mlp_bias = _biases(args)
+    q, kv, inter = s.heads * d, s.kv_heads * d, s.intermediate
+    mat = lambda rows, cols: _matrix_bytes(rows, cols, dtype, scheme)  # noqa: E731
+    attention = mat(q + 2 * kv, h) + mat(h, q) + e * ((q + 2 * kv) * qkv_bias + h * o_bias)
+    mlp = mat(2 * inter, h) + mat(h, inter) + e * (2 * inter + h) * mlp_bias
+    norms = 2 * h * e
+    return attention + mlp + norms
+
+
+def weights_per_device(
+    args: ModelArgs,
+    dtype: torch.dtype,
+    scheme: str = "none",
+    layout: Layout = ONE_DEVICE,
+    stage: int = 0,
+) -> WeightBytes:
+    """Weights on one device of `stage` (every tensor-parallel rank of a stage holds the same
+    bytes; a vocab that does not divide is padded to the largest shard). Embeddings live on
+    the first stage, final norm and head on the last; a tied head shares the embedding table
+    when both are on one stage and holds its own copy on the last stage otherwise."""
+    _check_scheme(scheme)
+    s = shard(args, layout)
+    first, last = stage == 0, stage == layout.pp - 1
+    table = _matrix_bytes(s.vocab, args.hidden_size, dtype, scheme)
+    shared = args.tie_word_embeddings and first and last
+    head = args.hidden_size * dtype.itemsize + (0 if shared else table) if last else 0
+    return WeightBytes(
+        embedding=table if first else 0,
+        layers=s.stage_layers[stage] * layer_weight_bytes(args, dtype, scheme, s),
+        head=head,
+        head_reads_embedding=shared,
     )
 
 
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and persistent buffers; a tensor shared by several modules counts once."""
-    seen: set[int] = set()
-    total = 0
-    for module in model.modules():
-        tensors = list(module._parameters.values()) + [
-            buf
-            for name, buf in module._buffers.items()
-            if name not in module._non_persistent_buffers_set
-        ]
-        for t in tensors:
-            if t is not None and id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-    return total
+def parameter_count(args: ModelArgs) -> int:
+    """Parameters of the float model (a tied head counted once)."""
+    return weights_per_device(args, torch.int8).total  # 1 byte per parameter
 
 
-def is_lookup_table(module: nn.Module) -> bool:
-    """Modules whose forward reads one row per token (embeddings, float or quantized)."""
-    return isinstance(module, nn.Embedding) or getattr(module, "lookup_table", False)
+def kv_bytes_per_token(
+    args: ModelArgs,
+    dtype: torch.dtype,
+    int8: bool = False,
+    layout: Layout = ONE_DEVICE,
+    stage: int = 0,
+) -> int:
+    """K + V bytes one token occupies on one device: its stage's layers x the rank's KV heads
+    (int8: the int8 vector plus one float16 scale per token and head, common/kv/quant.py)."""
+    s = shard(args, layout)
+    d = args.kv_head_dim
+    per_head = d + SCALE_DTYPE.itemsize if int8 else d * dtype.itemsize
+    return 2 * s.stage_layers[stage] * s.kv_heads * per_head
 
 
-def decode_weight_bytes(model: nn.Module) -> int:
-    """Weight bytes read per decode step: everything but embedding tables (one row is read),
-    unless an LM head shares the table."""
+@dataclass(frozen=True)
+class DeviceMemory:
+    """Bytes one device holds: any tensor-parallel rank of pipeline stage `stage`."""
 
-    def own(m: nn.Module) -> list[Tensor]:
-        return [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+    stage: int
+    weights: WeightBytes
+    kv: int
+    activations: int
+    workspace: int  # an estimate, like activations (common/parallel/activations.py)
 
-    read = {id(t) for m in model.modules() if not is_lookup_table(m) for t in own(m)}
-    embeddings = {
-        id(t): t.nbytes
-        for m in model.modules()
-        if is_lookup_table(m)
-        for t in own(m)
-        if id(t) not in read
-    }
-    return weight_bytes(model) - sum(embeddings.values())
+    @property
+    def total(self) -> int:
+        return self.weights.total + self.kv + self.activations + self.workspace
+
+
+def device_memory(
+    args: ModelArgs,
+    dtype: torch.dtype,
+    layout: Layout = ONE_DEVICE,
+    scheme: str = "none",
+    kv_int8: bool = False,
+    kv_tokens: int = 0,
+    batch: int = 1,
+    seq_len: int = 1,
+    context: int | None = None,
+    eager_attention: bool = True,
+) -> list[DeviceMemory]:
+    """Each pipeline stage's device: weights, KV for `kv_tokens` tokens (every sequence's
+    reserved slots together), and the activations and workspace of a forward of `batch` rows
+    of `seq_len` new tokens seeing `context` keys. The planner wants max(..., key=total)."""
+    return [
+        DeviceMemory(
+            stage=stage,
+            weights=weights_per_device(args, dtype, scheme, layout, stage),
+            kv=kv_tokens * kv_bytes_per_token(args, dtype, kv_int8, layout, stage),
+            activations=activation_bytes(args, dtype, batch, seq_len),
+            workspace=workspace_bytes(
+                args,
+                dtype,
+                batch,
+                seq_len,
+                context,
+                layout,
+                eager_attention,
+                dequantized_weights=scheme == "int8",
+                head=stage == layout.pp - 1,
+            ),
+        )
+        for stage in range(layout.pp)
+    ]
