@@ -10,10 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch.profiler import ProfilerActivity, profile
 
+from common.attention.backends import eager_attention, sdpa_attention
+from common.attention.meta import ForwardContext
 from common.core.errors import RecipeError
 from common.io.checkpoint import from_seed
-from common.kv.cache import KVSpec, make_cache
+from common.kv.cache import KVSpec, NoCache, make_cache
 from common.parallel.activations import activation_bytes, workspace_bytes
 from common.parallel.capacity import kv_capacity
 from common.parallel.layout import Layout, stage_layers
@@ -158,6 +161,44 @@ def test_activation_and_workspace_formula() -> None:
     assert workspace_bytes(big_vocab, torch.bfloat16, 2, 1, context=32) == 2 * 32000 * (2 + 4)
     with pytest.raises(RecipeError, match="batch >= 1"):
         activation_bytes(args, torch.bfloat16, 0, 1)
+
+
+def _peak_live_bytes(fn) -> int:
+    """The largest sum of live tensor bytes while fn runs, from the profiler's allocation
+    events (an op's own allocations net of its frees, frees as [memory] events)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("shape", [(2, 128), (4, 1)])  # a prefill; one token per row
+@pytest.mark.parametrize("eager", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_activation_estimate_near_measured_peak(
+    family: str, dtype: torch.dtype, eager: bool, shape: tuple[int, int]
+) -> None:
+    cls, args = tiny_args(family)
+    model = from_seed(cls, args, 0, "cpu", dtype)
+    batch, seq_len = shape
+    ids = torch.randint(0, args.vocab_size, shape)
+    positions = torch.arange(seq_len).expand(batch, seq_len)
+    cache = NoCache()
+    meta = cache.begin(positions, torch.ones_like(ids).bool())
+    ctx = ForwardContext(cache, eager_attention if eager else sdpa_attention, meta)
+
+    def forward() -> None:
+        with torch.no_grad():
+            model.logits(model(ids, positions, ctx)[:, -1]).float()
+
+    estimate = activation_bytes(args, dtype, batch, seq_len) + workspace_bytes(
+        args, dtype, batch, seq_len, eager_attention=eager
+    )
+    assert 0.8 < estimate / _peak_live_bytes(forward) < 1.25
 
 
 def test_kv_capacity_default_budget_is_whole_blocks() -> None:

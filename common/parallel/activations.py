@@ -11,7 +11,8 @@ in a model dtype of e bytes:
   frees each before the next):
   - attention: q/k/v and their rotated copies, 2 * N * (h + 2k) * D * e; eager attention adds
     the score matrix [batch, h, seq_len, context] in the model dtype, its fp32 softmax and
-    the probabilities cast back, batch * h * seq_len * context * (2e + 4) (fused kernels tile it);
+    the probabilities cast back, batch * h * seq_len * context * (2e + 4) (8 bytes in fp32,
+    where the cast copies nothing; fused kernels tile the matrix instead);
   - MLP: gate and up outputs (stacked or not), silu(gate) and the product, 4 * N * I/tp * e;
   - logits of the last token of each row, [batch, V/tp] in the model dtype and in fp32.
   Weights stored quantized and dequantized per matmul (weight-only int8 in prefill) add, in
@@ -19,7 +20,9 @@ in a model dtype of e bytes:
 
 Not counted: the allocator's caching and fragmentation, kernels' own scratch, the cos/sin
 tables, communication buffers, and inputs held by a pipeline stage for more than one
-micro-batch. Compare with the device's peak memory before trusting it near a limit.
+micro-batch. tests/test_memory.py holds it within 25% of the peak of live tensors the
+profiler records for the tiny presets; compare with a device's peak memory before trusting
+it near a limit.
 """
 
 from __future__ import annotations
@@ -58,10 +61,11 @@ def workspace_bytes(
     s, e = shard(args, layout), dtype.itemsize
     n, d, hidden = batch * seq_len, args.kv_head_dim, args.hidden_size
     qkv = (s.heads + 2 * s.kv_heads) * d
-    scores = batch * s.heads * seq_len * (context or seq_len) * (2 * e + 4)
+    casts = dtype != torch.float32  # casts to and from fp32 copy only from another dtype
+    scores = batch * s.heads * seq_len * (context or seq_len) * (e + 4 + e * casts)
     attention = 2 * n * qkv * e + (scores if eager_attention else 0)
     mlp = 4 * n * s.intermediate * e
-    logits = batch * s.vocab * (e + 4)
+    logits = batch * s.vocab * (e + 4 * casts)
     if dequantized_weights:  # the phase's largest weight [out, in] in the model dtype
         attention += qkv * hidden * e  # stacked q/k/v (o_proj is smaller)
         mlp += 2 * s.intermediate * hidden * e
