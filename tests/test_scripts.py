@@ -32,3 +32,17 @@ def test_train_small_lm_writes_a_loadable_trained_checkpoint(tmp_path: Path) -> 
         json.loads(line)["prompt"] for line in (out / "prompts.jsonl").read_text().splitlines()
     ]
     assert len(prompts) == 3 and all(len(tokenizer(p)["input_ids"]) >= 100 for p in prompts)
+
+
+def test_attention_prefill_table_writes_both_backends_per_length(tmp_path: Path) -> None:
+    out = tmp_path / "attention_prefill"
+    cmd = [sys.executable, "scripts/attention_prefill_table.py", "--scale", "tiny",
+           "--lengths", "16", "32", "--rounds", "1", "--repeats", "1", "--out", str(out)]  # fmt: skip
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["tokens"], r["backend"]) for r in result["rows"]] == [
+        (16, "eager"), (16, "flash"), (32, "eager"), (32, "flash")
+    ]  # fmt: skip
+    assert all(r["ms"] > 0 and r["extra_bytes"] >= 0 for r in result["rows"])
+    table = out.with_suffix(".md").read_text()
+    assert "| 32 | fused (flash_attn: SDPA) |" in table and result["cpu"] in table
