@@ -8,6 +8,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from common.core.config import OptSpec
+from common.transforms.registry import check_combination
+
 # What "speedup" compares, per workload: the metric users of that workload care about.
 SPEEDUP = {
     "latency": ("decode_tokens_per_s", "decode tok/s"),
@@ -34,21 +37,28 @@ class Variant:
 
 
 def plan(
-    opts: list[str], ladder: bool, each: bool, peers: list[str], rows: list[list[str]] | None = None
+    opts: list[str],
+    ladder: bool,
+    each: bool,
+    peers: list[str],
+    rows: list[list[str]] | None,
+    specs: dict[str, OptSpec],
 ) -> list[Variant]:
     """Rows after the baseline: explicit opt lists (bench.variants), a cumulative ladder, each
-    opt alone, or all opts together; then the peers."""
-    variants = [Variant("baseline", [])]
+    opt alone (with the opts it requires), or all opts together; then the peers. Every row's
+    opts are checked as a combination before any of them runs."""
     if rows:
-        variants += [Variant("+".join(r), list(r)) for r in rows]
+        groups = [list(r) for r in rows]
     elif ladder:
-        variants += [
-            Variant("+" + " +".join(opts[: i + 1]), opts[: i + 1]) for i in range(len(opts))
-        ]
+        groups = [opts[: i + 1] for i in range(len(opts))]
     elif each:
-        variants += [Variant(o, [o]) for o in opts]
-    elif opts:
-        variants.append(Variant("+".join(opts), opts))
+        groups = [[*specs[o].requires, o] if o in specs else [o] for o in opts]
+    else:
+        groups = [opts] if opts else []
+    for group in groups:
+        check_combination(group, specs)
+    name = (lambda g: "+" + " +".join(g)) if ladder and not rows else "+".join
+    variants = [Variant("baseline", []), *(Variant(name(g), g) for g in groups)]
     return variants + [Variant(f"{p} generate()", [], peer=p) for p in peers]
 
 
@@ -69,12 +79,16 @@ def workload_desc(w: Any) -> str:
     )
 
 
-def _label(opts: list[str], rows: list[list[str]], bench: Any) -> str:
-    """The results file name: the rows compared, and how they were expanded (ladder, each,
-    peers), so runs of the same opts with different rows never overwrite each other."""
+def results_name(cfg: Any, opts: list[str], rows: list[list[str]] | None) -> str:
+    """The results file name: the workload and the rows compared, how they were expanded
+    (ladder, each, peers) and, under -m, the job's own overrides. No dots: a dot would read
+    as a file suffix."""
     label = "vs-" + ",".join("+".join(r) for r in rows) if rows else "+".join(opts) or "baseline"
-    extras = [k for k in ("ladder", "each") if bench[k]] + [f"with-{p}" for p in bench.peers]
-    return "-".join([label, *extras])
+    extras = [k for k in ("ladder", "each") if cfg.bench[k]] + [
+        f"with-{p}" for p in cfg.bench.peers
+    ]
+    name = "-".join([f"{'sweep-' if cfg.bench.sweep else ''}{cfg.workload.kind}", label, *extras])
+    return name + _job_suffix()
 
 
 def _job_suffix() -> str:
@@ -85,4 +99,4 @@ def _job_suffix() -> str:
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return ""
-    return "@" + re.sub(r"[^\w.=,+-]+", "_", hc.job.override_dirname)
+    return "@" + re.sub(r"[^\w=,+-]+", "_", hc.job.override_dirname)

@@ -1,7 +1,8 @@
 """Optimizations are config choices plus model transforms `apply(model, cfg) -> model`.
 
-Each configs/opt/NAME.yaml adds `opts.NAME: {devices: [...]}` and sets only its own keys;
-choices (attention backend, KV cache kind) are read by the engine, transforms run here.
+Each configs/opt/NAME.yaml adds `opts.NAME: {devices, requires, conflicts}` (an OptSpec) and
+sets only its own keys; choices (attention backend, KV cache kind) are read by the engine,
+transforms run here.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
 from torch import nn
 
+from common.core.config import OptSpec
 from common.core.errors import RecipeError
 from common.device.select import Device
 from common.quant.int8 import quantize_int8
@@ -20,6 +23,35 @@ from common.transforms.fusion import fuse_projections
 
 def available_opts(config_dir: Path) -> list[str]:
     return sorted(p.stem for p in (config_dir / "opt").glob("*.yaml"))
+
+
+def opt_specs(config_dir: Path) -> dict[str, OptSpec]:
+    """Every opt's declaration, read from its own configs/opt/NAME.yaml."""
+    schema = OmegaConf.structured(OptSpec)
+    return {
+        name: OmegaConf.to_object(
+            OmegaConf.merge(schema, OmegaConf.load(config_dir / "opt" / f"{name}.yaml").opts[name])
+        )
+        for name in available_opts(config_dir)
+    }
+
+
+def check_combination(names: list[str], specs: dict[str, OptSpec]) -> None:
+    """One variant's opts: each known, each one's requirements selected, no two in conflict."""
+    for name in names:
+        if name not in specs:
+            raise RecipeError(f"unknown opt {name!r}; available: {', '.join(sorted(specs))}")
+    chosen = set(names)
+    for name in names:
+        if missing := [r for r in specs[name].requires if r not in chosen]:
+            valid = ",".join([*missing, *names])
+            raise RecipeError(
+                f"opt {name!r} requires {', '.join(missing)}; add it, e.g. +opt={valid}"
+            )
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if b in specs[a].conflicts or a in specs[b].conflicts:
+                raise RecipeError(f"opts {a!r} and {b!r} conflict: choose one of them")
 
 
 def check_opts_supported(opts: Any, device: Device) -> None:

@@ -1,0 +1,96 @@
+"""Everything a run can get wrong, checked once before any worker starts.
+
+The typed config (common/core/config.py) checks keys, types and ranges; this module adds
+what needs a package above core: the device, the opts as combinations, the model for this
+recipe, the requests the workload builds, and each choice against its package's own list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from common.bench.peers import PEERS
+from common.bench.plan import Variant, plan
+from common.bench.worker import kv_spec
+from common.bench.workload import arrival_times, build_requests
+from common.core.config import CONFIG_DIR, ModelConfig, RecipeConfig, typed
+from common.core.errors import RecipeError
+from common.core.request import SamplingParams
+from common.device.select import Device, resolve_dtype, select_device
+from common.engine.scheduler import KINDS, POLICIES
+from common.io.checkpoint import args_from_hf
+from common.io.presets import load_tokenizer, preset_args
+from common.nn.causal_lm import CausalLM, ModelArgs
+from common.transforms.registry import check_opts_supported, opt_specs
+
+
+@dataclass(frozen=True)
+class Checked:
+    config: RecipeConfig
+    device: Device
+    variants: list[Variant]
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
+    if value not in choices:
+        raise RecipeError(f"unknown {key} {value!r}; choose one of {', '.join(choices)}")
+
+
+def _model_args(model: Any, model_cls: type[CausalLM]) -> ModelArgs:
+    """The model this run builds, without its weights; another recipe's model is an error."""
+    if model.architecture != model_cls.hf_class_name:
+        fits = [
+            p.stem
+            for p in sorted((CONFIG_DIR / "model").glob("*.yaml"))
+            if OmegaConf.load(p).architecture == model_cls.hf_class_name
+        ]
+        raise RecipeError(
+            f"model {model.name!r} ({model.architecture}) does not run in this recipe, "
+            f"which runs {model_cls.hf_class_name}; choose model={' or model='.join(fits)}"
+        )
+    if model.path:
+        return args_from_hf(model_cls, model.path)  # a missing dir or bad config.json fails here
+    return preset_args(model, model_cls)
+
+
+def _check_choices(cfg: Any, config: RecipeConfig, device: Device) -> None:
+    from common.attention.backends import get_backend
+
+    get_backend(config.attention.backend, device, paged=config.kv_cache.kind == "paged")
+    _choice("scheduler.kind", config.scheduler.kind, KINDS)
+    _choice("scheduler.policy", config.scheduler.policy, POLICIES)
+    for peer in config.bench.peers:
+        _choice("bench.peers entry", peer, PEERS)
+    SamplingParams(**cfg.generation)
+
+
+def _check_requests(cfg: Any, model: ModelConfig, args: ModelArgs) -> None:
+    """Build the workload's requests as the workers will: a bad prompt file line, a zero
+    count or length fails here."""
+    tokenizer = load_tokenizer(model.path) if model.path and cfg.workload.kind == "file" else None
+    requests = build_requests(cfg.workload, args.vocab_size, tokenizer)
+    arrival_times(cfg.workload, len(requests))
+
+
+def preflight(cfg: Any, model_cls: type[CausalLM]) -> Checked:
+    config = typed(cfg)
+    device = select_device(config.hardware.device)
+    check_opts_supported(cfg.opts, device)
+    resolve_dtype(config.model.dtype, device)
+    _check_choices(cfg, config, device)
+    args = _model_args(cfg.model, model_cls)
+    _check_requests(cfg, config.model, args)
+    opts = list(config.opts)
+    rows = config.bench.variants
+    if rows and opts:
+        raise RecipeError(
+            "give the rows either as +opt=... or as bench.variants=[[...], ...], not both"
+        )
+    specs = {**opt_specs(CONFIG_DIR), **config.opts}
+    variants = plan(opts, config.bench.ladder, config.bench.each, config.bench.peers, rows, specs)
+    if not config.bench.each:  # the combined variant must be a valid KV choice
+        kv_spec(cfg)
+    return Checked(config, device, variants)

@@ -1,0 +1,270 @@
+"""The typed recipe config: one dataclass per config section, checked once before any worker.
+
+Hydra composes configs/<recipe>.yaml and the command line as usual; `typed(cfg)` then merges
+the result onto these dataclasses (an unknown key or a value of the wrong type is an error
+naming its full key) and builds them; then each section's `check()` tests its own value
+ranges. Choices that belong to a package above core (attention backends, KV kinds, peers)
+are checked by the bench's preflight against that package's own list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+from common.core.errors import RecipeError
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# OmegaConf reads the annotations at runtime: Optional[...] instead of `X | None` here.
+
+
+def _require(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise RecipeError(f"{key} must be {rule}, got {value!r}")
+
+
+def _positive_or_none(key: str, value: int | float | None, unset: str) -> None:
+    _require(value is None or value > 0, key, value, f"> 0 (null = {unset})")
+
+
+@dataclass
+class OptSpec:
+    """configs/opt/NAME.yaml's `opts.NAME` entry: where the opt runs and how it combines."""
+
+    devices: list[str] = field(default_factory=list)
+    requires: list[str] = field(default_factory=list)  # opts that must be selected with it
+    conflicts: list[str] = field(default_factory=list)  # opts it cannot be combined with
+
+
+@dataclass
+class AttentionConfig:
+    backend: str = "eager"
+
+
+@dataclass
+class KVCacheConfig:
+    kind: str = "dynamic"
+    int8: bool = False
+    block_size: int = 16
+    prefix_cache: bool = False
+    max_len: int | None = None
+
+    def check(self) -> None:
+        _require(self.block_size > 0, "kv_cache.block_size", self.block_size, "> 0")
+        _positive_or_none("kv_cache.max_len", self.max_len, "the batch's longest sequence")
+
+
+@dataclass
+class SchedulerConfig:
+    kind: str = "static"
+    policy: str = "fcfs"
+    max_batch: int = MISSING
+    max_tokens_per_step: int | None = None
+    kv_budget: int | None = None
+
+    def check(self) -> None:
+        _require(self.max_batch > 0, "scheduler.max_batch", self.max_batch, "> 0")
+        _positive_or_none("scheduler.max_tokens_per_step", self.max_tokens_per_step, "unlimited")
+        _positive_or_none("scheduler.kv_budget", self.kv_budget, "room for max_batch sequences")
+
+
+@dataclass
+class QuantConfig:
+    weights: str = "none"
+
+
+@dataclass
+class FusionConfig:
+    projections: bool = False
+
+
+@dataclass
+class GenerationConfig:
+    """transformers' names; SamplingParams checks the values."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+
+@dataclass
+class SweepConfig:
+    key: str = MISSING
+    values: list[Any] = MISSING
+
+
+@dataclass
+class BenchConfig:
+    rounds: int = 3
+    warmup: int = 1
+    repeats: int = 1
+    ladder: bool = False
+    each: bool = False
+    variants: list[list[str]] | None = None
+    peers: list[str] = field(default_factory=list)
+    sweep: SweepConfig | None = None
+    results_dir: str = "results"
+    threads: int | None = None
+    seed: int = 0
+    check_alone: bool = False
+    # set by the orchestrator for its worker subprocesses
+    role: str = "main"
+    worker_out: str | None = None
+    reference: str | None = None
+    peer: str | None = None
+    bandwidth: float | None = None
+    round: int = 0
+
+    def check(self) -> None:
+        _require(self.rounds >= 1, "bench.rounds", self.rounds, ">= 1")
+        _require(self.repeats >= 1, "bench.repeats", self.repeats, ">= 1")
+        _require(self.warmup >= 0, "bench.warmup", self.warmup, ">= 0")
+        _positive_or_none("bench.threads", self.threads, "torch's default")
+        _require(self.role in ("main", "worker"), "bench.role", self.role, "main or worker")
+        if self.variants and any(not row for row in self.variants):
+            raise RecipeError("bench.variants: every row needs at least one opt")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    architecture: str = MISSING  # the transformers class; a recipe runs only its own
+    path: str | None = None
+    scale: str = "small"
+    dtype: str = "auto"
+    seed: int = 0
+    allow_pickle: bool = False
+    allow_random_full: bool = False
+    common: dict[str, Any] = field(default_factory=dict)
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class HardwareConfig:
+    device: str = "auto"
+    name: str | None = None
+    mem_bw_gbs: float | None = None
+
+    def check(self) -> None:
+        _positive_or_none("hardware.mem_bw_gbs", self.mem_bw_gbs, "probe")
+
+
+@dataclass
+class WorkloadConfig:
+    """Keys every workload has; request counts and lengths are checked where requests are
+    built (common/bench/workload.py), which the preflight runs."""
+
+    kind: str = MISSING
+    max_new_tokens: Any = MISSING  # an int, or [lo, hi]
+    batch_size: int = 1
+    ignore_eos: bool = False
+    seed: int = 0
+
+    def check(self) -> None:
+        _require(self.batch_size > 0, "workload.batch_size", self.batch_size, "> 0")
+
+
+@dataclass
+class LatencyWorkload(WorkloadConfig):
+    num_prompts: int = MISSING
+    prompt_len: int = MISSING
+
+
+@dataclass
+class ThroughputWorkload(WorkloadConfig):
+    num_requests: int = MISSING
+    prompt_len: Any = MISSING
+    new_tokens_dist: str = "uniform"
+    new_tokens_mean: float | None = None
+
+
+@dataclass
+class SharedPrefixWorkload(WorkloadConfig):
+    num_prompts: int = MISSING
+    prefix_len: int = MISSING
+    prompt_len: Any = MISSING
+
+
+@dataclass
+class OnlineWorkload(WorkloadConfig):
+    num_requests: int = MISSING
+    rate: float = MISSING
+    prompt_len: Any = MISSING
+    slo_ttft_ms: float = MISSING
+    slo_tpot_ms: float = MISSING
+
+
+@dataclass
+class FileWorkload(WorkloadConfig):
+    path: str = MISSING
+    max_new_tokens: int = 64  # a line's own "max_new_tokens" overrides it
+
+    def check(self) -> None:
+        super().check()
+        _require(self.max_new_tokens > 0, "workload.max_new_tokens", self.max_new_tokens, "> 0")
+
+
+WORKLOADS: dict[str, type[WorkloadConfig]] = {
+    "latency": LatencyWorkload,
+    "throughput": ThroughputWorkload,
+    "shared_prefix": SharedPrefixWorkload,
+    "online": OnlineWorkload,
+    "file": FileWorkload,
+}
+
+
+@dataclass
+class RecipeConfig:
+    recipe: str = MISSING
+    opts: dict[str, OptSpec] = field(default_factory=dict)
+    workload: Any = MISSING  # one of WORKLOADS, by its kind (checked before the scheduler)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+
+
+def _describe(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None) or "config"
+    if isinstance(e, MissingMandatoryValue):
+        return f"{key} must be set, e.g. {key}=... on the command line"
+    if isinstance(e, ConfigKeyError):
+        return f"unknown config key {key!r}"
+    reason = str(getattr(e, "msg", e)).splitlines()[0]
+    return f"{key}: {reason}"
+
+
+def _check_all(node: Any) -> None:
+    if is_dataclass(node):
+        if hasattr(node, "check"):
+            node.check()
+        for f in fields(node):
+            _check_all(getattr(node, f.name))
+
+
+def typed(cfg: DictConfig) -> RecipeConfig:
+    """The composed config as dataclasses: unknown keys, wrong types, missing values and
+    out-of-range values are one RecipeError naming the key."""
+    kind = cfg.workload.get("kind")
+    if kind not in WORKLOADS:
+        raise RecipeError(f"unknown workload.kind {kind!r}; choose one of {', '.join(WORKLOADS)}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RecipeConfig), cfg)
+        merged.workload = OmegaConf.merge(OmegaConf.structured(WORKLOADS[kind]), cfg.workload)
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise RecipeError(_describe(e)) from e
+    _check_all(config)
+    return config
