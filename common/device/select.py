@@ -1,15 +1,18 @@
 """Device selection: `auto` picks npu (torch_npu importable *and* a device present) > cuda > cpu.
 
 torch_npu installed without the CANN toolkit raises RuntimeError/OSError on import, so the guard
-catches Exception, not only ImportError.
+catches Exception, not only ImportError. A Device also knows its place in a distributed run:
+rank, world size and process group (one process, rank 0 of 1, when nothing is distributed).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import resource
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -36,6 +39,9 @@ def _available(kind: str) -> bool:
 @dataclass(frozen=True)
 class Device:
     type: str  # "cpu" | "cuda" | "npu"
+    rank: int = 0
+    world_size: int = 1
+    group: Any = field(default=None, compare=False)  # torch.distributed group; None = world
 
     @property
     def torch(self) -> torch.device:
@@ -73,14 +79,24 @@ class Device:
         return f"cpu ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
 
 
+def _placement() -> tuple[int, int, Any]:
+    """(rank, world size, group): from torch.distributed once initialized, else from the
+    RANK / WORLD_SIZE variables torchrun sets, else one process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), dist.group.WORLD
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), None
+
+
 def select_device(name: str = "auto") -> Device:
     if name not in DEVICE_TYPES:
         raise RecipeError(f"unknown device {name!r}; choose one of {', '.join(DEVICE_TYPES)}")
     if name == "auto":
-        return Device(next(k for k in ("npu", "cuda", "cpu") if _available(k)))
-    if not _available(name):
+        name = next(k for k in ("npu", "cuda", "cpu") if _available(k))
+    elif not _available(name):
         raise RecipeError(f"device {name!r} is not available on this machine; use hardware=auto")
-    return Device(name)
+    return Device(name, *_placement())
 
 
 def resolve_dtype(name: str, device: Device) -> torch.dtype:
