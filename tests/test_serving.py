@@ -1,5 +1,6 @@
-"""Engine.serve over paged KV: continuous batching invariants, preemption, prefix caching,
-int8 KV. fp32 tiny model, so greedy outputs must equal each request run alone."""
+"""The engine's scheduler over paged KV: continuous batching invariants, preemption (recompute
+and swap), prefix caching, int8 KV, online static batches. fp32 tiny model, so greedy outputs
+must equal each request run alone."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from common.core.errors import RecipeError
 from common.core.request import Request
 from common.device.select import Device
 from common.engine.engine import Engine
-from common.engine.scheduler import Scheduler, Sequence
+from common.engine.scheduler import Scheduler, SchedulerConfig, Sequence
 from common.io.checkpoint import from_seed
-from common.kv.cache import KVSpec
+from common.kv.ops import KVOps
+from common.kv.spec import KVSpec
 from common.parallel.capacity import kv_capacity
 from common.parallel.memory import kv_bytes_per_token
 from models.llama import LlamaArgs, LlamaForCausalLM
@@ -54,8 +56,13 @@ def alone() -> list[list[int]]:
     return [eng.generate([r])[0].tokens for r in workload()]
 
 
+def serving(spec: KVSpec, attention: str = "eager", **kw) -> Engine:
+    """An engine under the scheduler; continuous batching unless kw says otherwise."""
+    return Engine(model(), CPU, spec, attention, SchedulerConfig(**{"kind": "continuous", **kw}))
+
+
 def serve(spec: KVSpec, attention: str = "eager", **kw) -> list:
-    return Engine(model(), CPU, spec, attention).serve(workload(), **kw)
+    return serving(spec, attention, **kw).generate(workload())
 
 
 @pytest.mark.parametrize("attention", ["eager", "flash"])
@@ -76,18 +83,22 @@ def test_outputs_do_not_depend_on_policy_or_arrival_order(policy: str) -> None:
         r.priority = -i  # priority runs them newest first
     order = list(range(len(reqs)))
     random.Random(1).shuffle(order)
-    eng = Engine(model(), CPU, KVSpec("paged", block_size=BS))
-    outs = eng.serve([reqs[i] for i in order], policy=policy, max_batch=2)
+    eng = serving(KVSpec("paged", block_size=BS), policy=policy, max_batch=2)
+    outs = eng.generate([reqs[i] for i in order])
     assert [o.tokens for o in outs] == [alone()[i] for i in order]
 
 
-def test_preemption_under_a_small_budget_completes_every_request_correctly() -> None:
+@pytest.mark.parametrize("preemption", ["recompute", "swap"])
+def test_preemption_under_a_small_budget_completes_every_request_correctly(
+    preemption: str,
+) -> None:
     # Short prompts, long outputs: admission fits many, growth then runs out of blocks.
     reqs = [Request([5 + i, 9, 11 + i], 24) for i in range(5)]
     ref = [Engine(model(), CPU).generate([r])[0].tokens for r in reqs]
     budget = 16 * BS * TOKEN_BYTES  # 16 blocks; 5 sequences need 7 each at the end
-    eng = Engine(model(), CPU, KVSpec("paged", block_size=BS, budget_bytes=budget))
-    outs = eng.serve(reqs, max_batch=5)
+    spec = KVSpec("paged", block_size=BS, budget_bytes=budget)
+    eng = serving(spec, max_batch=5, preemption=preemption)
+    outs = eng.generate(reqs)
     assert [o.tokens for o in outs] == ref
     assert sum(o.preemptions for o in outs) > 0
     assert eng.peak_kv_bytes <= budget
@@ -99,7 +110,9 @@ def test_a_request_larger_than_the_whole_budget_is_a_clear_error() -> None:
 
 
 class CountingKV:
-    """Fake KV storage with a token budget: records the peak it ever held."""
+    """Fake KV manager with a token budget: records the peak it ever held."""
+
+    stores_kv = True
 
     def __init__(self, capacity: int) -> None:
         self.capacity, self.held, self.peak = capacity, {}, 0
@@ -112,73 +125,83 @@ class CountingKV:
         self.held[seq_id] = n
         self.peak = max(self.peak, sum(self.held.values()))
 
-    def admit(self, seq_id: int, tokens: list[int]) -> int:
+    def allocate(self, seq_id: int, tokens: list[int], max_len: int, extras=()) -> int:
         self._set(seq_id, len(tokens))
         return 0
 
     def grow(self, seq_id: int, n: int) -> None:
         self._set(seq_id, n)
 
-    def release(self, seq_id: int) -> None:
+    def free(self, seq_id: int) -> None:
         del self.held[seq_id]
+
+    def commit(self, seq_id: int, tokens: list[int], n: int) -> None:
+        assert n <= self.held[seq_id]
+
+    def locate(self, seq_id: int) -> int:
+        return 0
+
+    def take_ops(self) -> KVOps:
+        return KVOps()
+
+    def usage(self) -> None:
+        return None
+
+
+def step(sched: Scheduler, token: int = 2) -> list[int]:
+    """One step without a model: every sequence that reaches its end samples `token`."""
+    plan = sched.schedule()
+    sched.update(plan, {e.seq_id: token for e in plan.seqs if e.sample}, 0.0)
+    return [e.seq_id for e in plan.seqs]
 
 
 @pytest.mark.parametrize("kind", ["static", "continuous"])
 def test_scheduler_never_exceeds_the_budget_and_finishes_each_request_once(kind: str) -> None:
     kv = CountingKV(capacity=60)
-    sched = Scheduler(kv, kind, "fcfs", max_batch=4, max_tokens_per_step=16)
+    sched = Scheduler(kv, SchedulerConfig(kind, "fcfs", max_batch=4, max_tokens_per_step=16))
     rng = random.Random(0)
     seqs = [Sequence(i, [1] * rng.randint(1, 30), rng.randint(1, 20), None) for i in range(12)]
     for s in seqs:
         sched.add(s)
-    finished: list[int] = []
     for _ in range(10_000):
         if not sched.has_work():
             break
-        for w in sched.schedule():
-            if w.samples:
-                w.seq.output.append(2)
-            w.seq.num_computed += w.num_tokens - (1 if w.samples else 0)
-            if w.samples and len(w.seq.output) >= w.seq.max_new_tokens:
-                sched.retire(w.seq)
-                finished.append(w.seq.id)
+        step(sched)
         assert kv.peak <= kv.capacity
         assert len(sched.running) <= 4
-    assert sorted(finished) == list(range(12))
+    assert all(s.finish_reason == "length" and len(s.output) == s.max_new_tokens for s in seqs)
+    assert not kv.held
 
 
 def test_static_waits_for_the_longest_member() -> None:
-    sched = Scheduler(CountingKV(10_000), "static", "fcfs", max_batch=2)
-    for i, new in enumerate([1, 5, 1]):
-        sched.add(Sequence(i, [1, 2], new, None))
-    first = sched.schedule()
-    assert [w.seq.id for w in first] == [0, 1]
-    for w in first:
-        w.seq.num_computed += 1
-        w.seq.output.append(3)
-    sched.retire(first[0].seq)
-    assert [w.seq.id for w in sched.schedule()] == [1]  # request 2 waits for the batch
+    sched = Scheduler(CountingKV(10_000), SchedulerConfig("static", "fcfs", max_batch=2))
+    seqs = [Sequence(i, [1, 2], new, None) for i, new in enumerate([1, 5, 1])]
+    for s in seqs:
+        sched.add(s)
+    assert step(sched, 3) == [0, 1]
+    assert seqs[0].finish_reason == "length" and seqs[1].finish_reason is None
+    assert step(sched) == [1]  # request 2 waits for the batch
 
 
 def test_prefix_cache_skips_cached_prefill_and_keeps_outputs() -> None:
     prefix = list(range(3, 3 + 4 * BS))
     reqs = [Request(prefix + [50 + i, 60 + i], 4) for i in range(3)]
     ref = [Engine(model(), CPU).generate([r])[0].tokens for r in reqs]
-    eng = Engine(model(), CPU, KVSpec("paged", block_size=BS, prefix_cache=True))
+    eng = serving(KVSpec("paged", block_size=BS, prefix_cache=True), kind="static", max_batch=1)
     fed: list[int] = []
-    forward = eng.forward
-    eng.forward = lambda cache, ids, *a: fed.append(ids.shape[1]) or forward(cache, ids, *a)
-    outs = eng.serve(reqs, kind="static", max_batch=1)
+    forward = eng.runner.forward
+    eng.runner.forward = lambda store, ids, *a: fed.append(ids.shape[1]) or forward(store, ids, *a)
+    outs = eng.generate(reqs)
     assert [o.tokens for o in outs] == ref
     prefills = [n for n in fed if n > 1]
     assert prefills[0] == len(prefix) + 2 and prefills[1:] == [2, 2]  # later requests skip it
 
 
 def test_int8_kv_halves_bytes_and_mostly_agrees() -> None:
-    full = Engine(model(), CPU, KVSpec("paged", block_size=BS))
-    q = Engine(model(), CPU, KVSpec("paged", block_size=BS, int8=True))
-    outs = q.serve(workload())
-    full.serve(workload())
+    full = serving(KVSpec("paged", block_size=BS))
+    q = serving(KVSpec("paged", block_size=BS, int8=True))
+    outs = q.generate(workload())
+    full.generate(workload())
     assert q.peak_kv_bytes <= 0.55 * full.peak_kv_bytes * 2  # fp32 model: int8 is ~0.28x
     agree = [a == b for o, r in zip(outs, alone()) for a, b in zip(o.tokens, r)]
     assert sum(agree) / len(agree) >= 0.8
@@ -187,15 +210,16 @@ def test_int8_kv_halves_bytes_and_mostly_agrees() -> None:
 def test_contiguous_int8_matches_paged_int8() -> None:
     reqs = workload()[:3]
     a = Engine(model(), CPU, KVSpec("contiguous", int8=True)).generate(reqs)
-    b = Engine(model(), CPU, KVSpec("paged", int8=True, block_size=BS)).serve(
-        reqs, kind="static", max_batch=3
+    b = serving(KVSpec("paged", int8=True, block_size=BS), kind="static", max_batch=3).generate(
+        reqs
     )
     assert [x.tokens for x in a] == [x.tokens for x in b]
 
 
-def test_cont_batch_needs_paged_kv() -> None:
+@pytest.mark.parametrize("kw", [{}, {"kind": "static", "max_tokens_per_step": 8}])
+def test_cont_batch_needs_paged_kv(kw: dict) -> None:
     with pytest.raises(RecipeError, match="paged"):
-        Engine(model(), CPU, KVSpec("contiguous")).serve(workload())
+        serving(KVSpec("contiguous"), **kw)
 
 
 def test_contiguous_max_len_reserves_max_length_slots() -> None:

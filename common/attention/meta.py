@@ -5,17 +5,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-
-class QuantizedKV(NamedTuple):
-    """int8 K or V with one scale per (token, head) vector; kernels dequantize inside."""
-
-    data: Tensor
-    scale: Tensor
+from common.kv.quant import QuantizedKV  # noqa: F401  (re-exported for the kernels)
 
 
 @dataclass(frozen=True)
@@ -58,7 +53,7 @@ Backend = Callable[[Tensor, Tensor, Tensor, AttnMeta], Tensor]
 
 
 class KVStore(Protocol):
-    """What a forward pass needs from KV storage (implemented in common/kv_cache.py)."""
+    """What a forward pass needs from KV storage (implemented in common/kv/rows.py and common/kv/paged.py)."""
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
 

@@ -11,12 +11,13 @@ positions <= p; a query that sees nothing returns zeros. GQA when H is a multipl
 Kernels (time per call relative to torch SDPA on a contiguous cache, measured on the 2-core
 CI CPU at 12 heads x 64, bf16, block 16, context 128-1024, batch 1 and 8):
 - paged_attention_reference: gathers the blocks into dense tensors, eager fp32 softmax.
-- paged_attention_cpp: a small C++ kernel (built once with g++, no torch headers, 1.5 s)
+- paged_attention_cpp: a small C++ kernel (common/ops/attention.cpp, built once with g++)
   walking each row's blocks in place with an online softmax; reads int8 pools directly.
   Decode 0.4-0.7x (int8: 0.4-1.05x); prefill 1.5-2.4x.
 - paged_attention_gather_sdpa: copies this step's rows, then SDPA. Prefill 1.2-1.7x;
   decode 2-3x (the copy costs more than the attention).
-- paged_attention_cpu: the CPU choice: cpp up to 128 queries per row, gather + SDPA above.
+- paged_attention_cpu: the CPU choice between those two, made by the dispatch table
+  (common/ops/dispatch.py) per bucket of queries per row, by measurement on this machine.
 - paged_attention_flex: compiled FlexAttention, block mask over the physical blocks. Two
   graphs (decode, prefill) per dtype, pool size and head layout. On CPU 2-11x (decode) and
   2.6-8x (prefill): inductor's generic CPU template has a fixed cost per call, allocates
@@ -27,7 +28,6 @@ CI CPU at 12 heads x 64, bf16, block 16, context 128-1024, batch 1 and 8):
 
 from __future__ import annotations
 
-import ctypes
 import functools
 
 import torch
@@ -35,14 +35,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from common.kv.quant import SCALE_DTYPE, dequantize_kv
-from common.ops.build import CONVERT, load_cpp
+from common.kv.quant import QuantizedKV, dequantize_kv
+from common.ops.attention import attention_cpp
+from common.ops.dispatch import Impl, Op
 
-Pool = Tensor | tuple[Tensor, Tensor]  # [N, bs, Hkv, D] float, or (int8 data, float16 scale)
+Pool = Tensor | QuantizedKV  # [N, bs, Hkv, D] float, or int8 data with float16 scales
 
 
 def _split(pool: Pool) -> tuple[Tensor, Tensor | None]:
-    return (pool[0], pool[1]) if isinstance(pool, tuple) else (pool, None)
+    return (pool.data, pool.scale) if isinstance(pool, QuantizedKV) else (pool, None)
 
 
 def _check(q: Tensor, k_pool: Pool, block_tables: Tensor, q_pos: Tensor, seq_lens: Tensor) -> None:
@@ -97,224 +98,45 @@ def paged_attention_gather_sdpa(
     return out.masked_fill(~seen.any(-1)[:, None, :, None], 0.0)  # a query that sees no key
 
 
-# -- C++ kernel -----------------------------------------------------------------------------
-
-_CPP = (
-    CONVERT
-    + r"""
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <vector>
-
-static inline float to_f32(int8_t x) { return float(x); }  // beside the shared overloads
-
-namespace {
-float f16_to_f32(uint16_t h) {  // kv scales; never negative, inf or nan
-  const int e = (h >> 10) & 31, m = h & 1023;
-  return e ? std::ldexp(float(m | 1024), e - 25) : std::ldexp(float(m), -24);
-}
-constexpr int64_t QTILE = 16;  // queries of one row handled together (prefill)
-
-// One task = (row, kv head, tile of queries): every query head of the group and every query
-// of the tile share each K/V block load. Online softmax in fp32; invisible keys are skipped.
-// K/V element (block, token, head, d) is at block * st[0] + token * st[1] + head * st[2] + d,
-// its scale at block * st[3] + token * st[4] + head * st[5]: pools and dense caches alike.
-template <class T, class KV>
-void attend(const T* q, const KV* kp, const KV* vp, const uint16_t* ks, const uint16_t* vs,
-            const int32_t* bt, const int64_t* qpos, const int64_t* slen, T* out, int64_t B,
-            int64_t H, int64_t Hkv, int64_t Tq, int64_t D, int64_t bs, int64_t mb,
-            const int64_t* st, int nthreads) {
-  const int64_t rep = H / Hkv, tiles = (Tq + QTILE - 1) / QTILE;
-  const float scale = 1.f / std::sqrt(float(D));
-#pragma omp parallel num_threads(nthreads)
-  {
-    std::vector<float> kf(bs * D), vf(bs * D), qf(rep * QTILE * D), acc(rep * QTILE * D),
-        mx(rep * QTILE), sum(rep * QTILE), s(bs);
-    std::vector<int64_t> lim(rep * QTILE);
-#pragma omp for schedule(dynamic)
-    for (int64_t task = 0; task < B * Hkv * tiles; ++task) {
-      const int64_t b = task / (Hkv * tiles), g = task / tiles % Hkv, t0 = task % tiles * QTILE;
-      const int64_t nt = std::min(QTILE, Tq - t0), nq = rep * nt;
-      int64_t last = -1;
-      for (int64_t j = 0; j < nq; ++j) {
-        const int64_t h = g * rep + j / nt, t = t0 + j % nt;
-        for (int64_t d = 0; d < D; ++d) qf[j * D + d] = to_f32(q[((b * H + h) * Tq + t) * D + d]) * scale;
-        lim[j] = std::min(qpos[b * Tq + t], slen[b] - 1);  // last visible key position
-        last = std::max(last, lim[j]);
-        mx[j] = -std::numeric_limits<float>::infinity(), sum[j] = 0.f;
-        std::fill(&acc[j * D], &acc[(j + 1) * D], 0.f);
-      }
-      for (int64_t blk = 0; blk * bs <= last; ++blk) {
-        const int64_t n = std::min(bs, last + 1 - blk * bs);
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t blk_id = bt[b * mb + blk], row = blk_id * st[0] + i * st[1] + g * st[2];
-          const int64_t srow = blk_id * st[3] + i * st[4] + g * st[5];
-          const float kscale = ks ? f16_to_f32(ks[srow]) : 1.f, vscale = vs ? f16_to_f32(vs[srow]) : 1.f;
-          for (int64_t d = 0; d < D; ++d) {
-            kf[i * D + d] = to_f32(kp[row + d]) * kscale;
-            vf[i * D + d] = to_f32(vp[row + d]) * vscale;
-          }
-        }
-        for (int64_t j = 0; j < nq; ++j) {
-          const int64_t nv = std::min(n, lim[j] - blk * bs + 1);
-          if (nv <= 0) continue;
-          float m = mx[j];
-          for (int64_t i = 0; i < nv; ++i) {
-            float dot = 0.f;
-            for (int64_t d = 0; d < D; ++d) dot += qf[j * D + d] * kf[i * D + d];
-            s[i] = dot, m = std::max(m, dot);
-          }
-          const float corr = std::exp(mx[j] - m);
-          float* a = &acc[j * D];
-          for (int64_t d = 0; d < D; ++d) a[d] *= corr;
-          sum[j] *= corr, mx[j] = m;
-          for (int64_t i = 0; i < nv; ++i) {
-            const float p = std::exp(s[i] - m);
-            sum[j] += p;
-            for (int64_t d = 0; d < D; ++d) a[d] += p * vf[i * D + d];
-          }
-        }
-      }
-      for (int64_t j = 0; j < nq; ++j) {
-        const int64_t h = g * rep + j / nt, t = t0 + j % nt;
-        const float inv = sum[j] > 0.f ? 1.f / sum[j] : 0.f;
-        for (int64_t d = 0; d < D; ++d) store(acc[j * D + d] * inv, out + ((b * H + h) * Tq + t) * D + d);
-      }
-    }
-  }
-}
-}  // namespace
-
-#define ARGS const int32_t *bt, const int64_t *qpos, const int64_t *slen, void *out, int64_t B, \
-    int64_t H, int64_t Hkv, int64_t Tq, int64_t D, int64_t bs, int64_t mb, const int64_t *st, int nt
-#define REST bt, qpos, slen, (T*)out, B, H, Hkv, Tq, D, bs, mb, st, nt
-#define KERNEL(name, Q, K)                                                                      \
-  extern "C" void name(const void* q, const void* k, const void* v, const void* ks,           \
-                       const void* vs, ARGS) {                                                  \
-    using T = Q;                                                                                \
-    attend<Q, K>((const Q*)q, (const K*)k, (const K*)v, (const uint16_t*)ks, (const uint16_t*)vs, REST); \
-  }
-KERNEL(paged_f32, float, float)
-KERNEL(paged_bf16, uint16_t, uint16_t)
-KERNEL(paged_f32_i8, float, int8_t)
-KERNEL(paged_bf16_i8, uint16_t, int8_t)
-"""
-)
-
-
-@functools.cache
-def _kernel(name: str) -> ctypes._CFuncPtr:
-    fn = getattr(load_cpp("paged_attention", _CPP), name)
-    fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 7 + [ctypes.c_void_p, ctypes.c_int]
-    return fn
-
-
-@functools.lru_cache(maxsize=64)
-def _strides_arg(strides: tuple[int, ...]) -> Tensor:
-    return torch.tensor(strides, dtype=torch.int64)  # cached: every layer passes the same
-
-
-def _cpp_call(
-    q: Tensor,
-    k: Pool,
-    v: Pool,
-    tables: Tensor,
-    q_pos: Tensor,
-    seq_lens: Tensor,
-    block_size: int,
-    token_dims: tuple[int, int, int],
-) -> Tensor:
-    """Run the kernel; k/v (data, and scales when int8) are indexed (block, token, head, d)
-    with the strides of their dims `token_dims` = (block, token, head)."""
-    (k, ks), (v, vs) = _split(k), _split(v)
-    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(
-            f"the C++ attention kernel needs float32/bfloat16 on cpu, got {q.dtype} on {q.device}"
-        )
-    quant = ks is not None
-    if k.dtype != (torch.int8 if quant else q.dtype) or (quant and ks.dtype != SCALE_DTYPE):
-        raise ValueError(f"K/V dtype {k.dtype} does not match q dtype {q.dtype}")
-    strides = [k.stride(i) for i in token_dims] + [ks.stride(i) if quant else 0 for i in token_dims]
-    same = [v.stride(i) for i in token_dims] + [vs.stride(i) if quant else 0 for i in token_dims]
-    if k.dtype != v.dtype or strides != same or (k.shape[-1] > 1 and k.stride(-1) != 1):
-        raise ValueError("K and V must share dtype and strides, with unit stride over head_dim")
-    b, h, tq, d = q.shape
-    q = q.contiguous()
-    bt = tables.to(torch.int32).contiguous()
-    pos, lens = q_pos.to(torch.int64).contiguous(), seq_lens.to(torch.int64).contiguous()
-    out = torch.empty_like(q)
-    name = ("paged_bf16" if q.dtype == torch.bfloat16 else "paged_f32") + ("_i8" if quant else "")
-    _kernel(name)(
-        *(t.data_ptr() if t is not None else None for t in (q, k, v, ks, vs, bt, pos, lens, out)),
-        b, h, k.shape[token_dims[2]], tq, d, block_size, bt.shape[1],
-        _strides_arg(tuple(strides)).data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
-    return out
+# -- C++ kernel and the CPU choice ----------------------------------------------------------
 
 
 def paged_attention_cpp(
     q: Tensor, k_pool: Pool, v_pool: Pool, block_tables: Tensor, q_pos: Tensor, seq_lens: Tensor
 ) -> Tensor:
-    """The C++ kernel: reads each row's blocks in place (bf16/fp32 pools, or int8 pools with
-    float16 scales), any q_pos (decode, prefill, prefix-cached prefill), CPU only."""
+    """The C++ kernel (common/ops/attention.cpp): reads each row's blocks in place (bf16/fp32
+    pools, or int8 pools with float16 scales), any q_pos (decode, prefill, prefix-cached
+    prefill), CPU only."""
     _check(q, k_pool, block_tables, q_pos, seq_lens)
-    k, _ = _split(k_pool)
-    if not all(t.is_contiguous() for t in (*_split(k_pool), *_split(v_pool)) if t is not None):
+    (k, ks), (v, vs) = _split(k_pool), _split(v_pool)
+    if not all(t.is_contiguous() for t in (k, ks, v, vs) if t is not None):
         raise ValueError("pools must be contiguous")  # never copy a pool
     n, bs = k.shape[:2]
     # The kernel trusts the tables: check the reads it will do stay inside the pool.
     lo, hi = torch.aminmax(block_tables)
     if int(seq_lens.max()) > block_tables.shape[1] * bs or int(lo) < 0 or int(hi) >= n:
         raise ValueError("block_tables too short for seq_lens, or a block id outside the pool")
-    return _cpp_call(q, k_pool, v_pool, block_tables, q_pos, seq_lens, bs, (0, 1, 2))
+    return attention_cpp(q, k, v, ks, vs, block_tables, q_pos, seq_lens, bs, [0, 1, 2])
 
 
-def dense_decode_cpp(q: Tensor, k: Tensor, v: Tensor, seq_lens: Tensor | None = None) -> Tensor:
-    """The same kernel over dense caches k, v [B, Hkv, S, D] (any strides over B, Hkv, S):
-    row b's queries see its first seq_lens[b] keys (default all S), as in a decode step on a
-    contiguous cache. Each row is one block."""
-    b, s = k.shape[0], k.shape[2]
-    if (
-        k.shape[1] == 0
-        or q.shape[1] % k.shape[1]
-        or q.shape[-1] != k.shape[-1]
-        or k.shape[0] != q.shape[0]
-    ):
-        raise ValueError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)}")
-    if k.stride()[:3] != v.stride()[:3]:  # e.g. a fresh v still in the projection's order
-        k = k.clone(memory_format=torch.contiguous_format)
-        v = v.clone(memory_format=torch.contiguous_format)
-    if seq_lens is None:
-        tables, q_pos, lens = _dense_rows(b, s, q.shape[2])
-    else:
-        lens = seq_lens.clamp(max=s)
-        tables = torch.arange(b, dtype=torch.int32)[:, None]
-        q_pos = (lens - 1).clamp(min=0)[:, None].expand(b, q.shape[2]).contiguous()
-    return _cpp_call(q, k, v, tables, q_pos, lens, s, (0, 2, 1))
-
-
-@functools.lru_cache(maxsize=8)
-def _dense_rows(b: int, s: int, tq: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Block tables, query positions and lengths for rows that each see all s keys: shared
-    by the layers of one decode step, so built once per step, not per layer."""
-    lens = torch.full((b,), s, dtype=torch.int64)
-    tables = torch.arange(b, dtype=torch.int32)[:, None]
-    return tables, (lens - 1).clamp(min=0)[:, None].expand(b, tq).contiguous(), lens
-
-
-_PREFILL_TQ = 128  # above this many queries per row, gather + SDPA beats the C++ kernel here
-
-
-def paged_attention_cpu(
-    q: Tensor, k_pool: Pool, v_pool: Pool, block_tables: Tensor, q_pos: Tensor, seq_lens: Tensor
-) -> Tensor:
-    """The fastest measured CPU choice: the C++ kernel for decode and short chunks (reads
-    the pool in place), gather + SDPA for long prefills (compute-bound)."""
-    kernel = paged_attention_cpp if q.shape[2] <= _PREFILL_TQ else paged_attention_gather_sdpa
-    return kernel(q, k_pool, v_pool, block_tables, q_pos, seq_lens)
+# The CPU choice: the C++ kernel reads the pool in place (decode, short chunks); gather +
+# SDPA copies this step's rows but then runs torch's GEMMs (long, compute-bound prefills).
+# Where one overtakes the other depends on the CPU, so the dispatch table measures it per
+# bucket of queries per row.
+paged_attention_cpu = Op(
+    "paged_attention",
+    [
+        Impl(
+            "cpp",
+            paged_attention_cpp,
+            devices=("cpu",),
+            dtypes=(torch.float32, torch.bfloat16),
+            cpp="attention",
+        ),
+        Impl("gather_sdpa", paged_attention_gather_sdpa),
+    ],
+    rows=lambda q, *rest: q.shape[2],
+)
 
 
 # -- FlexAttention --------------------------------------------------------------------------

@@ -7,6 +7,7 @@ same sampling parameters; per-token times come from a generation streamer.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 import transformers
@@ -16,6 +17,7 @@ from common.bench.runners import Runner
 from common.bench.workload import batches
 from common.core.errors import RecipeError
 from common.core.request import Completion, Request
+from common.engine.stop import StopRule
 from common.nn.causal_lm import CausalLM
 
 PEERS = ("hf",)
@@ -45,9 +47,10 @@ def hf_model(model: CausalLM) -> transformers.PreTrainedModel:
     return hf.to(next(model.parameters()).device).eval()
 
 
-def hf_runner(model: CausalLM, max_batch: int) -> Runner:
+def hf_runner(model: CausalLM, max_batch: int, tokenizer: Any | None = None) -> Runner:
     hf = hf_model(model)
     eos = model.args.eos_ids
+    stop = StopRule(eos, tokenizer)  # the engine's rule, applied to what generate() returned
     pad = eos[0] if eos else 0
     peak = [0]
 
@@ -83,12 +86,8 @@ def hf_runner(model: CausalLM, max_batch: int) -> Runner:
         peak[0] = max(peak[0], sum(x.keys.nbytes + x.values.nbytes for x in cache.layers))
         comps = []
         for i, r in enumerate(requests):
-            tokens = out.sequences[i, width : width + r.max_new_tokens].tolist()
-            reason = "length"
-            if not r.ignore_eos:
-                stop = next((j for j, t in enumerate(tokens) if t in eos), None)
-                if stop is not None:
-                    tokens, reason = tokens[: stop + 1], "eos"
+            generated = out.sequences[i, width : width + r.max_new_tokens].tolist()
+            tokens, reason = stop.cut(r, generated, r.max_new_tokens)
             comps.append(Completion(tokens, reason, clock.times[: len(tokens)]))
         return comps
 
@@ -105,8 +104,8 @@ def hf_runner(model: CausalLM, max_batch: int) -> Runner:
     )
 
 
-def peer_runner(name: str, model: CausalLM, max_batch: int) -> Runner:
+def peer_runner(name: str, model: CausalLM, max_batch: int, tokenizer: Any | None = None) -> Runner:
     """transformers' generate() runs static batches of up to max_batch requests."""
     if name == "hf":
-        return hf_runner(model, max_batch)
+        return hf_runner(model, max_batch, tokenizer)
     raise RecipeError(f"unknown peer {name!r}; choose from {', '.join(PEERS)}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +12,7 @@ from torch import Tensor
 from common.bench.workload import batches
 from common.core.request import Completion, Request
 from common.engine.engine import Engine
+from common.engine.scheduler import SchedulerConfig
 
 
 @dataclass
@@ -27,50 +28,43 @@ class Runner:
     reset: Callable[[], None] = lambda: None
 
 
-def static_online(
-    engine: Engine, reqs: list[Request], arrivals: list[float], max_batch: int, seed: int
-) -> list[Completion]:
-    """Static batching under arrivals, on any KV storage: each batch takes up to max_batch
-    requests that have arrived and runs to its longest member; times count from arrival."""
-    start, i, out = time.perf_counter(), 0, []
-    while i < len(reqs):
-        time.sleep(max(0.0, arrivals[i] - (time.perf_counter() - start)))
-        now = time.perf_counter() - start
-        j = i + 1
-        while j < len(reqs) and j - i < max_batch and arrivals[j] <= now:
-            j += 1
-        for k, c in enumerate(engine.generate(reqs[i:j], seed), start=i):
-            c.token_times = [t + now - arrivals[k] for t in c.token_times]
-            out.append(c)
-        i = j
-    return out
+def scheduler_config(sched: Any) -> SchedulerConfig:
+    """The `scheduler:` config group as the engine's SchedulerConfig."""
+    return SchedulerConfig(
+        sched.kind,
+        sched.policy,
+        sched.max_batch,
+        sched.max_tokens_per_step,
+        sched.get("preemption", "recompute"),
+    )
 
 
-def engine_runner(engine: Engine, sched: Any, arrivals: list[float] | None, seed: int) -> Runner:
-    """Static batches run through generate() (row caches) or the static scheduler (paged);
-    continuous batching and online arrivals put every request under one scheduler."""
-    one_scheduler = sched.kind == "continuous" or arrivals is not None
+def engine_runner(engine: Engine, arrivals: list[float] | None, seed: int) -> Runner:
+    """Our engine under its scheduler, for every KV kind and scheduler kind. Only the
+    grouping differs: offline static batches are timed one batch at a time (each batch's
+    times start with it), everything else runs under one scheduler call."""
+    per_batch = engine.sched.kind == "static" and arrivals is None
+    warned = [False]
 
     def generate(reqs: list[Request]) -> list[Completion]:
-        if sched.kind == "static" and engine.kv.kind != "paged" and arrivals is not None:
-            return static_online(engine, reqs, arrivals, sched.max_batch, seed)
-        if sched.kind == "static" and arrivals is None:
-            return engine.generate(reqs, seed)
-        return engine.serve(
-            reqs,
-            sched.kind,
-            sched.policy,
-            sched.max_batch,
-            sched.max_tokens_per_step,
-            arrivals,
-            seed,
-        )
+        comps = engine.generate(reqs, seed, arrivals)
+        cut = sum(c.truncated for c in comps)
+        if cut and not warned[0]:
+            warned[0] = True
+            print(
+                f"warning: {cut} of {len(comps)} requests stopped at the model's "
+                f"{engine.max_positions} max positions before max_new_tokens",
+                file=sys.stderr,
+            )
+        return comps
 
     return Runner(
         generate,
         engine.teacher_forced_logits,
         lambda: engine.peak_kv_bytes,
-        (lambda reqs: [reqs]) if one_scheduler else (lambda reqs: batches(reqs, sched.max_batch)),
+        (lambda reqs: batches(reqs, engine.sched.max_batch))
+        if per_batch
+        else (lambda reqs: [reqs]),
         lambda: dict(engine.stats),
         engine.reset,
     )

@@ -10,12 +10,12 @@ import torch
 
 from common.bench.fidelity import fidelity, same_as_alone
 from common.bench.measure import measure, roofline
-from common.bench.runners import engine_runner
+from common.bench.runners import engine_runner, scheduler_config
 from common.bench.workload import arrival_times, build_requests
 from common.core.request import SamplingParams
 from common.device.select import resolve_dtype, select_device
 from common.engine.engine import Engine
-from common.kv.cache import KVSpec
+from common.kv.spec import KVSpec
 from common.nn.causal_lm import CausalLM
 from common.parallel.capacity import kv_capacity
 from common.parallel.measured import weight_bytes
@@ -52,10 +52,12 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
         runner = peer_runner(cfg.bench.peer, model, cfg.scheduler.max_batch)
     else:
         model = apply_transforms(model, cfg)
-        engine = Engine(model, device, spec, cfg.attention.backend)
+        engine = Engine(
+            model, device, spec, cfg.attention.backend, scheduler_config(cfg.scheduler), tokenizer
+        )
         for r in requests:
             engine.check(r)
-        runner = engine_runner(engine, cfg.scheduler, arrivals, cfg.bench.seed)
+        runner = engine_runner(engine, arrivals, cfg.bench.seed)
     w = cfg.workload
     slo = (w.slo_ttft_ms, w.slo_tpot_ms) if "slo_ttft_ms" in w else None
     roof = roofline(model, dtype, float(cfg.bench.bandwidth), spec.int8)

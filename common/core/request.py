@@ -57,14 +57,23 @@ class Request:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     ignore_eos: bool = False  # benchmarks fix the output length, as vLLM's benchmarks do
     priority: int = 0  # lower runs first under scheduler.policy=priority
+    stop_sequences: tuple[tuple[int, ...], ...] = ()  # token sequences that end generation
+    stop_strings: tuple[str, ...] = ()  # need a tokenizer
+    # Prefix-cache keys for content that tokens stand for: (start, end, digest) marks
+    # positions [start, end) (e.g. image placeholders with the image's hash), so equal
+    # tokens with different content never share KV.
+    extra_keys: tuple[tuple[int, int, bytes], ...] = ()
 
 
 @dataclass
 class Completion:
     tokens: list[int]
-    finish_reason: str  # "eos" | "length"
+    finish_reason: str  # "eos" | "stop" (a stop sequence or string) | "length"
     token_times: list[float]  # seconds from the batch start (or arrival) to each token
     preemptions: int = 0
+    # True when generation stopped at the model's max positions before max_new_tokens
+    # (finish_reason "length"): the prompt left too little room, which a bench should say.
+    truncated: bool = False
 
     @property
     def ttft(self) -> float:

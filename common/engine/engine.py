@@ -1,42 +1,31 @@
-"""Generation over a KV cache: batched prefill, batched decode, sampling, stopping.
-
-The engine owns no policy: a scheduler (static batches here) decides which requests run
-together; the engine runs them. Rows are right-padded; each row keeps its own positions,
-so a prompt gives the same greedy output alone or inside a padded batch.
-"""
+"""Generation: a scheduler plans each step, the model runner executes it, the stop rule
+ends sequences. One path for every KV kind and scheduler kind: static batching (a batch
+admitted together, waiting for its longest member) is a scheduler policy like continuous
+batching. `arrivals` (seconds from the start) makes a call online: a request is visible
+once it has arrived, and its times count from its arrival."""
 
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import deque
+from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from common.attention.backends import get_backend
-from common.attention.meta import Backend, ForwardContext
 from common.core.errors import RecipeError
 from common.core.request import Completion, Request
 from common.device.select import Device
-from common.engine.sampler import make_generator, sample
-from common.engine.scheduler import Scheduler, Sequence, Work
-from common.kv.cache import KVCache, KVSpec, NoCache, make_cache
+from common.engine.runner import ModelRunner
+from common.engine.sampler import make_generator
+from common.engine.scheduler import Scheduler, SchedulerConfig, Sequence
+from common.engine.stop import StopRule
+from common.kv.manager import KVManager, PagedKVManager, RowKVManager
+from common.kv.paged import num_blocks_for
+from common.kv.rows import RowStorage
+from common.kv.spec import KVSpec
 from common.nn.causal_lm import CausalLM
-
-
-def _pad(
-    rows: list[list[int]], device: torch.device, starts: list[int] | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Right-pad to [B, T]; row i's tokens sit at positions starts[i], starts[i] + 1, ...
-    Positions keep counting past each row's end (harmless: those tokens are invalid)."""
-    t = max(map(len, rows))
-    ids = torch.zeros(len(rows), t, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-    offsets = torch.arange(t).expand(len(rows), t)
-    valid = offsets < torch.tensor([len(r) for r in rows])[:, None]
-    positions = offsets + torch.tensor(starts or [0] * len(rows))[:, None]
-    return ids.to(device), positions.to(device), valid.to(device)
 
 
 class Engine:
@@ -46,68 +35,40 @@ class Engine:
         device: Device,
         kv_kind: str | KVSpec = "dynamic",
         attention: str = "eager",
+        scheduler: SchedulerConfig | None = None,
+        tokenizer: Any | None = None,
     ) -> None:
         self.model, self.device = model, device
         self.kv = kv_kind if isinstance(kv_kind, KVSpec) else KVSpec(kv_kind)
-        self.backend: Backend = get_backend(attention, device, paged=self.kv.kind == "paged")
-        self.kv_dtype = next(model.parameters()).dtype  # the activation dtype
-        self.peak_kv_bytes = 0  # reserved at the fullest moment
-        # decode_steps, decode_ctx_tokens (KV read), useful_row_steps / capacity_row_steps,
-        # kv_reserved_byte_steps / kv_used_byte_steps
-        self.stats: Counter[str] = Counter()
-        self._pool: KVCache | None = None  # serve()'s paged pool, kept across calls
-        self._pool_shape: tuple[int, int] | None = None
+        self.sched = scheduler or SchedulerConfig()
+        if not self.kv.paged and (
+            self.sched.kind == "continuous" or self.sched.max_tokens_per_step is not None
+        ):
+            raise RecipeError(
+                "continuous batching and chunked prefill schedule by sequence, which needs "
+                f"paged KV (+opt=paged_kv), not kv_cache.kind={self.kv.kind}"
+            )
+        self.runner = ModelRunner(model, device, self.kv, attention)
+        self.stop = StopRule(model.args.eos_ids, tokenizer)
+        self._paged: PagedKVManager | None = None  # kept across calls, as a server's pool is
+        self._paged_shape: tuple[int, int] | None = None
 
-    def reset(self) -> None:
-        """Forget counters and the paged pool (with its cached prefixes): a fresh server."""
-        self.stats.clear()
-        self._pool = self._pool_shape = None
+    @property
+    def stats(self):
+        return self.runner.stats
+
+    @property
+    def peak_kv_bytes(self) -> int:
+        return self.runner.peak_kv_bytes
 
     @property
     def max_positions(self) -> int:
         return self.model.args.max_position_embeddings
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        a = self.model.args
-        return make_cache(
-            self.kv,
-            a.num_hidden_layers,
-            a.num_key_value_heads,
-            a.kv_head_dim,
-            batch,
-            max_len,
-            self.kv_dtype,
-            self.device.torch,
-        )
-
-    def _count_decode(self, ctx_tokens: int, rows: int, capacity: int) -> None:
-        self.stats.update(
-            decode_steps=1,
-            decode_ctx_tokens=ctx_tokens,
-            useful_row_steps=rows,
-            capacity_row_steps=capacity,
-        )
-
-    def _track(self, cache: KVCache) -> None:
-        """Per step: peak reserved bytes, and reserved vs used summed over steps (the
-        time-averaged share of reserved KV that holds real tokens)."""
-        reserved = cache.nbytes()
-        self.peak_kv_bytes = max(self.peak_kv_bytes, reserved)
-        self.stats.update(
-            kv_steps=1, kv_reserved_byte_steps=reserved, kv_used_byte_steps=cache.used_bytes()
-        )
-
-    def forward(
-        self,
-        cache: KVCache,
-        ids: Tensor,
-        positions: Tensor,
-        valid: Tensor,
-        seq_ids: list[int] | None = None,
-    ) -> Tensor:
-        """One model pass over new tokens [B, T]; returns final hidden states [B, T, H]."""
-        ctx = ForwardContext(cache, self.backend, cache.begin(positions, valid, seq_ids))
-        return self.model(ids, positions, ctx)
+    def reset(self) -> None:
+        """Forget counters and the paged pool (with its cached prefixes): a fresh server."""
+        self.runner.stats.clear()
+        self._paged = self._paged_shape = None
 
     def check(self, req: Request) -> None:
         if not req.prompt:
@@ -123,106 +84,38 @@ class Engine:
         if max(req.prompt) >= vocab or min(req.prompt) < 0:
             raise RecipeError(f"prompt token ids must be in [0, {vocab}) for this model")
 
+    def _kv_manager(self, max_batch: int, longest: int) -> KVManager:
+        if not self.kv.paged:
+            return RowKVManager(stores_kv=self.kv.kind != "none")
+        if self._paged_shape is None or self._paged_shape < (max_batch, longest):
+            # The pool outlives a call, as a server's does: cached prefix blocks serve later calls.
+            n = num_blocks_for(self.kv, *self.runner.dims, self.runner.dtype, max_batch, longest)
+            self._paged = PagedKVManager(n, self.kv.block_size, self.kv.prefix_cache)
+            self._paged_shape = (max_batch, longest)
+            self.runner.storage = self.runner.new_paged(n)
+        return self._paged
+
     @torch.inference_mode()
-    def generate(self, requests: list[Request], seed: int | None = 0) -> list[Completion]:
-        """Run one static batch to completion: it ends when its longest member ends."""
-        if self.kv.kind == "paged":  # sequences own blocks: the scheduler's static mode
-            return self.serve(requests, "static", max_batch=len(requests), seed=seed)
+    def generate(
+        self, requests: list[Request], seed: int | None = 0, arrivals: list[float] | None = None
+    ) -> list[Completion]:
         for r in requests:
             self.check(r)
         budgets = [min(r.max_new_tokens, self.max_positions - len(r.prompt)) for r in requests]
-        seqs = [list(r.prompt) for r in requests]
-        params = [r.sampling for r in requests]
-        eos = set(self.model.args.eos_ids)
-        done = [False] * len(requests)
-        outs = [Completion([], "length", []) for _ in requests]
-        gen = make_generator(seed, self.device.torch)
-        cache = self.new_cache(len(requests), max(len(s) + b for s, b in zip(seqs, budgets)))
-        dev = self.device.torch
-        start = time.perf_counter()
-        ids, positions, valid = _pad(seqs, dev)
-        last = torch.tensor([len(s) - 1 for s in seqs], device=dev)
-        while True:
-            hidden = self.forward(cache, ids, positions, valid)
-            logits = self.model.logits(hidden[torch.arange(len(seqs), device=dev), last])
-            tokens = sample(logits.float(), seqs, params, gen).tolist()
-            self.device.synchronize()
-            now = time.perf_counter() - start
-            for i, tok in enumerate(tokens):
-                if done[i]:
-                    continue
-                seqs[i].append(tok)
-                outs[i].tokens.append(tok)
-                outs[i].token_times.append(now)
-                if tok in eos and not requests[i].ignore_eos:
-                    done[i], outs[i].finish_reason = True, "eos"
-                elif len(outs[i].tokens) >= budgets[i]:
-                    done[i] = True
-            self._track(cache)
-            if all(done):
-                return outs
-            self._count_decode(sum(map(len, seqs)), len(seqs) - sum(done), len(seqs))
-            if cache.recompute:  # no KV cache: feed every token again
-                cache = NoCache()
-                ids, positions, valid = _pad(seqs, dev)
-                last = torch.tensor([len(s) - 1 for s in seqs], device=dev)
-            else:  # finished rows re-feed their last position: the batch waits, slots stay put
-                ids = torch.tensor([[s[-1]] for s in seqs], device=dev)
-                last = torch.zeros(len(seqs), dtype=torch.long, device=dev)
-                positions = torch.tensor([[len(s) - 1] for s in seqs], device=dev)
-                valid = torch.ones_like(ids, dtype=torch.bool)
-
-    @torch.inference_mode()
-    def teacher_forced_logits(self, prompt: list[int], continuation: list[int]) -> Tensor:
-        """Logits [len(continuation), V] predicting each continuation token from all before it."""
-        seq = prompt + continuation
-        ids, positions, valid = _pad([seq[:-1]], self.device.torch)
-        cache = self.new_cache(1, len(seq))
-        cache.admit(0, seq[:-1])
-        hidden = self.forward(cache, ids, positions, valid, [0])
-        return self.model.logits(hidden[0, len(prompt) - 1 :]).float()
-
-    @torch.inference_mode()
-    def serve(
-        self,
-        requests: list[Request],
-        kind: str = "continuous",
-        policy: str = "fcfs",
-        max_batch: int = 8,
-        max_tokens_per_step: int | None = None,
-        arrivals: list[float] | None = None,
-        seed: int | None = 0,
-    ) -> list[Completion]:
-        """Iteration-level serving over paged KV: every step the scheduler picks the work
-        (prefill chunks and decodes), finished sequences retire at once, and waiting ones
-        take their place. `arrivals` (seconds from the start) makes it online: a request is
-        visible once it has arrived, and its times count from its arrival."""
-        if self.kv.kind != "paged":
-            raise RecipeError(
-                f"scheduling by sequence needs paged KV (+opt=paged_kv), not kv_cache.kind={self.kv.kind}"
-            )
-        for r in requests:
-            self.check(r)
-        longest = min(self.max_positions, max(len(r.prompt) + r.max_new_tokens for r in requests))
-        if self._pool_shape is None or self._pool_shape < (max_batch, longest):
-            # The pool outlives a call, as a server's does: cached prefix blocks serve later calls.
-            self._pool, self._pool_shape = self.new_cache(max_batch, longest), (max_batch, longest)
-        cache = self._pool
-        scheduler = Scheduler(cache, kind, policy, max_batch, max_tokens_per_step)
         seqs = [
             Sequence(
-                i,
-                list(r.prompt),
-                min(r.max_new_tokens, self.max_positions - len(r.prompt)),
-                r.sampling,
-                r.ignore_eos,
-                r.priority,
+                i, list(r.prompt), budgets[i], r.sampling, r, r.priority,
                 arrivals[i] if arrivals else 0.0,
             )
             for i, r in enumerate(requests)
-        ]
+        ]  # fmt: skip
+        config = self.sched
+        if config.max_batch is None:
+            config = replace(config, max_batch=len(requests))
+        longest = max(len(r.prompt) + b for r, b in zip(requests, budgets))
+        kv = self._kv_manager(config.max_batch, longest)
+        scheduler = Scheduler(kv, config, self.stop)
         pending = deque(sorted(seqs, key=lambda s: s.arrival))
-        eos = set(self.model.args.eos_ids)
         gen = make_generator(seed, self.device.torch)
         start = time.perf_counter()
         while pending or scheduler.has_work():
@@ -232,51 +125,30 @@ class Engine:
             if not scheduler.has_work():
                 time.sleep(max(0.0, pending[0].arrival - now))
                 continue
-            work = scheduler.schedule()
-            # Decodes (one token each) and prefill chunks run as two forwards of the same step,
-            # so short decode rows are never padded to a long prompt.
-            sampled: list[tuple[Sequence, Tensor]] = []
-            decodes = [w for w in work if w.num_tokens == 1]
-            if decodes:
-                ctx = sum(w.seq.num_computed + 1 for w in decodes)
-                self._count_decode(ctx, len(decodes), scheduler.max_batch)
-            for group in (decodes, [w for w in work if w.num_tokens > 1]):
-                if group:
-                    sampled += self._run(cache, group)
-            self._track(cache)
-            if not sampled:
-                continue
-            logits = torch.cat([row for _, row in sampled])
-            batch = [s for s, _ in sampled]
-            tokens = sample(
-                logits.float(), [s.tokens for s in batch], [s.sampling for s in batch], gen
+            plan = scheduler.schedule()
+            sampled, _ = self.runner.execute(plan, gen)
+            self.runner.track(kv.usage())
+            if sampled:
+                self.device.synchronize()
+                scheduler.update(plan, sampled, time.perf_counter() - start)
+            else:
+                scheduler.update(plan, {}, 0.0)
+        return [
+            Completion(
+                s.output, s.finish_reason, s.token_times, s.preemptions,
+                truncated=s.finish_reason == "length" and len(s.output) < s.request.max_new_tokens,
             )
-            self.device.synchronize()
-            now = time.perf_counter() - start
-            for seq, tok in zip(batch, tokens.tolist()):
-                seq.output.append(tok)
-                seq.token_times.append(now - seq.arrival)
-                if tok in eos and not seq.ignore_eos:
-                    seq.finish_reason = "eos"
-                elif len(seq.output) >= seq.max_new_tokens:
-                    seq.finish_reason = "length"
-                if seq.finish_reason:
-                    scheduler.retire(seq)
-        return [Completion(s.output, s.finish_reason, s.token_times, s.preemptions) for s in seqs]
+            for s in seqs
+        ]  # fmt: skip
 
-    def _run(self, cache: KVCache, group: list[Work]) -> list[tuple[Sequence, Tensor]]:
-        """Feed each sequence its scheduled tokens; logits for those that reach their end."""
-        rows = [w.seq.tokens[w.seq.num_computed : w.seq.num_computed + w.num_tokens] for w in group]
-        starts = [w.seq.num_computed for w in group]
-        ids, positions, valid = _pad(rows, self.device.torch, starts)
-        hidden = self.forward(cache, ids, positions, valid, [w.seq.id for w in group])
-        picked = [i for i, w in enumerate(group) if w.samples]
-        # One LM-head matmul for all sampled rows: it reads the whole head once, not per row.
-        index = torch.tensor(
-            [[i, group[i].num_tokens - 1] for i in picked], dtype=torch.long, device=hidden.device
-        ).view(-1, 2)
-        logits = self.model.logits(hidden[index[:, 0], index[:, 1]]) if picked else None
-        for w in group:
-            w.seq.num_computed += w.num_tokens
-            cache.commit(w.seq.id, w.seq.tokens[: w.seq.num_computed])
-        return [(group[i].seq, logits[j : j + 1]) for j, i in enumerate(picked)]
+    @torch.inference_mode()
+    def teacher_forced_logits(self, prompt: list[int], continuation: list[int]) -> Tensor:
+        """Logits [len(continuation), V] predicting each continuation token from all before it."""
+        return self.runner.teacher_forced_logits(prompt, continuation)
+
+    # One forward on a row storage of one's own (the HF oracle tests drive the model so).
+    def new_cache(self, batch: int, max_len: int) -> RowStorage:
+        return self.runner.new_rows(batch, max_len)
+
+    def forward(self, cache: RowStorage, ids: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
+        return self.runner.forward(cache, ids, positions, valid)

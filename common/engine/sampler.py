@@ -105,11 +105,47 @@ def process_logits(
     return scores
 
 
-def _select(scores: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
+def _select(
+    scores: Tensor, params: SamplingParams, generator: torch.Generator | None, with_probs: bool
+) -> tuple[Tensor, Tensor | None]:
     if not params.do_sample:
-        return scores.argmax(dim=-1)
+        return scores.argmax(dim=-1), scores.softmax(dim=-1) if with_probs else None
     probs = scores.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(
+        1
+    ), probs if with_probs else None
+
+
+def sample_with_probs(
+    logits: Tensor,
+    histories: list[list[int]] | Tensor,
+    params: SamplingParams | Sequence[SamplingParams],
+    generator: torch.Generator | None = None,
+    with_probs: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """Next token per row [B] int64 and, with_probs, the distribution it was drawn from
+    [B, V] float32 (softmax of the processed scores; greedy: without the sampling warpers),
+    which speculative decoding compares. A sequence of params (one per row) is processed in
+    groups of equal params, in order of first appearance, so draws from `generator` are
+    deterministic for a given batch."""
+    if isinstance(params, SamplingParams):
+        return _select(process_logits(logits, histories, params), params, generator, with_probs)
+    if len(params) != logits.shape[0]:
+        raise ValueError(f"got {len(params)} SamplingParams for {logits.shape[0]} logits rows")
+    groups: dict[SamplingParams, list[int]] = {}
+    for row, p in enumerate(params):
+        groups.setdefault(p, []).append(row)
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    probs = logits.new_empty(logits.shape, dtype=torch.float32) if with_probs else None
+    for p, rows in groups.items():
+        sub_histories = (
+            histories[rows] if isinstance(histories, Tensor) else [histories[r] for r in rows]
+        )
+        scores = process_logits(logits[rows], sub_histories, p)
+        out[rows], sub_probs = _select(scores, p, generator, with_probs)
+        if probs is not None:
+            probs[rows] = sub_probs
+    return out, probs
 
 
 def sample(
@@ -118,19 +154,5 @@ def sample(
     params: SamplingParams | Sequence[SamplingParams],
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Next token per row, [B] int64. A sequence of params (one per row) is processed in groups of equal params,
-    in order of first appearance, so draws from `generator` are deterministic for a given batch."""
-    if isinstance(params, SamplingParams):
-        return _select(process_logits(logits, histories, params), params, generator)
-    if len(params) != logits.shape[0]:
-        raise ValueError(f"got {len(params)} SamplingParams for {logits.shape[0]} logits rows")
-    groups: dict[SamplingParams, list[int]] = {}
-    for row, p in enumerate(params):
-        groups.setdefault(p, []).append(row)
-    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    for p, rows in groups.items():
-        sub_histories = (
-            histories[rows] if isinstance(histories, Tensor) else [histories[r] for r in rows]
-        )
-        out[rows] = _select(process_logits(logits[rows], sub_histories, p), p, generator)
-    return out
+    """Next token per row, [B] int64 (sample_with_probs without the probabilities)."""
+    return sample_with_probs(logits, histories, params, generator, with_probs=False)[0]

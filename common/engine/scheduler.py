@@ -1,163 +1,227 @@
-"""Iteration-level scheduling (Orca / vLLM): which sequences run in the next engine step.
+"""Iteration-level scheduling (Orca / vLLM v1): which sequences run in the next step and
+how many tokens each computes, emitted as a StepPlan (plain data; never tensors).
 
-Each step the scheduler first gives every running sequence the KV room for its next
-tokens (preempting the newest running sequence when KV runs out: its KV is dropped and it
-is recomputed later), then admits waiting sequences by policy while the batch, the token
-budget and the KV budget allow. `static` admits a whole batch only when the previous one
-has finished: the baseline that waits for its longest member.
+Each step the scheduler first gives every running sequence the KV room for its next tokens
+(preempting the newest running sequence when KV runs out: by recompute, its KV is dropped
+and it is prefilled again later; by swap, its blocks go to host memory and come back when
+there is room), swaps preempted sequences back in, then admits waiting sequences by policy
+while the batch, the token budget and the KV budget allow. `static` admits a whole batch
+only when the previous one has finished: the baseline that waits for its longest member.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from common.core.errors import RecipeError
-from common.core.request import SamplingParams
+from common.core.request import Request, SamplingParams
+from common.engine.plan import ScheduledSeq, StepPlan
+from common.engine.stop import StopRule
 from common.kv.errors import OutOfKV
+from common.kv.manager import KVManager
 
 POLICIES = ("fcfs", "priority", "sjf")
 KINDS = ("static", "continuous")
+PREEMPTIONS = ("recompute", "swap")
 
 
-class KVSlots(Protocol):
-    """KV storage that tracks sequences (paged blocks or contiguous slots)."""
+@dataclass(frozen=True)
+class SchedulerConfig:
+    kind: str = "static"
+    policy: str = "fcfs"
+    max_batch: int | None = None  # None: every request of a call in one batch
+    max_tokens_per_step: int | None = None  # chunked prefill (paged KV)
+    preemption: str = "recompute"
 
-    def admit(self, seq_id: int, tokens: list[int]) -> int:
-        """Reserve room for a new sequence; returns how many leading tokens are cached."""
-
-    def grow(self, seq_id: int, num_tokens: int) -> None:
-        """Make room for the sequence to hold num_tokens in total."""
-
-    def release(self, seq_id: int) -> None: ...
+    def __post_init__(self) -> None:
+        for name, value, choices in (
+            ("kind", self.kind, KINDS),
+            ("policy", self.policy, POLICIES),
+            ("preemption", self.preemption, PREEMPTIONS),
+        ):
+            if value not in choices:
+                raise RecipeError(
+                    f"unknown scheduler.{name} {value!r}; choose one of {', '.join(choices)}"
+                )
+        if (self.max_batch is not None and self.max_batch <= 0) or (
+            self.max_tokens_per_step is not None and self.max_tokens_per_step <= 0
+        ):
+            raise RecipeError("scheduler.max_batch and scheduler.max_tokens_per_step must be > 0")
 
 
 @dataclass
 class Sequence:
     id: int
     prompt: list[int]
-    max_new_tokens: int
-    sampling: SamplingParams
-    ignore_eos: bool = False
+    max_new_tokens: int  # the budget: the request's, lowered to the model's positions
+    sampling: SamplingParams | None
+    request: Request | None = None  # stop sequences/strings, ignore_eos, prefix keys
     priority: int = 0  # lower runs first under the `priority` policy
     arrival: float = 0.0
-    output: list[int] = field(default_factory=list)
+    tokens: list[int] = field(init=False)  # prompt + output, one list (no copy per step)
     token_times: list[float] = field(default_factory=list)
     num_computed: int = 0  # leading tokens whose KV is stored
     preemptions: int = 0
     finish_reason: str | None = None
 
+    def __post_init__(self) -> None:
+        self.tokens = list(self.prompt)
+
     @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
+    def output(self) -> list[int]:
+        return self.tokens[len(self.prompt) :]
 
     @property
     def num_pending(self) -> int:
         """Tokens to feed before the next token can be sampled."""
-        return len(self.prompt) + len(self.output) - self.num_computed
-
-
-@dataclass
-class Work:
-    seq: Sequence
-    num_tokens: int  # fed this step, starting at seq.num_computed
-
-    @property
-    def samples(self) -> bool:
-        """True when this step reaches the end of the sequence: a token is sampled."""
-        return self.num_tokens == self.seq.num_pending
+        return len(self.tokens) - self.num_computed
 
 
 class Scheduler:
     def __init__(
-        self,
-        kv: KVSlots,
-        kind: str = "continuous",
-        policy: str = "fcfs",
-        max_batch: int = 8,
-        max_tokens_per_step: int | None = None,
+        self, kv: KVManager, config: SchedulerConfig, stop: StopRule | None = None
     ) -> None:
-        if kind not in KINDS:
-            raise RecipeError(f"unknown scheduler.kind {kind!r}; choose one of {', '.join(KINDS)}")
-        if policy not in POLICIES:
-            raise RecipeError(
-                f"unknown scheduler.policy {policy!r}; choose one of {', '.join(POLICIES)}"
-            )
-        if max_batch <= 0 or (max_tokens_per_step is not None and max_tokens_per_step <= 0):
-            raise RecipeError("scheduler.max_batch and scheduler.max_tokens_per_step must be > 0")
-        self.kv, self.kind, self.policy = kv, kind, policy
-        self.max_batch, self.max_tokens = max_batch, max_tokens_per_step
+        if config.max_batch is None:
+            raise RecipeError("the scheduler needs scheduler.max_batch")
+        self.kv, self.config, self.stop = kv, config, stop or StopRule(())
+        self.max_batch = config.max_batch
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []  # in admission order: the newest is preempted first
+        self.swapped: list[Sequence] = []  # preempted by swap, oldest first
         self._order = itertools.count()
         self._rank: dict[int, int] = {}  # arrival order, the tie-breaker of every policy
+        self._preempted_now: set[int] = set()  # in the step being scheduled
 
     def add(self, seq: Sequence) -> None:
         self._rank.setdefault(seq.id, next(self._order))
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     def _key(self, seq: Sequence) -> tuple:
         rank = self._rank[seq.id]
-        if self.policy == "priority":
+        if self.config.policy == "priority":
             return (seq.priority, rank)
-        if self.policy == "sjf":
+        if self.config.policy == "sjf":
             return (len(seq.prompt) + seq.max_new_tokens, rank)
         return (rank,)
 
     def _preempt(self, seq: Sequence) -> None:
-        """Recompute preemption: drop its KV; it returns to waiting with its output kept."""
-        self.kv.release(seq.id)
         self.running.remove(seq)
-        seq.num_computed, seq.preemptions = 0, seq.preemptions + 1
-        self.waiting.append(seq)
+        self._preempted_now.add(seq.id)
+        seq.preemptions += 1
+        if self.config.preemption == "swap":
+            self.kv.swap_out(seq.id)
+            self.swapped.append(seq)
+        else:  # recompute: drop its KV; it returns to waiting with its output kept
+            self.kv.free(seq.id)
+            seq.num_computed = 0
+            self.waiting.append(seq)
 
-    def schedule(self) -> list[Work]:
-        budget = self.max_tokens or 1 << 62
-        work: list[Work] = []
+    def _room(self, seq: Sequence, n: int) -> bool:
+        """Grow seq's KV for n more tokens, preempting the newest running sequences as
+        needed; False when seq itself was preempted."""
+        while True:
+            try:
+                self.kv.grow(seq.id, seq.num_computed + n)
+                return True
+            except OutOfKV:
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    return False
+
+    def _entry(self, seq: Sequence, n: int) -> ScheduledSeq:
+        start = seq.num_computed
+        return ScheduledSeq(
+            seq.id,
+            start,
+            seq.tokens[start : start + n],
+            n == seq.num_pending,
+            len(seq.tokens) > len(seq.prompt),
+            seq.tokens,
+            seq.sampling,
+            self.kv.locate(seq.id),
+        )
+
+    def schedule(self) -> StepPlan:
+        budget = self.config.max_tokens_per_step or 1 << 62
+        chosen: list[tuple[Sequence, int]] = []
+        self._preempted_now.clear()
         for seq in list(self.running):  # oldest first keeps its room
             if seq not in self.running:  # preempted below by an older sequence
                 continue
             n = min(seq.num_pending, budget)
             if n <= 0:
                 break
-            while True:
-                try:
-                    self.kv.grow(seq.id, seq.num_computed + n)
-                    break
-                except OutOfKV:
-                    victim = self.running[-1]
-                    self._preempt(victim)
-                    if victim is seq:
-                        break
-            if seq in self.running:
-                work.append(Work(seq, n))
+            if self._room(seq, n):
+                chosen.append((seq, n))
                 budget -= n
-        if self.kind == "static" and self.running:
-            return work
+        while self.swapped and len(self.running) < self.max_batch and budget > 0:
+            seq = self.swapped[0]
+            if seq.id in self._preempted_now and (self.running or chosen):
+                break  # it just went out for lack of room: wait for the next step
+            n = min(seq.num_pending, budget)
+            try:
+                self.kv.swap_in(seq.id, seq.num_computed + n)
+            except OutOfKV:
+                self._no_room(seq, chosen)
+                break
+            self.swapped.pop(0)
+            self.running.append(seq)
+            chosen.append((seq, n))
+            budget -= n
+        if not (self.config.kind == "static" and (self.running or self.swapped)):
+            self._admit(chosen, budget)
+        return StepPlan([self._entry(s, n) for s, n in chosen], self.kv.take_ops(), self.max_batch)
+
+    def _admit(self, chosen: list[tuple[Sequence, int]], budget: int) -> None:
         self.waiting.sort(key=self._key)
         while self.waiting and len(self.running) < self.max_batch and budget > 0:
             seq = self.waiting[0]
+            extras = seq.request.extra_keys if seq.request else ()
+            final = len(seq.prompt) + seq.max_new_tokens
             try:
-                cached = self.kv.admit(seq.id, seq.tokens)
+                cached = self.kv.allocate(seq.id, seq.tokens, final, extras)
             except OutOfKV:
-                if not self.running and not work:
-                    raise RecipeError(
-                        f"request {seq.id} needs more KV than the whole budget holds "
-                        f"({len(seq.tokens)} tokens); raise scheduler.kv_budget"
-                    ) from None
+                self._no_room(seq, chosen)
                 break
             self.waiting.pop(0)
             self.running.append(seq)
             seq.num_computed = cached
             n = min(seq.num_pending, budget)
-            work.append(Work(seq, n))
+            chosen.append((seq, n))
             budget -= n
-        return work
+
+    def _no_room(self, seq: Sequence, chosen: list) -> None:
+        """No room for seq: fine while others run (they free KV), an error when none does."""
+        if not self.running and not chosen:
+            raise RecipeError(
+                f"request {seq.id} needs more KV than the whole budget holds "
+                f"({len(seq.tokens)} tokens); raise scheduler.kv_budget"
+            )
+
+    def update(self, plan: StepPlan, sampled: dict[int, int], now: float) -> None:
+        """After the runner ran `plan`: advance each sequence, append its sampled token
+        (sampled: seq id -> token), and retire the finished ones."""
+        by_id = {s.id: s for s in self.running}
+        for entry in plan.seqs:
+            seq = by_id[entry.seq_id]
+            seq.num_computed = entry.start + len(entry.tokens) if self.kv.stores_kv else 0
+            self.kv.commit(seq.id, seq.tokens, seq.num_computed)
+            token = sampled.get(seq.id)
+            if token is None:
+                continue
+            seq.tokens.append(token)
+            seq.token_times.append(now - seq.arrival)
+            req = seq.request or Request(seq.prompt, seq.max_new_tokens)
+            new = len(seq.tokens) - len(seq.prompt)
+            seq.finish_reason = self.stop.check(req, seq.tokens, new, seq.max_new_tokens)
+            if seq.finish_reason:
+                self.retire(seq)
 
     def retire(self, seq: Sequence) -> None:
-        self.kv.release(seq.id)
+        self.kv.free(seq.id)
         self.running.remove(seq)

@@ -9,7 +9,9 @@ prompt reuses every leading block already in the pool.
 
 Only the bookkeeping lives here; the tensors (K/V pools) belong to the storage, which writes
 token t of a sequence at `slot_mapping`'s slot and applies `take_copies()` (copy-on-write)
-before writing.
+before writing. A block's hash can include extra content (`ExtraKey`: e.g. the hash of the
+image that the block's placeholder tokens stand for), so equal tokens with different
+content never share KV.
 """
 
 from __future__ import annotations
@@ -28,13 +30,29 @@ class KVCacheError(RuntimeError):
     """A bookkeeping invariant was violated (double free, use of a freed block, ...): a bug."""
 
 
-def hash_block(parent: int | None, tokens: Sequence[int]) -> int:
-    """Hash of a full block given its parent's hash: stable across processes and machines
-    (unlike Python's salted hash()), 128 bits so collisions are not a practical concern."""
+ExtraKey = tuple[int, int, bytes]  # token positions [start, end) stand for content `key`
+
+
+def hash_block(parent: int | None, tokens: Sequence[int], extra: bytes = b"") -> int:
+    """Hash of a full block given its parent's hash (and extra content its tokens stand
+    for): stable across processes and machines (unlike Python's salted hash()), 128 bits so
+    collisions are not a practical concern."""
     h = hashlib.blake2b(digest_size=16)
     h.update(b"root" if parent is None else parent.to_bytes(16, "little"))
     h.update(struct.pack(f"<{len(tokens)}q", *tokens))
+    if extra:
+        h.update(b"extra" + extra)
     return int.from_bytes(h.digest(), "little")
+
+
+def block_extra(extras: Sequence[ExtraKey], start: int, end: int) -> bytes:
+    """The extra content of the block holding positions [start, end): every key whose span
+    overlaps it, with the overlap (so a key spanning blocks marks each part)."""
+    return b"".join(
+        struct.pack("<qq", max(a, start), min(b, end)) + key
+        for a, b, key in extras
+        if a < end and b > start
+    )
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -114,6 +132,12 @@ class BlockPool:
         if h not in self.block_of:
             self.block_of[h], self.hash_of[block] = block, h
 
+    def unregister(self, block: int) -> None:
+        """Forget a block's cached hash: its content is about to change (rewind)."""
+        h = self.hash_of.pop(block, None)
+        if h is not None:
+            del self.block_of[h]
+
     def check_invariants(self) -> None:
         for b, rc in enumerate(self.refcount):
             if rc < 0:
@@ -136,6 +160,7 @@ class BlockManager:
         self.tables: dict[Hashable, list[int]] = {}
         self.lengths: dict[Hashable, int] = {}  # tokens with a slot reserved
         self.hashes: dict[Hashable, list[int]] = {}  # hash of each committed full block
+        self.extras: dict[Hashable, tuple[ExtraKey, ...]] = {}
         # Copy-on-write (src, dst) not yet applied. The writer's reference to src moves here
         # until take_copies(), so src cannot be freed and reused before it is copied.
         self.copies: list[tuple[int, int]] = []
@@ -166,7 +191,14 @@ class BlockManager:
         last = table[-1]
         return self.pool.refcount[last] - sum(src == last for src, _ in self.copies) > 1
 
-    def allocate(self, seq_id: Hashable, tokens: list[int]) -> int:
+    def _hash(self, seq_id: Hashable, parent: int | None, tokens: list[int], i: int) -> int:
+        bs, extras = self.block_size, self.extras[seq_id]
+        extra = block_extra(extras, i * bs, (i + 1) * bs) if extras else b""
+        return hash_block(parent, tokens[i * bs : (i + 1) * bs], extra)
+
+    def allocate(
+        self, seq_id: Hashable, tokens: list[int], extras: tuple[ExtraKey, ...] = ()
+    ) -> int:
         """Reserve blocks for a new sequence's prompt, reusing cached full prefix blocks.
         Returns how many leading prompt tokens already have KV (a multiple of block_size,
         always < len(tokens) so the last token is computed and yields logits)."""
@@ -176,10 +208,11 @@ class BlockManager:
             raise ValueError("a sequence needs at least one token")
         bs, pool = self.block_size, self.pool
         hits: list[int] = []  # hashes of the cached leading blocks
+        self.extras[seq_id] = extras
         if self.prefix_cache:
             parent = None
             for i in range(len(tokens) // bs):
-                parent = hash_block(parent, tokens[i * bs : (i + 1) * bs])
+                parent = self._hash(seq_id, parent, tokens, i)
                 if pool.peek(parent) is None:
                     break
                 hits.append(parent)
@@ -188,6 +221,7 @@ class BlockManager:
         fresh = _cdiv(len(tokens), bs) - len(hits)
         revived = sum(pool.refcount[pool.block_of[h]] == 0 for h in hits)
         if fresh + revived > pool.num_free:  # check first: a failure must leave no trace
+            del self.extras[seq_id]
             raise OutOfBlocks(f"prompt needs {fresh + revived} blocks, {pool.num_free} free")
         table = [pool.lookup(h) for h in hits]  # take the hits before allocate() can evict them
         table += [pool.allocate() for _ in range(fresh)]
@@ -217,19 +251,20 @@ class BlockManager:
             self.pool.decref(src)
         return copies
 
-    def commit(self, seq_id: Hashable, tokens: list[int]) -> None:
-        """After K/V for `tokens` (the sequence's tokens so far) was written: cache each newly
-        full block under its chained hash, so later prompts can reuse it."""
+    def commit(self, seq_id: Hashable, tokens: list[int], num_tokens: int | None = None) -> None:
+        """After K/V for the sequence's first num_tokens `tokens` (default all) was written:
+        cache each newly full block under its chained hash, so later prompts can reuse it."""
         table, hashes = self._seq(seq_id), self.hashes[seq_id]
-        if len(tokens) > self.lengths[seq_id]:
+        n = len(tokens) if num_tokens is None else num_tokens
+        if n > self.lengths[seq_id]:
             raise KVCacheError(
-                f"commit of {len(tokens)} tokens but only {self.lengths[seq_id]} slots reserved"
+                f"commit of {n} tokens but only {self.lengths[seq_id]} slots reserved"
             )
         if not self.prefix_cache:
             return
         bs = self.block_size
-        for i in range(len(hashes), len(tokens) // bs):
-            h = hash_block(hashes[-1] if hashes else None, tokens[i * bs : (i + 1) * bs])
+        for i in range(len(hashes), n // bs):
+            h = self._hash(seq_id, hashes[-1] if hashes else None, tokens, i)
             self.pool.register(table[i], h)
             hashes.append(h)
 
@@ -242,6 +277,43 @@ class BlockManager:
             self.pool.incref(block)
         self.tables[dst_id], self.lengths[dst_id] = list(table), self.lengths[src_id]
         self.hashes[dst_id] = list(self.hashes[src_id])
+        self.extras[dst_id] = self.extras[src_id]
+
+    def rewind(self, seq_id: Hashable, num_tokens: int) -> None:
+        """Drop the sequence's last num_tokens slots (a rejected speculation): blocks past the
+        new end are released; a cached block that becomes partly filled loses its hash (its
+        slots will be rewritten), and a shared one is copied on the next write."""
+        table, n = self._seq(seq_id), self.lengths[seq_id]
+        if not 0 <= num_tokens <= n:
+            raise KVCacheError(f"rewind of {num_tokens} tokens from a {n}-token sequence")
+        n -= num_tokens
+        keep = _cdiv(n, self.block_size)
+        for block in reversed(table[keep:]):
+            self.pool.decref(block)
+        del table[keep:]
+        del self.hashes[seq_id][n // self.block_size :]
+        if n % self.block_size and self.pool.refcount[table[-1]] == 1:
+            self.pool.unregister(table[-1])
+        self.lengths[seq_id] = n
+
+    def detach(self, seq_id: Hashable) -> tuple[list[int], int, tuple[ExtraKey, ...]]:
+        """Take the sequence out (swap-out): returns its (table, length, extras); the caller
+        copies the blocks elsewhere and must `decref` them once copied."""
+        table, n, extras = self._seq(seq_id), self.lengths[seq_id], self.extras[seq_id]
+        del self.tables[seq_id], self.lengths[seq_id], self.hashes[seq_id], self.extras[seq_id]
+        return table, n, extras
+
+    def attach(self, seq_id: Hashable, num_tokens: int, extras: tuple[ExtraKey, ...]) -> list[int]:
+        """Give a sequence fresh blocks for num_tokens (swap-in); returns its new table."""
+        if seq_id in self.tables:
+            raise KVCacheError(f"sequence {seq_id!r} already allocated")
+        need = _cdiv(num_tokens, self.block_size)
+        if need > self.pool.num_free:
+            raise OutOfBlocks(f"swap-in needs {need} blocks, {self.pool.num_free} free")
+        table = [self.pool.allocate() for _ in range(need)]
+        self.tables[seq_id], self.lengths[seq_id] = table, num_tokens
+        self.hashes[seq_id], self.extras[seq_id] = [], extras
+        return table
 
     def free(self, seq_id: Hashable) -> None:
         """Release a finished or preempted sequence. Tail first, so the LRU evicts a request's
@@ -249,7 +321,7 @@ class BlockManager:
         table = self._seq(seq_id)
         for block in reversed(table):
             self.pool.decref(block)
-        del self.tables[seq_id], self.lengths[seq_id], self.hashes[seq_id]
+        del self.tables[seq_id], self.lengths[seq_id], self.hashes[seq_id], self.extras[seq_id]
 
     def block_table(self, seq_id: Hashable) -> list[int]:
         return list(self._seq(seq_id))

@@ -14,6 +14,9 @@ below ~8e-3 get a subnormal (coarser) scale, which only matters in absolute term
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -21,7 +24,15 @@ SCALE_DTYPE = torch.float16
 _QMAX = 127
 
 
-def quantize_kv(x: Tensor) -> tuple[Tensor, Tensor]:
+class QuantizedKV(NamedTuple):
+    """int8 K or V with one float16 scale per (token, head) vector: the one int8 KV type,
+    stored by KV storage and read by the attention kernels (which dequantize inside)."""
+
+    data: Tensor  # int8 [..., D]
+    scale: Tensor  # float16 [..., 1]
+
+
+def quantize_kv(x: Tensor) -> QuantizedKV:
     """x [..., D] float -> (int8 [..., D], float16 scale [..., 1])."""
     xf = x.float()
     exact = xf.abs().amax(dim=-1, keepdim=True) / _QMAX
@@ -31,9 +42,52 @@ def quantize_kv(x: Tensor) -> tuple[Tensor, Tensor]:
     ).clamp(max=torch.finfo(SCALE_DTYPE).max)
     s = scale.float()
     q = (xf / torch.where(s == 0, 1.0, s)).round().clamp(-_QMAX, _QMAX).to(torch.int8)
-    return q, scale
+    return QuantizedKV(q, scale)
 
 
 def dequantize_kv(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     """Inverse of quantize_kv, computed in float32 and rounded once to dtype."""
     return (q.float() * scale.float()).to(dtype)
+
+
+KVTensor = Tensor | QuantizedKV  # a K or V store: plain (model dtype) or int8
+
+
+def kv_zeros(shape: tuple[int, ...], dtype: torch.dtype, int8: bool, device) -> KVTensor:
+    if not int8:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    scale = torch.zeros((*shape[:-1], 1), dtype=SCALE_DTYPE, device=device)
+    return QuantizedKV(torch.zeros(shape, dtype=torch.int8, device=device), scale)
+
+
+def kv_write(store: KVTensor, index: tuple, x: Tensor) -> None:
+    if isinstance(store, QuantizedKV):
+        store.data[index], store.scale[index] = quantize_kv(x)
+    else:
+        store[index] = x
+
+
+def kv_read(store: KVTensor, index: tuple, dtype: torch.dtype) -> Tensor:
+    if isinstance(store, QuantizedKV):
+        return dequantize_kv(store.data[index], store.scale[index], dtype)
+    return store[index]
+
+
+def kv_nbytes(store: KVTensor) -> int:
+    return (
+        store.data.nbytes + store.scale.nbytes if isinstance(store, QuantizedKV) else store.nbytes
+    )
+
+
+def kv_parts(store: KVTensor) -> tuple[Tensor, ...]:
+    """The tensors holding a store: (data, scale) for int8, else the tensor itself."""
+    return tuple(store) if isinstance(store, QuantizedKV) else (store,)
+
+
+def kv_map(store: KVTensor, fn: Callable[[Tensor], Tensor]) -> KVTensor:
+    """Apply fn to the data (and the scale) tensor: views, slices, copies."""
+    return (
+        QuantizedKV(fn(store.data), fn(store.scale))
+        if isinstance(store, QuantizedKV)
+        else fn(store)
+    )

@@ -1,0 +1,212 @@
+"""The model runner: turns the scheduler's StepPlan into batches, runs the model, samples.
+
+Row storage (dynamic, contiguous, none) advances every row of its static batch in one
+forward: rows are right-padded, each with its own positions, and a row whose sequence has
+finished repeats its last token until the batch ends (what a padded static batch costs).
+Paged storage runs the step's decodes and its prefill chunks as two forwards, so short
+decode rows are never padded to a long prompt; block tables say where each row's K/V live.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from common.attention.backends import get_backend
+from common.attention.meta import ForwardContext
+from common.device.select import Device
+from common.engine.plan import ScheduledSeq, StepPlan
+from common.engine.sampler import sample_with_probs
+from common.kv.paged import PagedStorage
+from common.kv.rows import RowStorage, make_rows
+from common.kv.spec import KVSpec
+from common.nn.causal_lm import CausalLM
+
+
+def pad_rows(
+    rows: list[list[int]], starts: list[int], device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(ids, positions, valid) [B, T], right-padded; row i's tokens sit at positions
+    starts[i], starts[i] + 1, ... Positions keep counting past a row's end (those are invalid)."""
+    t = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (t - len(r)) for r in rows], dtype=torch.long)
+    offsets = torch.arange(t)
+    positions = offsets + torch.tensor(starts)[:, None]
+    valid = offsets < torch.tensor([len(r) for r in rows])[:, None]
+    return ids.to(device), positions.to(device), valid.to(device)
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, device: Device, spec: KVSpec, attention: str) -> None:
+        self.model, self.device, self.spec = model, device, spec
+        self.backend = get_backend(attention, device, paged=spec.paged)
+        self.dtype = next(model.parameters()).dtype  # the activation dtype, K/V's too
+        a = model.args
+        self.dims = (a.num_hidden_layers, a.num_key_value_heads, a.kv_head_dim)
+        self.storage: RowStorage | PagedStorage | None = None
+        self.history: list[list[int] | None] = []  # row storage: each row's tokens so far
+        self.peak_kv_bytes = 0  # reserved at the fullest moment
+        # decode_steps, decode_ctx_tokens (KV read), useful_row_steps / capacity_row_steps,
+        # kv_steps, kv_reserved_byte_steps / kv_used_byte_steps
+        self.stats: Counter[str] = Counter()
+
+    # -- storage
+    def new_rows(self, rows: int, max_len: int) -> RowStorage:
+        layers, heads, dim = self.dims
+        return make_rows(
+            self.spec, layers, heads, dim, rows, max_len, self.dtype, self.device.torch
+        )
+
+    def new_paged(self, num_blocks: int, heads: tuple[int, int] | None = None) -> PagedStorage:
+        layers, kv_heads, dim = self.dims
+        return PagedStorage(
+            layers, heads or (0, kv_heads), dim, num_blocks, self.spec.block_size,
+            self.dtype, self.device.torch, self.spec.int8,
+        )  # fmt: skip
+
+    # -- forward
+    def forward(
+        self,
+        storage: RowStorage | PagedStorage,
+        ids: Tensor,
+        positions: Tensor,
+        valid: Tensor,
+        paged: tuple[Tensor, Tensor, Tensor] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Tensor:
+        """One model pass over new tokens [B, T]; returns final hidden states [B, T, H].
+        paged: (block tables, slots, seq lens); extra: model inputs passed through as is
+        (e.g. image embeddings)."""
+        meta = storage.begin(positions, valid, *paged) if paged else storage.begin(positions, valid)
+        ctx = ForwardContext(storage, self.backend, meta)
+        return (
+            self.model(ids, positions, ctx, **extra) if extra else self.model(ids, positions, ctx)
+        )
+
+    def _paged_inputs(self, group: list[ScheduledSeq]) -> tuple[Tensor, Tensor, Tensor]:
+        bs, dev = self.spec.block_size, self.device.torch
+        slots = [
+            e.where[p // bs] * bs + p % bs
+            for e in group
+            for p in range(e.start, e.start + len(e.tokens))
+        ]
+        width = max(len(e.where) for e in group)
+        tables = torch.tensor(
+            [e.where + [0] * (width - len(e.where)) for e in group], dtype=torch.int32
+        )
+        seq_lens = torch.tensor([e.start + len(e.tokens) for e in group])
+        return tables.to(dev), torch.tensor(slots, device=dev), seq_lens.to(dev)
+
+    def _logits(self, hidden: Tensor, last: list[tuple[int, int]]) -> Tensor | None:
+        """One LM-head matmul for all sampled rows: it reads the whole head once, not per row."""
+        if not last:
+            return None
+        index = torch.tensor(last, dtype=torch.long, device=hidden.device)
+        return self.model.logits(hidden[index[:, 0], index[:, 1]])
+
+    # -- one step
+    def execute(
+        self, plan: StepPlan, generator: torch.Generator | None, with_probs: bool = False
+    ) -> tuple[dict[int, int], Tensor | None]:
+        """Run the plan; returns the sampled token of each sequence that reached its end
+        (seq id -> token) and, with_probs, their distributions [n, V] in that order."""
+        if self.spec.paged:
+            if plan.kv_ops:
+                self.storage.apply(plan.kv_ops)
+            sampled, logits = self._step_paged(plan)
+        else:
+            sampled, logits = self._step_rows(plan)
+        if not sampled:
+            return {}, None
+        logits = torch.cat(logits) if len(logits) > 1 else logits[0]
+        tokens, probs = sample_with_probs(
+            logits.float(), [e.history for e in sampled], [e.sampling for e in sampled],
+            generator, with_probs,
+        )  # fmt: skip
+        return dict(zip((e.seq_id for e in sampled), tokens.tolist())), probs
+
+    def _count_decode(self, ctx_tokens: int, rows: int, capacity: int) -> None:
+        self.stats.update(
+            decode_steps=1, decode_ctx_tokens=ctx_tokens, useful_row_steps=rows,
+            capacity_row_steps=capacity,
+        )  # fmt: skip
+
+    def _step_paged(self, plan: StepPlan) -> tuple[list[ScheduledSeq], list[Tensor]]:
+        decodes = [e for e in plan.seqs if len(e.tokens) == 1]
+        if decodes:
+            self._count_decode(sum(e.start + 1 for e in decodes), len(decodes), plan.capacity)
+        sampled, logits = [], []
+        for group in (decodes, [e for e in plan.seqs if len(e.tokens) > 1]):
+            if not group:
+                continue
+            ids, positions, valid = pad_rows(
+                [e.tokens for e in group], [e.start for e in group], self.device.torch
+            )
+            hidden = self.forward(self.storage, ids, positions, valid, self._paged_inputs(group))
+            last = [(i, len(e.tokens) - 1) for i, e in enumerate(group) if e.sample]
+            if last:
+                sampled += [e for e in group if e.sample]
+                logits.append(self._logits(hidden, last))
+        return sampled, logits
+
+    def _step_rows(self, plan: StepPlan) -> tuple[list[ScheduledSeq], list[Tensor]]:
+        if plan.kv_ops.new_rows:
+            self.storage = self.new_rows(*plan.kv_ops.new_rows)
+            self.history = [None] * plan.kv_ops.new_rows[0]
+        by_row = {e.where: e for e in plan.seqs}
+        rows, starts = [], []
+        for r in range(len(self.history)):
+            e = by_row.get(r)
+            if e is not None:
+                self.history[r] = e.history
+                rows.append(e.tokens)
+                starts.append(e.start)
+                continue
+            h = self.history[r]  # no work: a finished row repeats its last token
+            if h is None:
+                rows.append([])
+                starts.append(0)
+            elif self.storage.stores_kv:
+                rows.append(h[-1:])
+                starts.append(len(h) - 1)
+            else:
+                rows.append(h)
+                starts.append(0)
+        if plan.seqs and all(e.decode for e in plan.seqs):
+            ctx = sum(s + len(r) for s, r in zip(starts, rows))
+            self._count_decode(ctx, len(plan.seqs), len(rows))
+        ids, positions, valid = pad_rows(rows, starts, self.device.torch)
+        hidden = self.forward(self.storage, ids, positions, valid)
+        sampled = [e for e in plan.seqs if e.sample]
+        logits = self._logits(hidden, [(e.where, len(e.tokens) - 1) for e in sampled])
+        return sampled, [logits] if sampled else []
+
+    def track(self, slots: tuple[int, int] | None) -> None:
+        """Per step: peak reserved KV bytes, and reserved vs used summed over steps (the
+        time-averaged share of reserved KV that holds real tokens). slots: the KV manager's
+        (reserved, used) token slots; None when the storage measures itself (rows)."""
+        if slots is None:
+            reserved, used = self.storage.nbytes(), self.storage.used_bytes()
+        else:
+            reserved, used = (n * self.storage.bytes_per_token for n in slots)
+        self.peak_kv_bytes = max(self.peak_kv_bytes, reserved)
+        self.stats.update(kv_steps=1, kv_reserved_byte_steps=reserved, kv_used_byte_steps=used)
+
+    def teacher_forced_logits(self, prompt: list[int], continuation: list[int]) -> Tensor:
+        """Logits [len(continuation), V] predicting each continuation token from all before
+        it, in a storage of its own (the serving storage is left alone)."""
+        fed = prompt + continuation[:-1]
+        dev = self.device.torch
+        ids, positions, valid = pad_rows([fed], [0], dev)
+        if self.spec.paged:
+            bs = self.spec.block_size
+            blocks = list(range(-(-len(fed) // bs)))
+            storage = self.new_paged(len(blocks))
+            entry = ScheduledSeq(0, 0, fed, True, False, fed, None, blocks)
+            hidden = self.forward(storage, ids, positions, valid, self._paged_inputs([entry]))
+        else:
+            hidden = self.forward(self.new_rows(1, len(fed) + 1), ids, positions, valid)
+        return self.model.logits(hidden[0, len(prompt) - 1 :]).float()
