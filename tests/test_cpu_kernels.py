@@ -1,14 +1,21 @@
-"""The C++ CPU kernels against plain torch math, and where the model code dispatches to them."""
+"""Every implementation of the dispatched CPU ops against plain torch math (the dispatch
+table may pick any of them, so each must match the reference), and the rules that decide
+where each may run."""
 
 import pytest
 import torch
 from torch import nn
 
-import common.nn.norm
-import common.quant.int8
-from common.nn.norm import RMSNorm
-from common.ops.cpu_kernels import int8_matvec_cpp, rms_norm_cpp
-from common.quant.int8 import Int8WeightOnlyLinear
+from common import ops
+from common.ops.int8_linear import int8_linear, int8_matvec_cpp
+from common.ops.rms_norm import rms_norm, rms_norm_cpp
+
+
+@pytest.fixture(autouse=True)
+def _own_choices(tmp_path):
+    ops.reset(tmp_path / "choices.json")
+    yield
+    ops.reset()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -26,6 +33,24 @@ def test_int8_matvec_matches_exact_product(dtype: torch.dtype, rows: int, k: int
     assert ((out.double() - exact).abs() <= tol * exact.abs() + 1e-5).all()
 
 
+@pytest.mark.parametrize("impl", ["cpp_matvec", "int8pack_mm", "dequant_mm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_every_int8_linear_implementation_matches_exact(impl, dtype, rows) -> None:
+    chosen = int8_linear.impls[impl]
+    if not chosen.runs_on("cpu", dtype):
+        pytest.skip(f"{impl} does not run {dtype}")
+    x = torch.randn(rows, 256).to(dtype)
+    w = torch.randint(-127, 128, (96, 256), dtype=torch.int8)
+    scales = (torch.rand(96) / 50).to(dtype)
+    exact = (x.double() @ w.double().t()) * scales.double()
+    out = chosen.fn(x, w, scales)
+    assert out.shape == (rows, 96) and out.dtype == dtype
+    # Same int8 values and scales; rounding and summation order differ (bf16: a few ulps).
+    tol = 1e-5 if dtype == torch.float32 else 2**-6
+    assert ((out.double() - exact).abs() <= tol * exact.abs() + 1e-3).all()
+
+
 def test_int8_matvec_rejects_mismatched_inputs() -> None:
     w = torch.zeros(8, 16, dtype=torch.int8)
     with pytest.raises(ValueError, match="int8_matvec_cpp needs"):
@@ -41,39 +66,64 @@ def _hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+@pytest.mark.parametrize("impl", ["cpp", "torch"])
 @pytest.mark.parametrize("shape", [(1, 1, 768), (3, 7, 64), (5, 40)])
-def test_rms_norm_matches_transformers_formulation(shape: tuple[int, ...]) -> None:
+def test_rms_norm_matches_transformers_formulation(impl: str, shape: tuple[int, ...]) -> None:
+    fn = rms_norm.impls[impl].fn
     x, weight = torch.randn(shape) * 3, torch.randn(shape[-1])
     # bf16: both round the normalized value, then the product, once each: bit-exact.
     xb, wb = x.bfloat16(), weight.bfloat16()
-    assert torch.equal(rms_norm_cpp(xb, wb, 1e-5), _hf_rms_norm(xb, wb, 1e-5))
-    torch.testing.assert_close(rms_norm_cpp(x, weight, 1e-5), _hf_rms_norm(x, weight, 1e-5))
+    assert torch.equal(fn(xb, wb, 1e-5), _hf_rms_norm(xb, wb, 1e-5))
+    torch.testing.assert_close(fn(x, weight, 1e-5), _hf_rms_norm(x, weight, 1e-5))
 
 
-def test_rms_norm_module_uses_kernel_only_where_it_applies(monkeypatch) -> None:
-    calls = []
-    real = common.nn.norm.rms_norm_cpp
-    monkeypatch.setattr(common.nn.norm, "rms_norm_cpp", lambda *a: calls.append(a) or real(*a))
-    norm = RMSNorm(32, 1e-5)
-    norm(torch.randn(2, 32))
-    norm.bfloat16()(torch.randn(2, 32, dtype=torch.bfloat16))
-    assert len(calls) == 2
-    norm.half()(torch.randn(2, 32, dtype=torch.float16))  # no kernel: torch ops
-    norm.float()(torch.randn(2, 32, dtype=torch.bfloat16))  # dtypes differ: torch ops
-    assert len(calls) == 2
+def test_rms_norm_cpp_rejects_mixed_dtypes() -> None:
+    with pytest.raises(ValueError, match="rms_norm_cpp"):
+        rms_norm_cpp(torch.randn(2, 8), torch.ones(8, dtype=torch.bfloat16), 1e-5)
 
 
-def test_int8_linear_dispatch(monkeypatch) -> None:
-    """bf16 at 1-2 rows and fp32 up to 8 take the C++ kernel; more rows dequantize + GEMM."""
-    calls = []
-    real = common.quant.int8.int8_matvec_cpp
-    monkeypatch.setattr(
-        common.quant.int8, "int8_matvec_cpp", lambda *a: calls.append(a) or real(*a)
-    )
-    q = Int8WeightOnlyLinear.from_linear(nn.Linear(64, 32).bfloat16())
-    for rows, dtype in [(1, torch.bfloat16), (2, torch.bfloat16), (8, torch.float32)]:
-        q(torch.randn(rows, 64, dtype=dtype))
-    assert [a[0].shape[0] for a in calls] == [1, 2, 8]
-    q(torch.randn(3, 64, dtype=torch.bfloat16))  # int8pack_mm
-    q(torch.randn(9, 64))  # dequantize + GEMM
-    assert len(calls) == 3
+def _eligible(op: ops.dispatch.Op, *args) -> set[str]:
+    x = args[0]
+    return {i.name for i in op.impls.values() if i.available("cpu", x.dtype) and i.allows(args)}
+
+
+def test_rms_norm_rules() -> None:
+    """The C++ kernel takes float32/bfloat16 with a weight of the same dtype; else torch."""
+    for dtype in (torch.float32, torch.bfloat16):
+        assert _eligible(
+            rms_norm, torch.randn(2, 8, dtype=dtype), torch.ones(8, dtype=dtype), 0
+        ) == {
+            "cpp",
+            "torch",
+        }
+    assert _eligible(rms_norm, torch.randn(2, 8).half(), torch.ones(8).half(), 0) == {"torch"}
+    assert _eligible(rms_norm, torch.randn(2, 8).bfloat16(), torch.ones(8), 0) == {"torch"}
+
+
+def test_int8_linear_rules() -> None:
+    """int8pack_mm: bf16 activations and K % 16 == 0 only (fp32 is a scalar loop there, other
+    K read garbage); the C++ kernel: fp32/bf16; dequantize + GEMM: anything."""
+    w64, w40 = torch.zeros(32, 64, dtype=torch.int8), torch.zeros(32, 40, dtype=torch.int8)
+    s = torch.ones(32, dtype=torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert _eligible(int8_linear, x, w64, s) == {"cpp_matvec", "int8pack_mm", "dequant_mm"}
+    assert _eligible(int8_linear, x[:, :40], w40, s) == {"cpp_matvec", "dequant_mm"}
+    assert _eligible(int8_linear, x.float(), w64, s.float()) == {"cpp_matvec", "dequant_mm"}
+    assert _eligible(int8_linear, x.half(), w64, s.half()) == {"dequant_mm"}
+
+
+def test_modules_run_what_the_registry_chooses() -> None:
+    """RMSNorm and Int8WeightOnlyLinear name no kernel: a pin decides, where its rule holds."""
+    from common.nn.norm import RMSNorm
+    from common.quant.int8 import Int8WeightOnlyLinear
+
+    ops.pin("rms_norm=torch,int8_linear=int8pack_mm")
+    norm = RMSNorm(64).bfloat16()
+    norm(torch.randn(2, 64, dtype=torch.bfloat16))
+    linear = Int8WeightOnlyLinear.from_linear(nn.Linear(64, 32).bfloat16())
+    linear(torch.randn(3, 64, dtype=torch.bfloat16))
+    linear(torch.randn(3, 64))  # fp32: int8pack_mm's rule fails, the ranking decides
+    got = ops.chosen()
+    assert got["rms_norm[cpu,bfloat16,rows=2]"] == "torch (pinned)"
+    assert got["int8_linear[cpu,bfloat16,rows=3-4]"] == "int8pack_mm (pinned)"
+    assert got["int8_linear[cpu,float32,rows=3-4]"] in ("cpp_matvec", "dequant_mm")

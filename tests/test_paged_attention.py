@@ -10,6 +10,7 @@ from torch._dynamo.utils import counters
 
 from common.attention import paged as pa
 from common.kv.quant import dequantize_kv, quantize_kv
+from common.ops.attention import dense_decode_cpp, dense_decode_sdpa
 
 H, HKV, D, BS, NUM_BLOCKS = 4, 2, 32, 4, 128
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -152,8 +153,12 @@ def test_flex_rejects_int8_and_non_consecutive_positions():
         pa.paged_attention_flex(batch.q, batch.k_pool, batch.v_pool, *batch.meta)
 
 
+DENSE_DECODE = {"cpp": dense_decode_cpp, "sdpa": dense_decode_sdpa}  # decode_attention's choices
+
+
+@pytest.mark.parametrize("impl", DENSE_DECODE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_dense_decode_on_strided_cache_views(dtype):
+def test_dense_decode_on_strided_cache_views(impl, dtype):
     """The kernel over dense caches: a [B, Hkv, S, D] slice of a longer preallocated cache
     (the contiguous cache's view) gives SDPA's result for one query per row."""
     g = torch.Generator().manual_seed(0)
@@ -161,20 +166,21 @@ def test_dense_decode_on_strided_cache_views(dtype):
     full_v = torch.randn(3, HKV, 40, D, generator=g).to(dtype)
     k, v = full_k[:, :, :27], full_v[:, :, :27]
     q = torch.randn(3, H, 1, D, generator=g).to(dtype)
-    out = pa.dense_decode_cpp(q, k, v)
+    out = DENSE_DECODE[impl](q, k, v)
     want = torch.nn.functional.scaled_dot_product_attention(
         q.double(), k.double(), v.double(), enable_gqa=True
     )
     torch.testing.assert_close(out.double(), want, atol=TOL[dtype], rtol=TOL[dtype])
 
 
-def test_dense_decode_per_row_prefix_lengths():
+@pytest.mark.parametrize("impl", DENSE_DECODE)
+def test_dense_decode_per_row_prefix_lengths(impl):
     """Rows of a contiguous cache see different prefixes; a row that sees nothing gives 0."""
     g = torch.Generator().manual_seed(1)
     k, v = (torch.randn(3, HKV, 20, D, generator=g) for _ in range(2))
     q = torch.randn(3, H, 1, D, generator=g)
     lens = torch.tensor([20, 7, 0])
-    out = pa.dense_decode_cpp(q, k, v, lens)
+    out = DENSE_DECODE[impl](q, k, v, lens)
     for b in (0, 1):
         n = int(lens[b])
         want = torch.nn.functional.scaled_dot_product_attention(

@@ -2,15 +2,20 @@ import pytest
 import torch
 from torch import nn
 
+from common import ops
 from common.nn.mlp import stack_linears
+from common.ops.int8_linear import dequant_mm, int8pack_mm
 from common.parallel.measured import weight_bytes
-from common.quant.int8 import (
-    Int8Embedding,
-    Int8WeightOnlyLinear,
-    _mm_cpu_bf16,
-    _mm_dequant,
-    quantize_int8,
-)
+from common.quant.int8 import Int8Embedding, Int8WeightOnlyLinear, quantize_int8
+
+
+@pytest.fixture
+def pinned_int8pack(tmp_path):
+    """Every int8 linear whose rule allows it runs torch._weight_int8pack_mm."""
+    ops.reset(tmp_path / "choices.json")
+    ops.pin({"int8_linear": "int8pack_mm"})
+    yield
+    ops.reset()
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -72,7 +77,7 @@ def test_linear_matches_float(dtype: torch.dtype, bias: bool, in_features: int) 
     assert _rel_err(out, ref) < 2e-2
 
 
-def test_cpu_bf16_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cpu_bf16_dispatch(monkeypatch: pytest.MonkeyPatch, pinned_int8pack) -> None:
     calls = []
     real = torch._weight_int8pack_mm
 
@@ -95,8 +100,8 @@ def test_int8pack_and_dequant_paths_agree() -> None:
     q = Int8WeightOnlyLinear.from_linear(nn.Linear(512, 320, bias=False).bfloat16())
     x = torch.randn(7, 512, dtype=torch.bfloat16)
     exact = x.float() @ (q.weight_int8.float() * q.scales.float()[:, None]).t()
-    fast = _mm_cpu_bf16(x, q.weight_int8, q.scales)
-    slow = _mm_dequant(x, q.weight_int8, q.scales)
+    fast = int8pack_mm(x, q.weight_int8, q.scales)
+    slow = dequant_mm(x, q.weight_int8, q.scales)
     assert fast.dtype == slow.dtype == torch.bfloat16
     # Both compute the same quantized product; they differ only by bf16 rounding.
     assert _rel_err(fast, exact) < 1e-2
@@ -104,7 +109,7 @@ def test_int8pack_and_dequant_paths_agree() -> None:
     assert _rel_err(fast, slow) < 1e-2
 
 
-def test_misaligned_and_strided_inputs() -> None:
+def test_misaligned_and_strided_inputs(pinned_int8pack) -> None:
     torch.manual_seed(0)
     q = Int8WeightOnlyLinear.from_linear(nn.Linear(256, 64).bfloat16())
     big = torch.randn(3, 256 + 24, dtype=torch.bfloat16)

@@ -13,6 +13,7 @@ from torch import Tensor
 from common.attention.meta import AttnMeta, Backend, QuantizedKV
 from common.core.errors import RecipeError
 from common.device.select import Device
+from common.ops.attention import decode_attention
 
 
 def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:
@@ -40,15 +41,14 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta) -> Tensor:
 
 def cpu_flash_attention(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta) -> Tensor:
     """SDPA, except for decode steps whose rows each see a prefix of the keys: for one query
-    per row torch's CPU flash kernel is slower than eager attention (far slower with a
-    padding mask), so those take the C++ online-softmax kernel over the cache in place."""
-    if q.shape[2] == 1 and q.dtype in (torch.bfloat16, torch.float32):
-        from common.attention.paged import dense_decode_cpp
-
+    per row torch's CPU flash kernel can be slower than eager attention (far slower with a
+    padding mask), so those go to the decode_attention op, which measures the C++
+    online-softmax kernel over the cache in place against SDPA."""
+    if q.shape[2] == 1:
         if meta.mask is None and not (meta.causal and k.shape[2] > 1):  # every key visible
-            return dense_decode_cpp(q, k, v)
+            return decode_attention(q, k, v, None)
         if meta.mask is not None and meta.prefix_lens is not None:
-            return dense_decode_cpp(q, k, v, meta.prefix_lens)
+            return decode_attention(q, k, v, meta.prefix_lens)
     return sdpa_attention(q, k, v, meta)
 
 

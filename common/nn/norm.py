@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from common.ops.cpu_kernels import KERNEL_DTYPES, cpu_kernels_available, rms_norm_cpp
+from common import ops
 
 
 class RMSNorm(nn.Module):
@@ -18,18 +18,5 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        on_cpu_kernel = x.is_cpu and x.dtype in KERNEL_DTYPES and x.dtype == self.weight.dtype
-        if on_cpu_kernel and cpu_kernels_available():
-            return rms_norm_cpp(x, self.weight, self.eps)  # the math below in one call
-        if x.device.type == "npu":
-            return _npu_rms_norm(x, self.weight, self.eps)
-        # fp32 statistics, cast back before the scale: the transformers formulation.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
-def _npu_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    import torch_npu  # unverified: no NPU in CI
-
-    return torch_npu.npu_rms_norm(x, weight, epsilon=eps)[0]
+        # weight * (x / rms(x)) with fp32 statistics, cast back before the scale.
+        return ops.rms_norm(x, self.weight, self.eps)

@@ -1,7 +1,8 @@
-"""Build small C++ kernels with g++ once per source and machine, and load them with ctypes.
+"""Build the small C++ kernels next to this file with g++ once per source and machine, and load
+them with ctypes.
 
 No torch headers and no pybind: a kernel is a plain `extern "C"` function taking pointers,
-so a build takes ~1-2 s and the result is cached under ~/.cache/llm-recipes.
+so a build takes ~1-2 s and the result is cached under ~/.cache/llm-recipes (XDG_CACHE_HOME).
 """
 
 from __future__ import annotations
@@ -17,25 +18,21 @@ from pathlib import Path
 
 from common.core.errors import RecipeError
 
+SOURCES = Path(__file__).resolve().parent  # NAME.cpp and the header they share
+HEADERS = ("convert.h",)
+
 # Vectorizable reductions without -ffast-math (which on gcc < 13 also sets flush-to-zero
 # for the whole process when the library loads).
 FLAGS = "-O3 -march=native -fno-math-errno -fno-trapping-math -fassociative-math -fno-signed-zeros -fopenmp -shared -fPIC"
 
-# Shared by every kernel: element types as raw C types (bf16 is uint16_t), loaded as fp32 with
-# to_f32 and written back with store (bf16 rounds to nearest even).
-CONVERT = r"""
-#include <cstdint>
-#include <cstring>
-static inline float to_f32(float x) { return x; }
-static inline float to_f32(uint16_t x) { uint32_t u = uint32_t(x) << 16; float f; std::memcpy(&f, &u, 4); return f; }
-static inline void store(float f, float* d) { *d = f; }
-static inline void store(float f, uint16_t* d) {
-  uint32_t u; std::memcpy(&u, &f, 4); *d = uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-}
-"""
+
+def cache_dir() -> Path:
+    """Where built kernels and the measured kernel choices live."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llm-recipes"
 
 
-def _machine() -> str:
+@functools.cache
+def machine() -> str:
     """What -march=native depends on, so a shared cache never serves another CPU's binary."""
     try:
         return next(
@@ -46,21 +43,33 @@ def _machine() -> str:
 
 
 @functools.cache
-def load_cpp(name: str, source: str) -> ctypes.CDLL:
-    """The shared library built from `source` (cached by a hash of source, flags and CPU)."""
-    key = hashlib.sha256(f"{source}{FLAGS}{_machine()}".encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llm-recipes"
+def load_cpp(name: str) -> ctypes.CDLL:
+    """The shared library built from NAME.cpp (cached by a hash of the source, the headers,
+    the flags and the CPU)."""
+    source = SOURCES / f"{name}.cpp"
+    text = "".join((SOURCES / f).read_text() for f in (source.name, *HEADERS))
+    key = hashlib.sha256(f"{text}{FLAGS}{machine()}".encode()).hexdigest()[:16]
+    cache = cache_dir()
     lib = cache / f"{name}_{key}.so"
     if not lib.exists():
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            src, out = Path(tmp, f"{name}.cpp"), Path(tmp, f"{name}.so")
-            src.write_text(source)
-            cmd = [os.environ.get("CXX", "g++"), *FLAGS.split(), str(src), "-o", str(out)]
+            out = Path(tmp, f"{name}.so")
+            cmd = [os.environ.get("CXX", "g++"), *FLAGS.split(), f"-I{SOURCES}", str(source)]
             try:
-                subprocess.run(cmd, check=True, capture_output=True, text=True)
+                subprocess.run([*cmd, "-o", str(out)], check=True, capture_output=True, text=True)
             except (OSError, subprocess.CalledProcessError) as e:
                 detail = getattr(e, "stderr", None) or e
                 raise RecipeError(f"building the {name} kernel failed: {detail}") from e
             os.replace(out, lib)  # atomic: concurrent builds of the same key are harmless
     return ctypes.CDLL(str(lib))
+
+
+@functools.cache
+def builds(name: str) -> bool:
+    """Whether NAME.cpp builds here (g++ with OpenMP); without it the torch implementations run."""
+    try:
+        load_cpp(name)
+    except RecipeError:
+        return False
+    return True

@@ -12,19 +12,11 @@ from collections import Counter
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.ops.cpu_kernels import cpu_kernels_available, int8_matvec_cpp
+from common import ops
 
 _MIN_SCALE = 1e-8  # keeps all-zero rows from dividing by zero
-# Rows up to which torch._weight_int8pack_mm beats dequantize + bf16 matmul on the 2-core
-# AVX512 CI CPU (768-2048 wide layers: 0.3-0.8x the time at <= 8 rows, 1.5-4x at >= 16).
-_INT8PACK_MAX_ROWS = 8
-# Rows up to which the C++ matrix-vector kernel (common/cpu_kernels.py) wins, per activation
-# dtype: bf16 decode at 1-2 rows (0.5x int8pack_mm's time on weights not in cache); fp32,
-# which int8pack_mm runs in a scalar loop, up to where dequantize + GEMM takes over.
-_MATVEC_MAX_ROWS = {torch.bfloat16: 2, torch.float32: 8}
 _QUANT_ROWS = 1024  # rows quantized at a time
 
 
@@ -45,26 +37,6 @@ def _quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
     return weight_int8, scales
 
 
-def _mm_cpu_bf16(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
-    # The AVX512 kernel segfaults unless x starts 32-byte aligned (a view like x[:, 8:] does not)
-    # and on some row strides, so copy such inputs into a fresh, 64-byte-aligned buffer.
-    if not x2d.is_contiguous() or x2d.data_ptr() % 32:
-        x2d = x2d.clone(memory_format=torch.contiguous_format)
-    return torch._weight_int8pack_mm(x2d, weight_int8, scales)  # scales in x's dtype
-
-
-def _mm_npu(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
-    import torch_npu
-
-    # unverified: no NPU in CI
-    return torch_npu.npu_weight_quant_batchmatmul(x2d, weight_int8.t(), antiquant_scale=scales)
-
-
-def _mm_dequant(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
-    # Scaling the output instead of the weight saves an [N, K] multiply (gpt-fast's formulation).
-    return F.linear(x2d, weight_int8.to(x2d.dtype)) * scales
-
-
 class Int8WeightOnlyLinear(nn.Module):
     """Drop-in for nn.Linear holding int8 weights [N, K] and per-output-channel scales [N]."""
 
@@ -83,24 +55,9 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x2d = x.reshape(-1, self.in_features)
-        rows, dtype = x2d.shape[0], x.dtype
+        dtype = x.dtype
         scales = self.scales if self.scales.dtype == dtype else self.scales.to(dtype)
-        # Both CPU kernels are matrix-vector loops: past a few rows (prefill) dequantize +
-        # GEMM wins. int8pack_mm is only vectorized for bf16 (fp32/fp16 hit a scalar loop)
-        # and reads 16 elements per step with no tail, so other K values produce garbage.
-        if x.is_cpu and rows <= _MATVEC_MAX_ROWS.get(dtype, 0) and cpu_kernels_available():
-            out = int8_matvec_cpp(x2d, self.weight_int8, scales)
-        elif (
-            x.is_cpu
-            and dtype == torch.bfloat16
-            and rows <= _INT8PACK_MAX_ROWS
-            and self.in_features % 16 == 0
-        ):
-            out = _mm_cpu_bf16(x2d, self.weight_int8, scales)
-        elif x.device.type == "npu" and dtype in (torch.float16, torch.bfloat16):
-            out = _mm_npu(x2d, self.weight_int8, scales)
-        else:
-            out = _mm_dequant(x2d, self.weight_int8, scales)
+        out = ops.int8_linear(x2d, self.weight_int8, scales)  # the dispatch table picks the kernel
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)

@@ -1,0 +1,101 @@
+// Decode/prefill attention over paged pools or dense caches, read in place through strides
+// (common/ops/attention.py).
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "convert.h"
+
+static inline float to_f32(int8_t x) { return float(x); }  // beside the shared overloads
+
+namespace {
+float f16_to_f32(uint16_t h) {  // kv scales; never negative, inf or nan
+  const int e = (h >> 10) & 31, m = h & 1023;
+  return e ? std::ldexp(float(m | 1024), e - 25) : std::ldexp(float(m), -24);
+}
+constexpr int64_t QTILE = 16;  // queries of one row handled together (prefill)
+
+// One task = (row, kv head, tile of queries): every query head of the group and every query
+// of the tile share each K/V block load. Online softmax in fp32; invisible keys are skipped.
+// K/V element (block, token, head, d) is at block * st[0] + token * st[1] + head * st[2] + d,
+// its scale at block * st[3] + token * st[4] + head * st[5]: pools and dense caches alike.
+template <class T, class KV>
+void attend(const T* q, const KV* kp, const KV* vp, const uint16_t* ks, const uint16_t* vs,
+            const int32_t* bt, const int64_t* qpos, const int64_t* slen, T* out, int64_t B,
+            int64_t H, int64_t Hkv, int64_t Tq, int64_t D, int64_t bs, int64_t mb,
+            const int64_t* st, int nthreads) {
+  const int64_t rep = H / Hkv, tiles = (Tq + QTILE - 1) / QTILE;
+  const float scale = 1.f / std::sqrt(float(D));
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<float> kf(bs * D), vf(bs * D), qf(rep * QTILE * D), acc(rep * QTILE * D),
+        mx(rep * QTILE), sum(rep * QTILE), s(bs);
+    std::vector<int64_t> lim(rep * QTILE);
+#pragma omp for schedule(dynamic)
+    for (int64_t task = 0; task < B * Hkv * tiles; ++task) {
+      const int64_t b = task / (Hkv * tiles), g = task / tiles % Hkv, t0 = task % tiles * QTILE;
+      const int64_t nt = std::min(QTILE, Tq - t0), nq = rep * nt;
+      int64_t last = -1;
+      for (int64_t j = 0; j < nq; ++j) {
+        const int64_t h = g * rep + j / nt, t = t0 + j % nt;
+        for (int64_t d = 0; d < D; ++d) qf[j * D + d] = to_f32(q[((b * H + h) * Tq + t) * D + d]) * scale;
+        lim[j] = std::min(qpos[b * Tq + t], slen[b] - 1);  // last visible key position
+        last = std::max(last, lim[j]);
+        mx[j] = -std::numeric_limits<float>::infinity(), sum[j] = 0.f;
+        std::fill(&acc[j * D], &acc[(j + 1) * D], 0.f);
+      }
+      for (int64_t blk = 0; blk * bs <= last; ++blk) {
+        const int64_t n = std::min(bs, last + 1 - blk * bs);
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t blk_id = bt[b * mb + blk], row = blk_id * st[0] + i * st[1] + g * st[2];
+          const int64_t srow = blk_id * st[3] + i * st[4] + g * st[5];
+          const float kscale = ks ? f16_to_f32(ks[srow]) : 1.f, vscale = vs ? f16_to_f32(vs[srow]) : 1.f;
+          for (int64_t d = 0; d < D; ++d) {
+            kf[i * D + d] = to_f32(kp[row + d]) * kscale;
+            vf[i * D + d] = to_f32(vp[row + d]) * vscale;
+          }
+        }
+        for (int64_t j = 0; j < nq; ++j) {
+          const int64_t nv = std::min(n, lim[j] - blk * bs + 1);
+          if (nv <= 0) continue;
+          float m = mx[j];
+          for (int64_t i = 0; i < nv; ++i) {
+            float dot = 0.f;
+            for (int64_t d = 0; d < D; ++d) dot += qf[j * D + d] * kf[i * D + d];
+            s[i] = dot, m = std::max(m, dot);
+          }
+          const float corr = std::exp(mx[j] - m);
+          float* a = &acc[j * D];
+          for (int64_t d = 0; d < D; ++d) a[d] *= corr;
+          sum[j] *= corr, mx[j] = m;
+          for (int64_t i = 0; i < nv; ++i) {
+            const float p = std::exp(s[i] - m);
+            sum[j] += p;
+            for (int64_t d = 0; d < D; ++d) a[d] += p * vf[i * D + d];
+          }
+        }
+      }
+      for (int64_t j = 0; j < nq; ++j) {
+        const int64_t h = g * rep + j / nt, t = t0 + j % nt;
+        const float inv = sum[j] > 0.f ? 1.f / sum[j] : 0.f;
+        for (int64_t d = 0; d < D; ++d) store(acc[j * D + d] * inv, out + ((b * H + h) * Tq + t) * D + d);
+      }
+    }
+  }
+}
+}  // namespace
+
+#define ARGS const int32_t *bt, const int64_t *qpos, const int64_t *slen, void *out, int64_t B, \
+    int64_t H, int64_t Hkv, int64_t Tq, int64_t D, int64_t bs, int64_t mb, const int64_t *st, int nt
+#define REST bt, qpos, slen, (T*)out, B, H, Hkv, Tq, D, bs, mb, st, nt
+#define KERNEL(name, Q, K)                                                                      \
+  extern "C" void name(const void* q, const void* k, const void* v, const void* ks,           \
+                       const void* vs, ARGS) {                                                  \
+    using T = Q;                                                                                \
+    attend<Q, K>((const Q*)q, (const K*)k, (const K*)v, (const uint16_t*)ks, (const uint16_t*)vs, REST); \
+  }
+KERNEL(paged_f32, float, float)
+KERNEL(paged_bf16, uint16_t, uint16_t)
+KERNEL(paged_f32_i8, float, int8_t)
+KERNEL(paged_bf16_i8, uint16_t, int8_t)

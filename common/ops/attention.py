@@ -1,0 +1,156 @@
+"""Attention over K/V read in place through strides (attention.cpp): paged pools through
+block tables, or dense caches as one block per row; online softmax in fp32, int8 K/V with
+float16 scales dequantized inside. Plus `decode_attention`, the dispatched op for one query
+per row on a dense cache: the C++ kernel or torch SDPA, whichever is faster here.
+
+Pool layout (vLLM's): [num_blocks, block_size, Hkv, D]; block_tables int32 [B, max_blocks];
+q [B, H, Tq, D]; q_pos int64 [B, Tq]; seq_lens [B] = cached tokens per row. A query at
+position p sees its row's cached positions <= p; a query that sees nothing returns zeros.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from common.ops.build import load_cpp
+from common.ops.dispatch import Impl, Op
+from common.ops.library import kernel_op
+
+KV_SCALE_DTYPE = torch.float16  # what the kernel reads int8 K/V scales as
+
+
+@functools.cache
+def _kernel(name: str) -> ctypes._CFuncPtr:
+    fn = getattr(load_cpp("attention"), name)
+    fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 7 + [ctypes.c_void_p, ctypes.c_int]
+    return fn
+
+
+@functools.lru_cache(maxsize=64)
+def _strides_arg(strides: tuple[int, ...]) -> Tensor:
+    return torch.tensor(strides, dtype=torch.int64)  # cached: every layer passes the same
+
+
+def _check(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_scale: Tensor | None,
+    v_scale: Tensor | None,
+    block_tables: Tensor,
+    q_pos: Tensor,
+    seq_lens: Tensor,
+    block_size: int,
+    token_dims: list[int],
+) -> Tensor:
+    if q.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"the C++ attention kernel needs float32/bfloat16 q, got {q.dtype}")
+    quant = k_scale is not None
+    if k.dtype != (torch.int8 if quant else q.dtype) or (
+        quant and (v_scale is None or k_scale.dtype != KV_SCALE_DTYPE)
+    ):
+        raise ValueError(f"K/V dtype {k.dtype} does not match q dtype {q.dtype}")
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+@kernel_op("attention_cpp", _check)
+def attention_cpp(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_scale: Tensor | None,
+    v_scale: Tensor | None,
+    block_tables: Tensor,
+    q_pos: Tensor,
+    seq_lens: Tensor,
+    block_size: int,
+    token_dims: list[int],
+) -> Tensor:
+    """The C++ kernel. k/v (and their scales when int8) are indexed (block, token, head, d)
+    with the strides of their dims `token_dims` = (block, token, head); the tables are
+    trusted (callers check that reads stay inside k)."""
+    out = _check(q, k, v, k_scale, v_scale, block_tables, q_pos, seq_lens, block_size, token_dims)
+    if not q.is_cpu:
+        raise ValueError(f"the C++ attention kernel runs on cpu, got {q.device}")
+    quant = k_scale is not None
+    dims = list(token_dims)
+    strides = [k.stride(i) for i in dims] + [k_scale.stride(i) if quant else 0 for i in dims]
+    same = [v.stride(i) for i in dims] + [v_scale.stride(i) if quant else 0 for i in dims]
+    if k.dtype != v.dtype or strides != same or (k.shape[-1] > 1 and k.stride(-1) != 1):
+        raise ValueError("K and V must share dtype and strides, with unit stride over head_dim")
+    b, h, tq, d = q.shape
+    q = q.contiguous()
+    bt = block_tables.to(torch.int32).contiguous()
+    pos, lens = q_pos.to(torch.int64).contiguous(), seq_lens.to(torch.int64).contiguous()
+    name = ("paged_bf16" if q.dtype == torch.bfloat16 else "paged_f32") + ("_i8" if quant else "")
+    _kernel(name)(
+        *(t.data_ptr() if t is not None else None for t in (q, k, v, k_scale, v_scale, bt, pos, lens, out)),
+        b, h, k.shape[dims[2]], tq, d, block_size, bt.shape[1],
+        _strides_arg(tuple(strides)).data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def dense_decode_cpp(q: Tensor, k: Tensor, v: Tensor, seq_lens: Tensor | None = None) -> Tensor:
+    """The C++ kernel over dense caches k, v [B, Hkv, S, D] (any strides over B, Hkv, S):
+    row b's queries see its first seq_lens[b] keys (default all S), as in a decode step on a
+    contiguous cache. Each row is one block."""
+    b, s = k.shape[0], k.shape[2]
+    if (
+        k.shape[1] == 0
+        or q.shape[1] % k.shape[1]
+        or q.shape[-1] != k.shape[-1]
+        or k.shape[0] != q.shape[0]
+    ):
+        raise ValueError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)}")
+    if k.stride()[:3] != v.stride()[:3]:  # e.g. a fresh v still in the projection's order
+        k = k.clone(memory_format=torch.contiguous_format)
+        v = v.clone(memory_format=torch.contiguous_format)
+    if seq_lens is None:
+        tables, q_pos, lens = _dense_rows(b, s, q.shape[2])
+    else:
+        lens = seq_lens.clamp(max=s)
+        tables = torch.arange(b, dtype=torch.int32)[:, None]
+        q_pos = (lens - 1).clamp(min=0)[:, None].expand(b, q.shape[2]).contiguous()
+    return attention_cpp(q, k, v, None, None, tables, q_pos, lens, s, [0, 2, 1])
+
+
+@functools.lru_cache(maxsize=8)
+def _dense_rows(b: int, s: int, tq: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Block tables, query positions and lengths for rows that each see all s keys: shared
+    by the layers of one decode step, so built once per step, not per layer."""
+    lens = torch.full((b,), s, dtype=torch.int64)
+    tables = torch.arange(b, dtype=torch.int32)[:, None]
+    return tables, (lens - 1).clamp(min=0)[:, None].expand(b, tq).contiguous(), lens
+
+
+def dense_decode_sdpa(q: Tensor, k: Tensor, v: Tensor, seq_lens: Tensor | None = None) -> Tensor:
+    """torch SDPA with the same visibility: row b sees its first seq_lens[b] keys (default all);
+    a row that sees nothing returns zeros, as the C++ kernel does."""
+    gqa = k.shape[1] != q.shape[1]
+    if seq_lens is None:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    seen = torch.arange(k.shape[2], device=q.device) < seq_lens.to(q.device)[:, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=seen[:, None, None], enable_gqa=gqa)
+    return out.masked_fill(~seen.any(-1)[:, None, None, None], 0.0)
+
+
+decode_attention = Op(
+    "decode_attention",
+    [
+        Impl(
+            "cpp",
+            dense_decode_cpp,
+            devices=("cpu",),
+            dtypes=(torch.float32, torch.bfloat16),
+            cpp="attention",
+        ),
+        Impl("sdpa", dense_decode_sdpa),
+    ],
+    rows=lambda q, k, v, seq_lens: q.shape[0],
+)

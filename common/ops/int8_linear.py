@@ -1,0 +1,137 @@
+"""Weight-only int8 linear, y = (x @ w_int8ᵀ) * scales, four ways:
+
+- cpp_matvec: int8_matvec.cpp, one output channel at a time so each thread reads one
+  sequential stream of weights; also runs fp32 activations, where int8pack_mm has only a
+  scalar loop.
+- int8pack_mm: torch._weight_int8pack_mm (AVX512/AMX matrix-vector; bf16 only, K % 16 == 0).
+- dequant_mm: dequantize to the activation dtype + F.linear (gpt-fast's formulation, which
+  torch.compile fuses).
+- npu: torch_npu.npu_weight_quant_batchmatmul (W8A16).
+Every one computes with the same int8 values and scales; results differ in rounding and
+summation order only. Which is fastest depends on the CPU, so the dispatch table measures.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from common.ops.build import load_cpp
+from common.ops.dispatch import Impl, Op
+from common.ops.library import kernel_op
+
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+@functools.cache
+def _kernel(dtype: torch.dtype) -> ctypes._CFuncPtr:
+    fn = getattr(load_cpp("int8_matvec"), f"matvec_{_SUFFIX[dtype]}")
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    return fn
+
+
+def _check(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
+    (m, k), (n, k_w) = x2d.shape, weight_int8.shape
+    if (
+        x2d.dtype not in _SUFFIX
+        or k != k_w
+        or weight_int8.dtype != torch.int8
+        or not weight_int8.is_contiguous()
+        or scales.dtype != x2d.dtype
+        or scales.shape != (n,)
+    ):
+        raise ValueError(
+            f"int8_matvec_cpp needs x [M, K] float32/bfloat16 on cpu, contiguous int8 [N, K] "
+            f"and scales [N] in x's dtype; got x {tuple(x2d.shape)} {x2d.dtype}, weight "
+            f"{tuple(weight_int8.shape)} {weight_int8.dtype}, scales {scales.dtype}"
+        )
+    return torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
+
+
+@kernel_op("int8_matvec_cpp", _check)
+def int8_matvec_cpp(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
+    """x2d [M, K] float32/bfloat16 on cpu, weight_int8 [N, K] contiguous, scales [N] in x's
+    dtype -> [M, N] in x's dtype. Checks are kept few: this runs ~85 times per decode step."""
+    y = _check(x2d, weight_int8, scales)
+    if not x2d.is_cpu:
+        raise ValueError(f"int8_matvec_cpp needs x on cpu, got {x2d.device}")
+    x2d = x2d.contiguous()
+    (m, k), n = x2d.shape, weight_int8.shape[0]
+    _kernel(x2d.dtype)(
+        x2d.data_ptr(), weight_int8.data_ptr(), scales.contiguous().data_ptr(), y.data_ptr(),
+        m, n, k, torch.get_num_threads(),
+    )  # fmt: skip
+    return y
+
+
+def int8pack_mm(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
+    # The AVX512 kernel segfaults unless x starts 32-byte aligned (a view like x[:, 8:] does not)
+    # and on some row strides, so copy such inputs into a fresh, 64-byte-aligned buffer (and
+    # always under torch.compile, whose fake tensors have no address).
+    if torch.compiler.is_compiling() or not x2d.is_contiguous() or x2d.data_ptr() % 32:
+        x2d = x2d.clone(memory_format=torch.contiguous_format)
+    return torch._weight_int8pack_mm(x2d, weight_int8, scales)  # scales in x's dtype
+
+
+def dequant_mm(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
+    # Scaling the output instead of the weight saves an [N, K] multiply (gpt-fast's formulation).
+    return F.linear(x2d, weight_int8.to(x2d.dtype)) * scales
+
+
+def npu_mm(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
+    import torch_npu  # unverified: no NPU in CI
+
+    return torch_npu.npu_weight_quant_batchmatmul(x2d, weight_int8.t(), antiquant_scale=scales)
+
+
+_WORKING_SET_CAP = 256 << 20  # bytes of weight copies the measurement cycles through, at most
+
+
+@functools.cache
+def _l3_bytes() -> int:
+    try:
+        size = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+    except OSError:
+        return 32 << 20
+    return int(size.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(size[-1], 0)
+
+
+def _bench_args(args: tuple[Tensor, Tensor, Tensor]) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Copies of the weight filling twice the L3 cache (up to 256 MiB), so each timed call
+    reads its weight from where a real decode step does: a model's weights together exceed
+    a small L3 (and fit a huge one, where the copies fit too)."""
+    x2d, weight_int8, scales = args
+    if not x2d.is_cpu:
+        return [args]
+    copies = min(2 * _l3_bytes(), _WORKING_SET_CAP) // max(weight_int8.numel(), 1)
+    return [args] + [(x2d, weight_int8.clone(), scales) for _ in range(min(copies, 64))]
+
+
+int8_linear = Op(
+    "int8_linear",
+    [
+        Impl(
+            "cpp_matvec",
+            int8_matvec_cpp,
+            devices=("cpu",),
+            dtypes=tuple(_SUFFIX),
+            cpp="int8_matvec",
+        ),
+        Impl(
+            "int8pack_mm",
+            int8pack_mm,
+            devices=("cpu",),
+            dtypes=(torch.bfloat16,),  # other dtypes hit a scalar loop
+            when=lambda x2d, w, s: w.shape[1] % 16 == 0,  # reads 16 at a time, no tail
+        ),
+        Impl("npu", npu_mm, devices=("npu",), dtypes=(torch.float16, torch.bfloat16)),
+        Impl("dequant_mm", dequant_mm),
+    ],
+    rows=lambda x2d, w, s: x2d.shape[0],
+    bench_args=_bench_args,
+)
