@@ -35,15 +35,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from common.kv.quant import dequantize_kv
+from common.kv.quant import QuantizedKV, dequantize_kv
 from common.ops.attention import attention_cpp
 from common.ops.dispatch import Impl, Op
 
-Pool = Tensor | tuple[Tensor, Tensor]  # [N, bs, Hkv, D] float, or (int8 data, float16 scale)
+Pool = Tensor | QuantizedKV  # [N, bs, Hkv, D] float, or int8 data with float16 scales
 
 
 def _split(pool: Pool) -> tuple[Tensor, Tensor | None]:
-    return (pool[0], pool[1]) if isinstance(pool, tuple) else (pool, None)
+    return (pool.data, pool.scale) if isinstance(pool, QuantizedKV) else (pool, None)
 
 
 def _check(q: Tensor, k_pool: Pool, block_tables: Tensor, q_pos: Tensor, seq_lens: Tensor) -> None:
