@@ -22,7 +22,7 @@ import torch
 import transformers
 from omegaconf import OmegaConf
 
-from common.bench.cli import rewrite_opt_args, validate
+from common.bench.cli import compose_config, rewrite_opt_args
 from common.bench.report import command_line, set_command_line
 from common.bench.workload import build_requests
 from common.core.errors import RecipeError
@@ -105,10 +105,12 @@ class Files:
     mismatch: Path
     prompts: Path
     long_prompt: Path
+    bad_line: Path
 
     @classmethod
     def make(cls, root: Path) -> Files:
-        f = cls(*(root / n for n in ("ckpt", "corrupt", "mismatch", "p.jsonl", "long.jsonl")))
+        names = ("ckpt", "corrupt", "mismatch", "p.jsonl", "long.jsonl", "bad.jsonl")
+        f = cls(*(root / n for n in names))
         _save_checkpoint(f.ckpt)
         shutil.copytree(f.ckpt, f.corrupt)
         weights = f.corrupt / "model.safetensors"
@@ -124,6 +126,7 @@ class Files:
         ]
         f.prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
         f.long_prompt.write_text(json.dumps({"prompt_ids": [3] * MAX_POS}) + "\n")
+        f.bad_line.write_text(json.dumps(rows[0]) + "\n{not json\n")
         return f
 
 
@@ -179,6 +182,19 @@ RUNS: dict[str, Callable[[Files], list[str]]] = {  # longest first: they start f
     "unknown_device": lambda f: [*FAST, "hardware.device=tpu"],
     "absent_device": lambda f: [*FAST, "hardware=npu"],
     "file_without_path": lambda f: [*FAST, "workload=file"],
+    "missing_prompts": lambda f: [*FAST, *file_workload(f, prompts=f.prompts.parent / "nope")],
+    "bad_prompt_line": lambda f: [*FAST, *file_workload(f, prompts=f.bad_line)],
+    "conflicting_opts": lambda f: [*FAST, "+opt=no_kv_cache,paged_kv"],
+    "dropped_opt": lambda f: [*FAST, "+opt=static_kv,cont_batch"],
+    "empty_opt_name": lambda f: [*FAST, "+opt=flash_attn,,int8"],
+    "trailing_comma": lambda f: [*FAST, "+opt=flash_attn,"],
+    "other_recipes_model": lambda f: [*FAST, "model=glm4_9b"],
+    "negative_threads": lambda f: [*FAST[:-1], "bench.threads=-3"],
+    "zero_kv_budget": lambda f: [*FAST, "+opt=paged_kv", "scheduler.kv_budget=0"],
+    "zero_batch": lambda f: [*FAST, "workload.batch_size=0"],
+    "unknown_peer": lambda f: [*FAST, "bench.peers=[vllm]"],
+    "unknown_backend": lambda f: [*FAST, "attention.backend=fast"],
+    "help": lambda f: ["--help"],
 }
 
 
@@ -280,17 +296,17 @@ def test_rewrite_opt_args(argv: list[str], expected: list[str] | None) -> None:
     assert rewrite_opt_args(argv) == (argv if expected is None else expected)
 
 
-def test_validate_names_available_opts() -> None:
+def test_compose_names_available_opts() -> None:
     for argv in (["+opt=bogus"], ["+opt=[int8,bogus]"]):
         with pytest.raises(RecipeError, match=f"unknown opt 'bogus'; available: {ALL_OPTS}"):
-            validate("llama65b", argv)
-    cfg = validate("llama65b", rewrite_opt_args([OPTS, "model.scale=tiny"]))
+            compose_config("llama65b", argv)
+    cfg = compose_config("llama65b", rewrite_opt_args([OPTS, "model.scale=tiny"]))
     assert list(cfg.opts) == ["flash_attn", "int8"]
     assert (cfg.attention.backend, cfg.quant.weights) == ("flash", "int8")
 
 
 def test_check_opts_supported() -> None:
-    check_opts_supported(validate("llama65b", ["+opt=[flash_attn,int8]"]).opts, Device("cpu"))
+    check_opts_supported(compose_config("llama65b", ["+opt=[flash_attn,int8]"]).opts, Device("cpu"))
     fake = OmegaConf.create({"int8": {"devices": ["cpu"]}, "fake": {"devices": ["npu", "cuda"]}})
     with pytest.raises(RecipeError, match="opt 'fake' cannot run on cpu; it supports npu, cuda"):
         check_opts_supported(fake, Device("cpu"))
@@ -301,7 +317,7 @@ def test_check_opts_supported() -> None:
     "workload, key", [("latency", "num_prompts"), ("throughput", "num_requests")]
 )
 def test_workload_without_requests_is_an_error(workload: str, key: str) -> None:
-    cfg = validate("llama65b", [f"workload={workload}", f"workload.{key}=0"])
+    cfg = compose_config("llama65b", [f"workload={workload}", f"workload.{key}=0"])
     with pytest.raises(RecipeError, match=f"workload.{key} must be > 0, got 0"):
         build_requests(cfg.workload, vocab=256)
 
@@ -414,6 +430,22 @@ BAD = {
     "file_without_path": ["workload.path must be set"],
     "zero_repeats": ["bench.repeats"],
 }
+# Found by the preflight, before any worker starts (so no "variant ... failed:" prefix).
+UPFRONT = {
+    "zero_new_tokens": ["max_new_tokens must be > 0, got 0"],
+    "missing_prompts": ["workload.path", "is not a file"],
+    "bad_prompt_line": ["bad.jsonl:2: not valid JSON"],
+    "conflicting_opts": ["opts 'no_kv_cache' and 'paged_kv' conflict"],
+    "dropped_opt": ["opts 'static_kv' and 'cont_batch' conflict"],
+    "empty_opt_name": ["'+opt=flash_attn,,int8' has an empty opt name", "+opt=flash_attn,int8"],
+    "trailing_comma": ["'+opt=flash_attn,' has an empty opt name", "+opt=flash_attn"],
+    "other_recipes_model": ["does not run in this recipe", "choose model=llama65b"],
+    "negative_threads": ["bench.threads must be > 0", "got -3"],
+    "zero_kv_budget": ["scheduler.kv_budget must be > 0", "got 0"],
+    "zero_batch": ["workload.batch_size must be > 0, got 0"],
+    "unknown_peer": ["unknown bench.peers entry 'vllm'; choose one of hf"],
+    "unknown_backend": ["unknown attention.backend 'fast'; choose one of eager, sdpa, flash"],
+}
 
 
 @pytest.mark.parametrize("case", [pytest.param(k, marks=pytest.mark.cli_runs(k)) for k in BAD])
@@ -424,6 +456,32 @@ def test_bad_input_is_one_clear_line(runs: Runs, case: str) -> None:
 @pytest.mark.cli_runs("zero_repeats")
 def test_zero_repeats_is_a_clear_error(runs: Runs) -> None:
     assert_clean_error(runs.get("zero_repeats"), "bench.repeats")
+
+
+@pytest.mark.parametrize("case", [pytest.param(k, marks=pytest.mark.cli_runs(k)) for k in UPFRONT])
+def test_bad_input_is_found_before_any_worker(runs: Runs, case: str) -> None:
+    run = runs.get(case)
+    assert_clean_error(run, *UPFRONT[case])
+    assert "failed:" not in run.stderr  # no worker reported it: the preflight did
+
+
+@pytest.mark.cli_runs("help")
+def test_help_shows_the_recipe_usage(runs: Runs) -> None:
+    run = runs.get("help")
+    run.assert_ok()
+    assert "+opt=a,b" in run.stdout and "Hydra's own options: --hydra-help" in run.stdout
+    for name in available_opts(CONFIGS):
+        summary = next(
+            ln.lstrip("# ")
+            for ln in (CONFIGS / "opt" / f"{name}.yaml").read_text().splitlines()
+            if ln.startswith("# ") and not ln.startswith("# @package")
+        )
+        assert f"{name}" in run.stdout and summary in run.stdout
+    for workload in ("latency", "throughput", "shared_prefix", "online", "file"):
+        assert workload in run.stdout
+    assert "models (model=NAME): llama65b\n" in run.stdout  # not the other recipe's model
+    assert "model.scale=tiny|small|full" in run.stdout
+    assert "Powered by Hydra" not in run.stdout
 
 
 # ---------------------------------------------------------------- -m sweeps
@@ -437,6 +495,8 @@ def test_multirun_sweep_runs_each_job(runs: Runs) -> None:
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
     wrote = [ln for ln in run.stdout.splitlines() if ln.startswith("wrote ")]
     assert sum(ln.endswith(".json") for ln in wrote) == 2  # one result per job
+    jsons = [p for p in run.result_files() if p.suffix == ".json"]
+    assert len(jsons) == 2 and all("." not in p.stem for p in jsons)  # no dot read as a suffix
     assert not (run.cwd / "outputs").exists()
     for path in (p for p in run.result_files() if p.suffix == ".json"):
         result = json.loads(path.read_text())  # each job's workers ran that job's values
