@@ -1,0 +1,128 @@
+"""The dispatch table: a short measurement on first use per bucket, cached in a JSON file and
+read back instead of measuring again; pins by API and environment; what ran is reported."""
+
+import json
+
+import pytest
+import torch
+
+from common import ops
+from common.core.errors import RecipeError
+from common.ops import dispatch
+from common.ops.dispatch import Impl, Op
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.delenv(dispatch.ENV, raising=False)
+    path = tmp_path / "choices.json"
+    ops.reset(path)
+    yield path
+    ops.reset()
+
+
+def _toy_op(name: str, calls: list[str]) -> Op:
+    """'slow' keeps the CPU busy, 'fast' does not, 'wide' is allowed only for an even width
+    (a rule on the arguments, like int8pack_mm's K % 16)."""
+
+    def impl(label: str, seconds: float):
+        def run(x: torch.Tensor) -> torch.Tensor:
+            calls.append(label)
+            torch.ones(int(seconds * 1e8)).sum() if seconds else None  # busy, not asleep
+            return x * 2
+
+        return run
+
+    return Op(
+        name,
+        [
+            Impl("slow", impl("slow", 0.01)),
+            Impl("fast", impl("fast", 0.0)),
+            Impl("wide", impl("wide", 0.0), when=lambda x: x.shape[1] % 2 == 0),
+        ],
+        rows=lambda x: x.shape[0],
+    )
+
+
+def test_measures_once_then_reads_the_cache(cache, monkeypatch):
+    calls: list[str] = []
+    op = _toy_op("toy_measure", calls)
+    assert torch.equal(op(torch.ones(1, 3)), torch.full((1, 3), 2.0))
+    assert {"slow", "fast"} <= set(calls) and "wide" not in calls  # both timed, wide not allowed
+    ranking = json.loads(cache.read_text())["toy_measure[cpu,float32,rows=1]"]
+    assert ranking == ["fast", "slow"]
+    assert ops.chosen()["toy_measure[cpu,float32,rows=1]"] == "fast"
+
+    # Another process: the file answers, nothing is timed.
+    ops.reset(cache)
+    monkeypatch.setattr(dispatch, "_time", lambda *a: pytest.fail("measured again"))
+    calls.clear()
+    op(torch.ones(1, 3))
+    assert calls == ["fast"]
+
+
+def test_an_implementation_allowed_later_is_measured_then(cache):
+    calls: list[str] = []
+    op = _toy_op("toy_later", calls)
+    op(torch.ones(1, 3))  # wide not allowed: ranked without it
+    op(torch.ones(1, 4))  # same bucket, wide allowed now: measured again, with it
+    ranking = json.loads(cache.read_text())["toy_later[cpu,float32,rows=1]"]
+    assert set(ranking) == {"slow", "fast", "wide"} and ranking[-1] == "slow"
+    assert ops.chosen()["toy_later[cpu,float32,rows=1]"] in ("fast", "fast, wide")
+
+
+def test_rows_buckets():
+    labels = [
+        dispatch._label(("op", "cpu", torch.float32, dispatch._BUCKET_OF[min(rows, 257)]))
+        for rows in (1, 2, 3, 5, 16, 17, 65, 256, 257, 4096)
+    ]
+    assert [label.split("rows=")[1][:-1] for label in labels] == [
+        "1", "2", "3-4", "5-8", "9-16", "17-64", "65-256", "65-256", "257+", "257+",
+    ]  # fmt: skip
+
+
+def test_pin_by_api_and_environment(cache, monkeypatch):
+    calls: list[str] = []
+    op = _toy_op("toy_pin", calls)
+    ops.pin({"toy_pin": "slow"})
+    op(torch.ones(1, 4))
+    assert calls == ["slow"]  # no measurement
+    assert ops.chosen() == {"toy_pin[cpu,float32,rows=1]": "slow (pinned)"}
+
+    monkeypatch.setenv(dispatch.ENV, "toy_pin=wide")
+    ops.reset(cache)
+    calls.clear()
+    op(torch.ones(1, 4))
+    op(torch.ones(1, 3))  # wide's rule fails at an odd width: the measured ranking decides
+    assert calls[0] == "wide" and calls[-1] == "fast"
+
+
+def test_bad_pins_name_the_choices(cache):
+    _toy_op("toy_bad", [])
+    with pytest.raises(
+        RecipeError, match="unknown kernel 'nope' for toy_bad; choose one of slow, fast, wide"
+    ):
+        ops.pin("toy_bad=nope")
+    with pytest.raises(RecipeError, match="op=implementation"):
+        ops.pin("toy_bad")
+    ops.pin("later_op=x")  # not registered yet: checked when it registers
+    with pytest.raises(RecipeError, match="unknown kernel 'x' for later_op"):
+        Op("later_op", [Impl("y", lambda x: x)], rows=lambda x: 1)
+
+
+def test_real_ops_every_choice_matches(cache):
+    """Whatever the measurement picks here, the module output matches the reference."""
+    from common.ops.int8_linear import dequant_mm
+    from common.ops.rms_norm import rms_norm_torch
+
+    x, w = torch.randn(3, 64, dtype=torch.bfloat16), torch.randn(64, dtype=torch.bfloat16)
+    assert torch.equal(ops.rms_norm(x, w, 1e-6), rms_norm_torch(x, w, 1e-6))
+    wi = torch.randint(-127, 128, (32, 64), dtype=torch.int8)
+    s = (torch.rand(32) / 50).bfloat16()
+    torch.testing.assert_close(
+        ops.int8_linear(x, wi, s), dequant_mm(x, wi, s), rtol=2e-2, atol=1e-2
+    )
+    assert set(ops.chosen()) == {
+        "rms_norm[cpu,bfloat16,rows=3-4]",
+        "int8_linear[cpu,bfloat16,rows=3-4]",
+    }
