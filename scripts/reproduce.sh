@@ -53,4 +53,6 @@ python $llama +opt=flash_attn,int8 model.path="$ckpt" workload=file workload.pat
   workload.ignore_eos=true generation.no_repeat_ngram_size=3
 python scripts/fidelity_floor.py --model-path "$ckpt" --no-repeat-ngram-size 3
 
+# Which opt was measured on which device and dtype, read from the tables above.
+python scripts/support_matrix.py
 python scripts/render_tables.py

@@ -46,3 +46,25 @@ def test_attention_prefill_table_writes_both_backends_per_length(tmp_path: Path)
     assert all(r["ms"] > 0 and r["extra_bytes"] >= 0 for r in result["rows"])
     table = out.with_suffix(".md").read_text()
     assert "| 32 | fused (flash_attn: SDPA) |" in table and result["cpu"] in table
+
+
+def test_support_matrix_reads_committed_results(tmp_path: Path) -> None:
+    table = {"hardware": "cpu", "model": "llama-65b, seeded, bfloat16",
+             "variants": [{"opts": [], "peer": None}, {"opts": ["paged_kv", "flash_attn"]},
+                          {"opts": [], "peer": "hf"}]}  # fmt: skip
+    (tmp_path / "llama65b" / "cpu").mkdir(parents=True)
+    (tmp_path / "llama65b" / "cpu" / "t.json").write_text(json.dumps(table))
+    cmd = [
+        sys.executable,
+        "scripts/support_matrix.py",
+        "--recipe",
+        "llama65b",
+        "--results",
+        str(tmp_path),
+    ]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=120)
+    rows = json.loads((tmp_path / "llama65b" / "support_matrix.json").read_text())["rows"]
+    assert rows["paged_kv"]["cpu bfloat16"] == "measured (1)"
+    assert rows["paged_kv"]["cpu float32"] == "not measured"
+    assert rows["int8"]["cpu bfloat16"] == "not measured"
+    assert rows["int8"]["npu bfloat16"] == "unverified"
