@@ -222,3 +222,53 @@ def test_stacking_rows_before_int8_changes_no_output(rows: int) -> None:
     fused = Int8WeightOnlyLinear.from_linear(stack_linears(q, k, v))(x)
     parts = [Int8WeightOnlyLinear.from_linear(m)(x) for m in (q, k, v)]
     assert torch.equal(fused, torch.cat(parts, dim=-1))
+
+
+def test_scheme_registry_names_the_choices() -> None:
+    from common.core.errors import RecipeError
+    from common.quant.scheme import SCHEMES, get_scheme
+
+    assert get_scheme("int8") is SCHEMES["int8"]
+    assert get_scheme("int8").kernels == ("int8_linear",)
+    with pytest.raises(
+        RecipeError, match="unknown quantization scheme 'int4'; choose none or int8"
+    ):
+        get_scheme("int4")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_checkpoint_roundtrip(tmp_path, dtype: torch.dtype) -> None:
+    """quantize -> save (safetensors, HF-style names) -> load into a fresh float model -> the
+    same outputs, bit for bit; the tied int8 table is stored once and shared again."""
+    from safetensors.torch import load_file, save_file
+
+    from common.quant.scheme import get_scheme
+
+    scheme = get_scheme("int8")
+    torch.manual_seed(0)
+    src = scheme.quantize(TiedLM().to(dtype))
+    state, config = scheme.state_dict(src), scheme.quantization_config()
+    assert state["body.0.weight"].dtype == torch.int8 and "body.0.weight_scale" in state
+    assert "body.0.bias" in state and "lm_head.weight" not in state  # tied to embed.weight
+    save_file(state, tmp_path / "model.safetensors")
+
+    torch.manual_seed(1)
+    dst = scheme.load_state_dict(
+        TiedLM().to(dtype), load_file(tmp_path / "model.safetensors"), config
+    )
+    assert dst.lm_head.weight_int8 is dst.embed.weight_int8
+    ids = torch.randint(0, 96, (2, 6))
+    assert torch.equal(dst(ids), src(ids))
+
+
+def test_quantized_checkpoint_must_fit_the_model() -> None:
+    from common.core.errors import RecipeError
+    from common.quant.scheme import get_scheme
+
+    scheme = get_scheme("int8")
+    state = scheme.state_dict(scheme.quantize(TiedLM()))
+    with pytest.raises(RecipeError, match="not the int8 scheme"):
+        scheme.load_state_dict(TiedLM(), state, {"scheme": "int4"})
+    del state["body.0.bias"]
+    with pytest.raises(RecipeError, match=r"missing \['body.0.bias'\]"):
+        scheme.load_state_dict(TiedLM(), state, scheme.quantization_config())

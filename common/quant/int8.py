@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from common import ops
+from common.core.errors import RecipeError
 
 _MIN_SCALE = 1e-8  # keeps all-zero rows from dividing by zero
 _QUANT_ROWS = 1024  # rows quantized at a time
@@ -102,20 +103,36 @@ def quantize_int8(
     """Replace every nn.Linear and nn.Embedding (unless skip(name, module)) with its int8
     version, in place. A weight shared by several modules (a tied LM head) is quantized once
     and its int8 table shared, so it still counts once."""
+    return _replace(model, skip, lambda names, weight: _quantize_per_channel(weight))
+
+
+Table = tuple[Tensor, Tensor]  # (int8 [N, K], scales [N])
+
+
+def _replace(
+    model: nn.Module,
+    skip: Callable[[str, nn.Module], bool] | None,
+    table_for: Callable[[list[str], Tensor], Table],
+) -> nn.Module:
+    """Swap modules for their int8 versions, in place; table_for(names of every module that
+    shares the weight, the float weight) gives each weight's int8 table, once per weight."""
     # remove_duplicate=False: a module registered under two names must be replaced at both.
     names: dict[int, tuple[nn.Module, list[str]]] = {}  # id(module) -> (module, its names)
     for name, module in model.named_modules(remove_duplicate=False):
         if type(module) in _INT8_MODULES and not (skip is not None and skip(name, module)):
             names.setdefault(id(module), (module, []))[1].append(name)
+    sharing: dict[int, list[str]] = {}  # id(float weight) -> names of all its modules
+    for module, module_names in names.values():
+        sharing.setdefault(id(module.weight), []).extend(module_names)
     # Modules are converted one at a time and dropped from `names`, so each float weight is
     # freed once its last user is replaced: the peak holds one float matrix beyond the int8
     # model, not the whole float model. A weight shared by modules is quantized once.
     users = Counter(id(module.weight) for module, _ in names.values())
-    tables: dict[int, tuple[Tensor, Tensor]] = {}  # id(float weight) -> (int8, scales)
+    tables: dict[int, Table] = {}  # id(float weight) -> its int8 table
     while names:
         _, (module, module_names) = names.popitem()
         key = id(module.weight)
-        table = tables.pop(key, None) or _quantize_per_channel(module.weight)
+        table = tables.pop(key, None) or table_for(sharing[key], module.weight)
         users[key] -= 1
         if users[key]:
             tables[key] = table
@@ -127,3 +144,78 @@ def quantize_int8(
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name), attr, new)
     return model
+
+
+class Int8WeightOnly:
+    """The int8 weight-only scheme (a common.quant.scheme.QuantScheme). Checkpoints use
+    Hugging Face-style names: NAME.weight (int8) and NAME.weight_scale per quantized module,
+    everything else as in the float model; a tied table is stored once."""
+
+    name = "int8"
+    kernels = ("int8_linear",)  # Int8Embedding is a row lookup, no kernel
+
+    def quantize(self, model: nn.Module, calibration: object = None) -> nn.Module:
+        return quantize_int8(model)  # absmax per channel: no calibration data needed
+
+    def quantization_config(self) -> dict[str, object]:
+        return {
+            "quant_method": "llm_recipes",
+            "scheme": self.name,
+            "bits": 8,
+            "symmetric": True,
+            "granularity": "per_output_channel",
+            "modules": ["Linear", "Embedding"],
+        }
+
+    def state_dict(self, model: nn.Module) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        stored: set[tuple] = set()
+        for name, tensor in model.state_dict().items():
+            if name.endswith(".weight_int8"):
+                name = name.removesuffix("_int8")
+            elif name.endswith(".scales"):
+                name = name.removesuffix(".scales") + ".weight_scale"
+            if _identity(tensor) not in stored:  # a tied table is stored once
+                stored.add(_identity(tensor))
+                out[name] = tensor
+        return out
+
+    def load_state_dict(
+        self, model: nn.Module, state: dict[str, Tensor], config: dict[str, object]
+    ) -> nn.Module:
+        """Quantize a float model of the same architecture (in place, no rounding: the int8
+        tables come from `state`) and load the other tensors."""
+        if config.get("scheme") != self.name:
+            raise RecipeError(f"checkpoint quantization {config!r} is not the {self.name} scheme")
+        tables = {
+            key.removesuffix(".weight_scale"): (state[key.removesuffix("_scale")], scale)
+            for key, scale in state.items()
+            if key.endswith(".weight_scale")
+        }
+
+        def saved(names: list[str], weight: Tensor) -> Table:
+            return next(tables[n] for n in names if n in tables)
+
+        sharing: dict[int, set[str]] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            if type(module) in _INT8_MODULES:
+                sharing.setdefault(id(module.weight), set()).add(name)
+        quantized = {w for w, names in sharing.items() if names & tables.keys()}
+        model = _replace(model, lambda name, m: id(m.weight) not in quantized, saved)
+        rest = {k: v for k, v in state.items() if k.removesuffix(".weight") not in tables}
+        rest = {k: v for k, v in rest.items() if not k.endswith(".weight_scale")}
+        missing, unexpected = model.load_state_dict(rest, strict=False)
+        loaded = {_identity(t) for t in state.values()}
+        current = model.state_dict()
+        unread = [k for k in missing if _identity(current[k]) not in loaded]  # tied: shared
+        if unexpected or unread:
+            raise RecipeError(
+                f"quantized checkpoint does not fit the model: missing {unread[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+        return model
+
+
+def _identity(t: Tensor) -> tuple:
+    """Tensors equal under this share their memory (a tied table under two names)."""
+    return t.data_ptr(), t.shape, t.dtype

@@ -17,7 +17,7 @@ from torch import nn
 from common.core.config import OptSpec
 from common.core.errors import RecipeError
 from common.device.select import Device
-from common.quant.int8 import quantize_int8
+from common.quant.scheme import get_scheme
 from common.transforms.fusion import fuse_projections
 
 
@@ -70,11 +70,7 @@ def _fuse(model: nn.Module, cfg: Any) -> nn.Module:
 
 def _quantize(model: nn.Module, cfg: Any) -> nn.Module:
     kind = cfg.quant.weights
-    if kind == "none":
-        return model
-    if kind == "int8":
-        return quantize_int8(model)
-    raise RecipeError(f"unknown quant.weights {kind!r}; choose none or int8")
+    return model if kind == "none" else get_scheme(kind).quantize(model)
 
 
 TRANSFORMS: list[Callable[[nn.Module, Any], nn.Module]] = [_fuse, _quantize]

@@ -1,0 +1,51 @@
+"""One interface for weight (and activation) quantization schemes, and the registry of them.
+
+A scheme quantizes a float model in place (optionally from calibration data), names the ops
+its modules call (common/ops dispatch names), and saves/loads a quantized checkpoint as a
+state dict with Hugging Face-style names plus a `quantization_config` dict (what goes into
+config.json), so a quantized model can be written once and read back without the float one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from torch import Tensor, nn
+
+from common.core.errors import RecipeError
+from common.quant.int8 import Int8WeightOnly
+
+
+class QuantScheme(Protocol):
+    name: str  # the quant.weights value that selects it
+    kernels: tuple[str, ...]  # ops (common/ops/dispatch.py) its modules call
+
+    def quantize(self, model: nn.Module, calibration: Iterable[Any] | None = None) -> nn.Module:
+        """Replace modules by quantized ones, in place; returns the model."""
+        ...
+
+    def quantization_config(self) -> dict[str, Any]:
+        """What a checkpoint records to be read back with this scheme (key "scheme": name)."""
+        ...
+
+    def state_dict(self, model: nn.Module) -> dict[str, Tensor]:
+        """The quantized model's tensors under checkpoint names, each shared tensor once."""
+        ...
+
+    def load_state_dict(
+        self, model: nn.Module, state: dict[str, Tensor], config: dict[str, Any]
+    ) -> nn.Module:
+        """Turn a float model of the same architecture into the saved quantized one."""
+        ...
+
+
+SCHEMES: dict[str, QuantScheme] = {scheme.name: scheme for scheme in (Int8WeightOnly(),)}
+
+
+def get_scheme(name: str) -> QuantScheme:
+    if name not in SCHEMES:
+        raise RecipeError(
+            f"unknown quantization scheme {name!r}; choose none or {', '.join(SCHEMES)}"
+        )
+    return SCHEMES[name]
