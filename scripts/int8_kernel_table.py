@@ -1,4 +1,4 @@
-"""The decode step's matmuls alone, per int8 kernel: why CPU decode uses the C++ kernel.
+"""The decode step's matmuls alone, per int8 kernel: what the dispatch table chooses between.
 
     python scripts/int8_kernel_table.py [--scale small] [--rounds 15]
 
@@ -32,8 +32,7 @@ from common.bench.report import atomic_write, command_line  # noqa: E402
 from common.device.probe import measure_read_bandwidth  # noqa: E402
 from common.device.select import Device  # noqa: E402
 from common.io.presets import preset_args  # noqa: E402
-from common.ops.cpu_kernels import int8_matvec_cpp  # noqa: E402
-from common.quant.int8 import _mm_cpu_bf16, _mm_dequant  # noqa: E402
+from common.ops.int8_linear import int8_linear  # noqa: E402
 from models.llama import LlamaForCausalLM  # noqa: E402
 
 
@@ -65,20 +64,17 @@ def main() -> None:
         for n, k in shapes
     ]
     inputs = {k: torch.randn(1, k, dtype=torch.bfloat16) for _, k in shapes}
+
+    def step(impl: str) -> Callable[[], None]:
+        fn = int8_linear.impls[impl].fn  # an implementation of the int8_linear op, by name
+        return lambda: [fn(inputs[w.shape[1]], w, s) for w, s in int8]
+
     kernels: dict[str, tuple[str, Callable[[], None]]] = {
         "bf16 F.linear": ("bf16", lambda: [F.linear(inputs[w.shape[1]], w) for w in bf16]),
-        "int8 torch._weight_int8pack_mm": (
-            "int8",
-            lambda: [_mm_cpu_bf16(inputs[w.shape[1]], w, s) for w, s in int8],
-        ),
-        "int8 C++ int8_matvec_cpp": (
-            "int8",
-            lambda: [int8_matvec_cpp(inputs[w.shape[1]], w, s) for w, s in int8],
-        ),
-        "int8 dequantize + F.linear": (
-            "int8",
-            lambda: [_mm_dequant(inputs[w.shape[1]], w, s) for w, s in int8],
-        ),
+        # Labels as in the committed table (registry names: int8pack_mm, cpp_matvec, dequant_mm).
+        "int8 torch._weight_int8pack_mm": ("int8", step("int8pack_mm")),
+        "int8 C++ int8_matvec_cpp": ("int8", step("cpp_matvec")),
+        "int8 dequantize + F.linear": ("int8", step("dequant_mm")),
     }
     nbytes = {
         "bf16": sum(w.numel() * 2 for w in bf16),
