@@ -128,8 +128,10 @@ class Op:
         """Time every implementation eligible for these args; ranked ones that are not (an
         earlier call's rules) keep their place after them."""
         eligible = [i for i in (*ranked, *unranked) if i.allows(args)]
-        sets = self.bench_args(args)
-        times = {impl.name: _time(impl.fn, sets, args[0].device) for impl in eligible}
+        times = dict.fromkeys((i.name for i in eligible), 0.0)
+        if len(eligible) > 1:  # one choice needs no timing
+            sets = self.bench_args(args)
+            times = {impl.name: _time(impl.fn, sets, args[0].device) for impl in eligible}
         new = sorted(eligible, key=lambda i: times[i.name])
         new += [i for i in ranked if i not in new]
         self._ranked[key] = new, [i for i in unranked if i not in new]
