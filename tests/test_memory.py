@@ -16,10 +16,12 @@ from common.attention.backends import eager_attention, sdpa_attention
 from common.attention.meta import ForwardContext
 from common.core.errors import RecipeError
 from common.io.checkpoint import from_seed
-from common.kv.cache import KVSpec, NoCache, make_cache
+from common.kv.paged import PagedStorage
+from common.kv.rows import make_rows
+from common.kv.spec import KVSpec
 from common.parallel.activations import activation_bytes, workspace_bytes
 from common.parallel.capacity import kv_capacity
-from common.parallel.layout import Layout, stage_layers
+from common.parallel.layout import Layout, kv_heads_of_rank, stage_layers
 from common.parallel.measured import decode_weight_bytes, weight_bytes
 from common.parallel.memory import (
     device_memory,
@@ -71,18 +73,15 @@ def test_weights_from_config_equal_built_model(case: str, dtype: torch.dtype, sc
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_kv_per_token_equals_storage(family: str, dtype: torch.dtype, int8: bool) -> None:
     _, args = tiny_args(family)
-    slots = 24
-    cache = make_cache(
-        KVSpec("contiguous", int8),
-        args.num_hidden_layers,
-        args.num_key_value_heads,
-        args.kv_head_dim,
-        1,
-        slots,
-        dtype,
-        torch.device("cpu"),
-    )
-    assert kv_bytes_per_token(args, dtype, int8) == cache.nbytes() // slots
+    layers, kv_heads, head_dim = args.num_hidden_layers, args.num_key_value_heads, args.kv_head_dim
+    slots, cpu = 24, torch.device("cpu")
+    rows = make_rows(KVSpec("contiguous", int8), layers, kv_heads, head_dim, 1, slots, dtype, cpu)
+    assert kv_bytes_per_token(args, dtype, int8) == rows.nbytes() // slots
+    # Paged storage of one tensor-parallel rank's KV heads (GLM: 2 heads, replicated at tp=4).
+    for tp in (1, 2, 4):
+        heads = kv_heads_of_rank(kv_heads, tp, tp - 1)
+        pool = PagedStorage(layers, heads, head_dim, 4, 8, dtype, cpu, int8)
+        assert kv_bytes_per_token(args, dtype, int8, Layout(tp=tp)) == pool.bytes_per_token
 
 
 def test_tensor_parallel_splits_all_but_replicated_tensors() -> None:
@@ -103,6 +102,8 @@ def test_kv_heads_replicated_when_fewer_than_ranks() -> None:
     _, args = tiny_args("glm")  # 2 KV heads
     per_rank = [kv_bytes_per_token(args, torch.bfloat16, layout=Layout(tp=tp)) for tp in (1, 2, 4)]
     assert per_rank == [per_rank[0], per_rank[0] // 2, per_rank[0] // 2]
+    assert [kv_heads_of_rank(2, 4, r) for r in range(4)] == [(0, 1), (0, 1), (1, 2), (1, 2)]
+    assert [kv_heads_of_rank(4, 2, r) for r in range(2)] == [(0, 2), (2, 4)]
     with pytest.raises(RecipeError, match="tp=3"):
         kv_bytes_per_token(args, torch.bfloat16, layout=Layout(tp=3))
 
@@ -187,7 +188,7 @@ def test_activation_estimate_near_measured_peak(
     batch, seq_len = shape
     ids = torch.randint(0, args.vocab_size, shape)
     positions = torch.arange(seq_len).expand(batch, seq_len)
-    cache = NoCache()
+    cache = make_rows(KVSpec("none"), 0, 0, 0, batch, seq_len, dtype, torch.device("cpu"))
     meta = cache.begin(positions, torch.ones_like(ids).bool())
     ctx = ForwardContext(cache, eager_attention if eager else sdpa_attention, meta)
 

@@ -51,6 +51,16 @@ def stage_layers(num_layers: int, pp: int) -> tuple[int, ...]:
     return tuple(base + (pp - 1 - extra <= s < pp - 1) for s in range(pp))
 
 
+def kv_heads_of_rank(kv_heads: int, tp: int, rank: int) -> tuple[int, int]:
+    """KV heads [h0, h1) that tensor-parallel rank `rank` stores: an equal share, or, with
+    fewer KV heads than ranks, the one head its group of tp / kv_heads ranks replicates."""
+    if kv_heads >= tp:
+        share = kv_heads // tp
+        return rank * share, (rank + 1) * share
+    head = rank // (tp // kv_heads)
+    return head, head + 1
+
+
 def shard(args: ModelArgs, layout: Layout) -> Shard:
     tp = layout.tp
     heads, kv_heads = args.num_attention_heads, args.num_key_value_heads
@@ -65,9 +75,10 @@ def shard(args: ModelArgs, layout: Layout) -> Shard:
         )
     if kv_heads % tp and tp % kv_heads:
         raise RecipeError(f"tp={tp} and the {kv_heads} KV heads must divide one another")
+    h0, h1 = kv_heads_of_rank(kv_heads, tp, 0)
     return Shard(
         heads=heads // tp,
-        kv_heads=max(1, kv_heads // tp),
+        kv_heads=h1 - h0,
         intermediate=intermediate // tp,
         vocab=-(-args.vocab_size // tp),
         stage_layers=stage_layers(args.num_hidden_layers, layout.pp),
