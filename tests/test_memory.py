@@ -29,7 +29,7 @@ from common.parallel.memory import (
     parameter_count,
     weights_per_device,
 )
-from common.quant.int8 import quantize_int8
+from common.quant.scheme import get_scheme
 from common.transforms.fusion import fuse_projections
 from models.glm import GlmForCausalLM
 from models.llama import LlamaForCausalLM
@@ -60,7 +60,7 @@ def test_weights_from_config_equal_built_model(case: str, dtype: torch.dtype, sc
     cls, args = tiny_args(case.split("-")[0], **CASES[case])
     model = from_seed(cls, args, 0, "cpu", dtype)
     if scheme == "int8":
-        quantize_int8(fuse_projections(model))  # stacking q/k/v and gate/up moves no bytes
+        get_scheme(scheme).quantize(fuse_projections(model))  # stacking moves no bytes
     expected = weights_per_device(args, dtype, scheme)
     assert expected.total == weight_bytes(model)
     assert expected.decode_read == decode_weight_bytes(model)
