@@ -13,6 +13,7 @@ from common.core.errors import RecipeError
 from common.core.request import Completion, Request, SamplingParams
 from common.device.select import Device
 from common.engine.engine import Engine
+from common.engine.scheduler import SchedulerConfig
 from common.io.checkpoint import from_seed
 from models.llama import LlamaArgs, LlamaForCausalLM
 
@@ -153,6 +154,48 @@ def test_stops_at_max_positions(kv: str) -> None:
     (c,) = greedy(engine(kv), [prompt], new=10)
     assert len(c.tokens) == room
     assert c.finish_reason == "length"
+    assert c.truncated  # the bench warns: fewer tokens than max_new_tokens asked for
+    (c,) = greedy(engine(kv), [prompt], new=room)
+    assert not c.truncated
+
+
+@pytest.mark.parametrize("kv", KV_KINDS)
+def test_stop_sequence_ends_generation_with_it(kv: str) -> None:
+    full = reference()[0]
+    stop = tuple(full[2:4])
+    first = next(i for i in range(1, len(full)) if tuple(full[i - 1 : i + 1]) == stop)
+    (c,) = greedy(engine(kv), [PROMPTS[0]], stop_sequences=((999,), stop))
+    assert (c.tokens, c.finish_reason) == (full[: first + 1], "stop")
+
+
+class CharTokenizer:
+    """Token i decodes to chr(ord('a') + i % 26): enough to test stop strings."""
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def test_stop_string_needs_a_tokenizer_and_stops_on_it() -> None:
+    full = reference()[0]
+    text = CharTokenizer().decode(full)
+    stop = text[3:5]
+    end = text.index(stop) + len(stop)
+    with pytest.raises(RecipeError, match="tokenizer"):
+        greedy(engine(), [PROMPTS[0]], stop_strings=(stop,))
+    eng = Engine(model(), CPU, tokenizer=CharTokenizer())
+    (c,) = eng.generate([Request(list(PROMPTS[0]), NEW, stop_strings=(stop,))])
+    assert (c.tokens, c.finish_reason) == (full[:end], "stop")
+
+
+@pytest.mark.parametrize("kv", KV_KINDS)
+def test_static_batches_of_online_arrivals_on_row_storage(kv: str) -> None:
+    """Online static batching on row KV: a batch takes the requests that have arrived (up to
+    max_batch) and runs to its longest member; outputs as alone, times from arrival."""
+    eng = Engine(model(), CPU, kv, scheduler=SchedulerConfig("static", max_batch=2))
+    reqs = [Request(list(p), NEW) for p in PROMPTS]
+    outs = eng.generate(reqs, arrivals=[0.0, 0.0, 0.01, 0.3])
+    assert tokens(outs) == reference()
+    assert all(0 < c.ttft <= c.token_times[-1] for c in outs)
 
 
 def _sampled(eng: Engine, seed: int | None, **params) -> list[list[int]]:
@@ -223,12 +266,16 @@ def test_unknown_kv_kind_or_backend_names_the_choices(kv: str, attn: str) -> Non
 @pytest.mark.parametrize("ignore_eos", [False, True])
 def test_hf_peer_gives_the_engine_tokens(ignore_eos: bool) -> None:
     """The `hf` peer row (transformers' generate()) on the same weights: same greedy tokens,
-    also when EOS is emitted but ignored (EOS must not be suppressed, nor stop the row)."""
+    also when EOS is emitted but ignored (EOS must not be suppressed, nor stop the row),
+    and the same stop rule (a stop sequence in the second row)."""
     from common.bench.peers import hf_runner
 
     args, _, _ = _eos_case()
-    reqs = [Request(list(p), NEW, ignore_eos=ignore_eos) for p in PROMPTS[:2]]
-    ours = greedy(engine(args=args), PROMPTS[:2], ignore_eos=ignore_eos)
+    stop = (tuple(reference()[1][1:3]),)
+    kw = [{}, {"stop_sequences": stop}]
+    reqs = [Request(list(p), NEW, ignore_eos=ignore_eos, **k) for p, k in zip(PROMPTS, kw)]
+    ours = engine(args=args).generate(reqs)
+    assert ours[1].finish_reason == "stop"
     theirs = hf_runner(model(args), max_batch=len(reqs)).generate(reqs)
     assert [(c.tokens, c.finish_reason) for c in theirs] == [
         (c.tokens, c.finish_reason) for c in ours

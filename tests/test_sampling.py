@@ -252,3 +252,25 @@ def test_edge_of_valid_ranges_is_accepted() -> None:
     SamplingParams(
         do_sample=True, temperature=1e-3, top_k=0, top_p=1.0, no_repeat_ngram_size=0, seed=0
     )
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(), SamplingParams(do_sample=True, temperature=0.7, top_k=5, seed=3)],
+    ids=["greedy", "sampled"],
+)
+def test_sample_with_probs_returns_the_distribution_it_drew_from(params: SamplingParams) -> None:
+    """Speculative decoding needs the processed distribution: it equals the softmax of the
+    processed logits, the token is the same as sample()'s, and greedy takes its argmax."""
+    from common.engine.sampler import sample_with_probs
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g)
+    histories = [[1, 2, 3], [4], [5, 6]]
+    tokens, probs = sample_with_probs(logits, histories, params, make_generator(7, "cpu"))
+    want = process_logits(logits, histories, params).softmax(-1)
+    torch.testing.assert_close(probs, want)
+    assert torch.equal(tokens, sample(logits, histories, params, make_generator(7, "cpu")))
+    if not params.do_sample:
+        assert torch.equal(tokens, probs.argmax(-1))
+    assert sample_with_probs(logits, histories, [params] * 3, with_probs=False)[1] is None

@@ -243,3 +243,29 @@ def test_kv_capacity_contiguous_max_len_vs_paged() -> None:
     assert cap.contiguous == 2
     # 128 slots = 32 blocks; sequences take 4, 8, 4, 8, ... blocks: 5 fit (28 blocks)
     assert cap.paged == 5
+
+
+def test_plan_is_plain_data_with_chunks_within_the_budget() -> None:
+    """The scheduler's plan: no tensors; prefill chunks fill the token budget, a decode is
+    one token, and only a step that reaches a sequence's end samples."""
+    from dataclasses import fields
+
+    from common.kv.manager import PagedKVManager
+
+    kv = PagedKVManager(64, BS)
+    sched = Scheduler(kv, SchedulerConfig("continuous", max_batch=4, max_tokens_per_step=8))
+    for i, n in enumerate([13, 3]):
+        sched.add(Sequence(i, list(range(1, n + 1)), 2, None))
+    plans = []
+    while sched.has_work():
+        plan = sched.schedule()
+        plans.append([(e.seq_id, e.start, len(e.tokens), e.sample) for e in plan.seqs])
+        for e in plan.seqs:
+            assert not any(isinstance(getattr(e, f.name), torch.Tensor) for f in fields(e))
+            assert e.where == kv.locate(e.seq_id)
+        sched.update(plan, {e.seq_id: 7 for e in plan.seqs if e.sample}, 0.0)
+    assert plans[:3] == [
+        [(0, 0, 8, False)],
+        [(0, 8, 5, True), (1, 0, 3, True)],
+        [(0, 13, 1, True), (1, 3, 1, True)],
+    ]

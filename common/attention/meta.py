@@ -53,7 +53,7 @@ Backend = Callable[[Tensor, Tensor, Tensor, AttnMeta], Tensor]
 
 
 class KVStore(Protocol):
-    """What a forward pass needs from KV storage (implemented in common/kv/rows.py and common/kv/paged.py)."""
+    """What a forward pass needs from KV storage (common/kv/rows.py, common/kv/paged.py)."""
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
 

@@ -83,6 +83,8 @@ class Engine:
         vocab = self.model.args.vocab_size
         if max(req.prompt) >= vocab or min(req.prompt) < 0:
             raise RecipeError(f"prompt token ids must be in [0, {vocab}) for this model")
+        if req.stop_strings and self.stop.tokenizer is None:
+            raise RecipeError("stop strings need a tokenizer (model.path with tokenizer files)")
 
     def _kv_manager(self, max_batch: int, longest: int) -> KVManager:
         if not self.kv.paged:

@@ -108,11 +108,9 @@ class ModelRunner:
         return self.model.logits(hidden[index[:, 0], index[:, 1]])
 
     # -- one step
-    def execute(
-        self, plan: StepPlan, generator: torch.Generator | None, with_probs: bool = False
-    ) -> tuple[dict[int, int], Tensor | None]:
-        """Run the plan; returns the sampled token of each sequence that reached its end
-        (seq id -> token) and, with_probs, their distributions [n, V] in that order."""
+    def run(self, plan: StepPlan) -> tuple[list[ScheduledSeq], Tensor | None]:
+        """Apply the plan's KV ops and run its forwards; returns the sequences that sample
+        and their next-token logits [n, V], in that order (decodes first when paged)."""
         if self.spec.paged:
             if plan.kv_ops:
                 self.storage.apply(plan.kv_ops)
@@ -120,8 +118,17 @@ class ModelRunner:
         else:
             sampled, logits = self._step_rows(plan)
         if not sampled:
+            return [], None
+        return sampled, torch.cat(logits) if len(logits) > 1 else logits[0]
+
+    def execute(
+        self, plan: StepPlan, generator: torch.Generator | None, with_probs: bool = False
+    ) -> tuple[dict[int, int], Tensor | None]:
+        """Run the plan and sample; returns the sampled token of each sequence that reached
+        its end (seq id -> token) and, with_probs, their distributions [n, V] in run order."""
+        sampled, logits = self.run(plan)
+        if not sampled:
             return {}, None
-        logits = torch.cat(logits) if len(logits) > 1 else logits[0]
         tokens, probs = sample_with_probs(
             logits.float(), [e.history for e in sampled], [e.sampling for e in sampled],
             generator, with_probs,

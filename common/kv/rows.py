@@ -39,9 +39,6 @@ def attn_meta(key_pos: Tensor, query_pos: Tensor) -> AttnMeta:
 class RowStorage(ABC):
     stores_kv: bool = True  # False: the runner feeds the full sequence every step
 
-    def __init__(self, rows: int) -> None:
-        self.rows = rows
-
     @abstractmethod
     def begin(self, positions: Tensor, valid: Tensor) -> AttnMeta:
         """Called once per forward with the new tokens' positions [B, T] and validity."""
@@ -73,8 +70,7 @@ class NoCache(RowStorage):
 
 
 class DynamicCache(RowStorage):
-    def __init__(self, rows: int, num_layers: int) -> None:
-        super().__init__(rows)
+    def __init__(self, num_layers: int) -> None:
         self.k: list[Tensor | None] = [None] * num_layers
         self.v: list[Tensor | None] = [None] * num_layers
         self.key_pos: Tensor | None = None
@@ -115,7 +111,6 @@ class ContiguousCache(RowStorage):
         device: torch.device,
         int8: bool = False,
     ) -> None:
-        super().__init__(rows)
         shape = (rows, kv_heads, max_len, head_dim)
         self.dtype = dtype
         self.k: list[KVTensor] = [kv_zeros(shape, dtype, int8, device) for _ in range(num_layers)]
@@ -175,9 +170,9 @@ def make_rows(
 ) -> RowStorage:
     """Storage for a static batch of `rows` sequences, the longest max_len tokens."""
     if spec.kind == "dynamic":
-        return DynamicCache(rows, num_layers)
+        return DynamicCache(num_layers)
     if spec.kind == "none":
-        return NoCache(rows)
+        return NoCache()
     if spec.kind != "contiguous":
         raise RecipeError(f"kv_cache.kind={spec.kind} is not a row storage")
     if spec.max_len is not None and max_len > spec.max_len:
