@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
+from common.bench.plan import workload_desc
 from common.device.probe import cpu_info
 
+ROOT = Path(__file__).resolve().parents[2]
 COLUMNS = [  # (key, header, format)
     ("ttft_ms", "TTFT ms", "{:.1f}"),
     ("tpot_ms", "TPOT ms", "{:.2f}"),
@@ -48,9 +51,6 @@ SERVING_COLUMNS = [
     ("max_concurrent_paged", "seqs in budget: paged", "{:.0f}"),
 ]
 SPREAD = {"ttft_ms", "tpot_ms", "decode_tokens_per_s", "tokens_per_s"}
-
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def git_revision(root: Path = ROOT) -> str | None:
@@ -196,10 +196,6 @@ def describe_workload(result: dict) -> str:
     sweep = result.get("sweep")
     if not sweep or not sweep["key"].startswith("workload."):
         return result["workload_desc"]
-    from omegaconf import OmegaConf
-
-    from common.bench.plan import workload_desc
-
     values = [str(v) for v in sweep["values"]]
     swept = " or ".join([", ".join(values[:-1]), values[-1]] if len(values) > 1 else values)
     key = sweep["key"].removeprefix("workload.")
