@@ -12,7 +12,9 @@ in a model dtype of e bytes:
   - attention: q/k/v and their rotated copies, 2 * N * (h + 2k) * D * e; eager attention adds
     the score matrix [batch, h, seq_len, context] in the model dtype, its fp32 softmax and
     the probabilities cast back, batch * h * seq_len * context * (2e + 4) (8 bytes in fp32,
-    where the cast copies nothing; fused kernels tile the matrix instead);
+    where the cast copies nothing; fused kernels tile the matrix instead), and with fewer
+    KV heads than query heads K and V repeated to h heads, 2 * batch * h * context * D * e
+    (the largest term when one token reads a long context);
   - MLP: gate and up outputs (stacked or not), silu(gate) and the product, 4 * N * I/tp * e;
   - logits of the last token of each row, [batch, V/tp] in the model dtype and in fp32.
   Weights stored quantized and dequantized per matmul (weight-only int8 in prefill) add, in
@@ -55,15 +57,18 @@ def workspace_bytes(
     head: bool = True,
 ) -> int:
     """The largest phase's temporaries (see the module docstring); context defaults to seq_len
-    (a prefill with nothing cached). dequantized_weights: the weights are stored quantized and
-    dequantized for each matmul (weight-only int8 in prefill). head: this device computes the logits (the last stage)."""
+    (a prefill with nothing cached). dequantized_weights: the weights are stored quantized
+    and dequantized for each matmul (weight-only int8 in prefill). head: this device
+    computes the logits (the last pipeline stage)."""
     _check_shape(batch, seq_len)
     s, e = shard(args, layout), dtype.itemsize
     n, d, hidden = batch * seq_len, args.kv_head_dim, args.hidden_size
     qkv = (s.heads + 2 * s.kv_heads) * d
     casts = dtype != torch.float32  # casts to and from fp32 copy only from another dtype
-    scores = batch * s.heads * seq_len * (context or seq_len) * (e + 4 + e * casts)
-    attention = 2 * n * qkv * e + (scores if eager_attention else 0)
+    context = context or seq_len
+    scores = batch * s.heads * seq_len * context * (e + 4 + e * casts)
+    repeated_kv = 2 * batch * s.heads * context * d * e if s.kv_heads < s.heads else 0
+    attention = 2 * n * qkv * e + (scores + repeated_kv if eager_attention else 0)
     mlp = 4 * n * s.intermediate * e
     logits = batch * s.vocab * (e + 4 * casts)
     if dequantized_weights:  # the phase's largest weight [out, in] in the model dtype
