@@ -31,11 +31,19 @@ def pad_rows(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(ids, positions, valid) [B, T], right-padded; row i's tokens sit at positions
     starts[i], starts[i] + 1, ... Positions keep counting past a row's end (those are invalid)."""
-    t = max(map(len, rows))
+    lens = [len(r) for r in rows]
+    t = max(lens)
+    if min(lens) == t == 1:  # a decode step: nothing to pad
+        ids = torch.tensor(rows, dtype=torch.long)
+        return (
+            ids.to(device),
+            torch.tensor(starts)[:, None].to(device),
+            torch.ones_like(ids, dtype=torch.bool).to(device),
+        )
     ids = torch.tensor([r + [0] * (t - len(r)) for r in rows], dtype=torch.long)
     offsets = torch.arange(t)
     positions = offsets + torch.tensor(starts)[:, None]
-    valid = offsets < torch.tensor([len(r) for r in rows])[:, None]
+    valid = offsets < torch.tensor(lens)[:, None]
     return ids.to(device), positions.to(device), valid.to(device)
 
 
