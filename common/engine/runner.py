@@ -68,10 +68,10 @@ class ModelRunner:
             self.spec, layers, heads, dim, rows, max_len, self.dtype, self.device.torch
         )
 
-    def new_paged(self, num_blocks: int, heads: tuple[int, int] | None = None) -> PagedStorage:
+    def new_paged(self, num_blocks: int) -> PagedStorage:
         layers, kv_heads, dim = self.dims
         return PagedStorage(
-            layers, heads or (0, kv_heads), dim, num_blocks, self.spec.block_size,
+            layers, (0, kv_heads), dim, num_blocks, self.spec.block_size,
             self.dtype, self.device.torch, self.spec.int8,
         )  # fmt: skip
 

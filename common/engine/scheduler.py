@@ -56,7 +56,7 @@ class Sequence:
     prompt: list[int]
     max_new_tokens: int  # the budget: the request's, lowered to the model's positions
     sampling: SamplingParams | None
-    request: Request | None = None  # stop sequences/strings, ignore_eos, prefix keys
+    request: Request | None = None  # stop rule inputs, prefix keys (default: a plain one)
     priority: int = 0  # lower runs first under the `priority` policy
     arrival: float = 0.0
     tokens: list[int] = field(init=False)  # prompt + output, one list (no copy per step)
@@ -67,6 +67,8 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)
+        if self.request is None:
+            self.request = Request(self.prompt, self.max_new_tokens)
 
     @property
     def output(self) -> list[int]:
@@ -181,10 +183,9 @@ class Scheduler:
         self.waiting.sort(key=self._key)
         while self.waiting and len(self.running) < self.max_batch and budget > 0:
             seq = self.waiting[0]
-            extras = seq.request.extra_keys if seq.request else ()
             final = len(seq.prompt) + seq.max_new_tokens
             try:
-                cached = self.kv.allocate(seq.id, seq.tokens, final, extras)
+                cached = self.kv.allocate(seq.id, seq.tokens, final, seq.request.extra_keys)
             except OutOfKV:
                 self._no_room(seq, chosen)
                 break
@@ -216,9 +217,8 @@ class Scheduler:
                 continue
             seq.tokens.append(token)
             seq.token_times.append(now - seq.arrival)
-            req = seq.request or Request(seq.prompt, seq.max_new_tokens)
             new = len(seq.tokens) - len(seq.prompt)
-            seq.finish_reason = self.stop.check(req, seq.tokens, new, seq.max_new_tokens)
+            seq.finish_reason = self.stop.check(seq.request, seq.tokens, new, seq.max_new_tokens)
             if seq.finish_reason:
                 self.retire(seq)
 
