@@ -135,6 +135,8 @@ def test_another_run_never_replaces_results(tmp_path: Path) -> None:
     with claim(stem, tiny, "cmd") as other:
         assert other.stem.name == f"latency-flash_attn+int8@{identity_hash(tiny)}"
         assert other.displaced == stem
+    with claim(stem, tiny, "cmd", replace=True) as forced:  # bench.replace=true
+        assert forced.stem == stem
     assert identity("bench.results_dir=elsewhere") == tiny  # where results go is not identity
 
 

@@ -14,9 +14,11 @@ import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import takewhile
+from pathlib import Path
 from typing import Any
 
-from common.core.config import CONFIG_DIR
+from common.core.config import CONFIG_DIR, models_for
 from common.core.errors import RecipeError
 
 _OPT_ARG = re.compile(r"^(\+{0,2}opt)=(.*)$")
@@ -59,13 +61,14 @@ def _check_group_choices(overrides: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
+    parser = OverridesParser.create()
     for arg in overrides:
         try:
-            (o,) = OverridesParser.create().parse_overrides([arg])
+            (o,) = parser.parse_overrides([arg])
         except OverrideParseException as e:
             raise RecipeError(f"cannot parse {arg!r}: {e.message.splitlines()[0]}") from e
         group = o.key_or_group
-        if o.package is not None or not (CONFIG_DIR / group).is_dir():
+        if o.is_delete() or o.package is not None or not (CONFIG_DIR / group).is_dir():
             continue  # a key, not a group
         value = o.value()
         for name in value if isinstance(value, list) else [value]:
@@ -102,25 +105,18 @@ def compose_config(config_name: str, argv: list[str]) -> Any:
         raise RecipeError(_explain(e)) from e
 
 
-def _summary(path: Any) -> str:
-    """A config file's first comment line (after Hydra's `# @package`)."""
-    for line in path.read_text().splitlines():
-        if line.startswith("#") and not line.startswith("# @package"):
-            return line.lstrip("# ").strip()
-    return ""
+def _summary(path: Path) -> str:
+    """A config file's leading comment (after Hydra's `# @package`), as one line."""
+    lines = [ln for ln in path.read_text().splitlines() if not ln.startswith("# @package")]
+    comment = [ln.lstrip("# ").strip() for ln in takewhile(lambda ln: ln.startswith("#"), lines)]
+    return " ".join(comment)
 
 
 def usage(config_name: str, model_cls: type) -> str:
-    from omegaconf import OmegaConf
-
     def entries(group: str) -> list[str]:
         return [f"  {p.stem:<15}{_summary(p)}" for p in sorted((CONFIG_DIR / group).glob("*.yaml"))]
 
-    models = [
-        p.stem
-        for p in sorted((CONFIG_DIR / "model").glob("*.yaml"))
-        if OmegaConf.load(p).architecture == model_cls.hf_class_name
-    ]
+    models = models_for(model_cls.hf_class_name)
     script = f"recipes/{config_name}/run.py"
     return "\n".join(
         [

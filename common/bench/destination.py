@@ -4,9 +4,10 @@ A results name (`<workload>-<rows>`) says what was compared, not on what: the mo
 checkpoint, workload and settings are the run's identity, hashed into `config_hash` in its
 JSON. A run replaces the files under its name only when they hold the same identity (so
 `scripts/reproduce.sh` regenerates the committed tables in place); any other run writes
-`<name>@<hash>` beside them and says so. A lock file next to the results makes a second run
-of the same identity at the same time an error instead of a silent race, and finding that the
-directory cannot be written happens here, up front.
+`<name>@<hash>` beside them and says so (`bench.replace=true` replaces them anyway: for a
+committed command changed on purpose). A lock file next to the results makes a second run of
+the same identity at the same time an error instead of a silent race, and a directory that
+cannot be written is found here, before any worker starts.
 """
 
 from __future__ import annotations
@@ -25,7 +26,16 @@ from omegaconf import OmegaConf
 from common.core.errors import RecipeError
 
 # Keys the orchestrator sets for its workers, and where results go: not part of what was run.
-_NOT_IDENTITY = ("role", "worker_out", "reference", "peer", "bandwidth", "round", "results_dir")
+_NOT_IDENTITY = (
+    "role",
+    "worker_out",
+    "reference",
+    "peer",
+    "bandwidth",
+    "round",
+    "results_dir",
+    "replace",
+)
 
 
 def run_identity(cfg: Any) -> dict:
@@ -88,13 +98,13 @@ def _lock(stem: Path, key: str) -> tuple[Path, str | None]:
 
 
 @contextmanager
-def claim(stem: Path, identity: dict, command: str) -> Iterator[Destination]:
+def claim(stem: Path, identity: dict, command: str, replace: bool = False) -> Iterator[Destination]:
     """The name this run writes under, locked for the duration of the run."""
     key = identity_hash(identity)
     try:
         stem.parent.mkdir(parents=True, exist_ok=True)
         own = stem.with_name(f"{stem.name}@{key}")
-        chosen = own if _holds_other_run(stem, key, command) else stem
+        chosen = own if not replace and _holds_other_run(stem, key, command) else stem
         lock, holder = _lock(chosen, key)
         if holder is not None and chosen == stem and holder != key:
             chosen = own  # another run with other settings is writing the plain name

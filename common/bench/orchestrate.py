@@ -74,12 +74,12 @@ def _run_jobs(cfg: Any, jobs: list[Job], bandwidth: float) -> dict[str, dict]:
     columns += (TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
     with tempfile.TemporaryDirectory() as ref, Progress(*columns) as progress:
         task = progress.add_task("benchmark", total=len(jobs) * rounds)
-        extra = ["bench.role=worker", f"bench.reference={ref}", f"+bench.bandwidth={bandwidth}"]
+        extra = ["bench.role=worker", f"bench.reference={ref}", f"bench.bandwidth={bandwidth}"]
         for r in range(rounds):
             for job in jobs:
                 progress.update(task, description=f"round {r + 1}/{rounds}: {job.row.name}")
                 args = [*overrides, *job.point]
-                out = spawn(sys.argv[0], args, job.variant, [*extra, f"+bench.round={r}"])
+                out = spawn(sys.argv[0], args, job.variant, [*extra, f"bench.round={r}"])
                 if r == 0:
                     collected[job.row.name] = {**out, "variant": job.row}
                 else:
@@ -149,7 +149,7 @@ def run_main(cfg: Any, model_cls: type[CausalLM]) -> dict:
         / hardware
         / results_name(cfg, list(cfg.opts), rows)
     )
-    with claim(stem, run_identity(cfg), command_line()) as dest:
+    with claim(stem, run_identity(cfg), command_line(), cfg.bench.replace) as dest:
         bandwidth = _bandwidth(cfg, checked.device)
         collected = _run_jobs(cfg, _jobs(cfg, checked.variants), bandwidth[0])
         result = _result(cfg, checked, collected, bandwidth, start)

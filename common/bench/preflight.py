@@ -10,13 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import OmegaConf
-
+from common.attention.backends import get_backend
 from common.bench.peers import PEERS
 from common.bench.plan import Variant, plan
 from common.bench.worker import kv_spec
 from common.bench.workload import arrival_times, build_requests
-from common.core.config import CONFIG_DIR, ModelConfig, RecipeConfig, typed
+from common.core.config import CONFIG_DIR, ModelConfig, RecipeConfig, models_for, typed
 from common.core.errors import RecipeError
 from common.core.request import SamplingParams
 from common.device.select import Device, resolve_dtype, select_device
@@ -42,11 +41,7 @@ def _choice(key: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
 def _model_args(model: Any, model_cls: type[CausalLM]) -> ModelArgs:
     """The model this run builds, without its weights; another recipe's model is an error."""
     if model.architecture != model_cls.hf_class_name:
-        fits = [
-            p.stem
-            for p in sorted((CONFIG_DIR / "model").glob("*.yaml"))
-            if OmegaConf.load(p).architecture == model_cls.hf_class_name
-        ]
+        fits = models_for(model_cls.hf_class_name)
         raise RecipeError(
             f"model {model.name!r} ({model.architecture}) does not run in this recipe, "
             f"which runs {model_cls.hf_class_name}; choose model={' or model='.join(fits)}"
@@ -57,8 +52,6 @@ def _model_args(model: Any, model_cls: type[CausalLM]) -> ModelArgs:
 
 
 def _check_choices(cfg: Any, config: RecipeConfig, device: Device) -> None:
-    from common.attention.backends import get_backend
-
     get_backend(config.attention.backend, device, paged=config.kv_cache.kind == "paged")
     _choice("scheduler.kind", config.scheduler.kind, KINDS)
     _choice("scheduler.policy", config.scheduler.policy, POLICIES)

@@ -73,7 +73,7 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
         spec.max_len,
         spec.budget_bytes,
     )
-    first_round = cfg.bench.get("round", 0) == 0
+    first_round = cfg.bench.round == 0
     result = {
         "runs": runs,
         "metrics": {

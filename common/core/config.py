@@ -22,6 +22,15 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 # OmegaConf reads the annotations at runtime: Optional[...] instead of `X | None` here.
 
 
+def models_for(architecture: str) -> list[str]:
+    """The model group options (configs/model/*.yaml) of one architecture: a recipe's models."""
+    return [
+        p.stem
+        for p in sorted((CONFIG_DIR / "model").glob("*.yaml"))
+        if OmegaConf.load(p).architecture == architecture
+    ]
+
+
 def _require(ok: bool, key: str, value: Any, rule: str) -> None:
     if not ok:
         raise RecipeError(f"{key} must be {rule}, got {value!r}")
@@ -111,6 +120,7 @@ class BenchConfig:
     peers: list[str] = field(default_factory=list)
     sweep: SweepConfig | None = None
     results_dir: str = "results"
+    replace: bool = False
     threads: int | None = None
     seed: int = 0
     check_alone: bool = False
