@@ -145,7 +145,6 @@ _USED: dict[Key, dict[str, bool]] = {}  # key -> implementations that ran (name 
 _state: dict[str, object] = {}  # "path": the cache file, "data": its contents
 
 
-@torch._dynamo.assume_constant_result
 def _order(key: Key) -> tuple[str, ...]:
     """Under torch.compile (fake tensors, nothing to time), run at trace time: the names of
     the pinned implementation, the ranked ones, then the unmeasured ones in declaration order."""
@@ -153,6 +152,11 @@ def _order(key: Key) -> tuple[str, ...]:
     ranked, unranked = op._ranked.get(key) or op._load(key)
     pinned = [op.pinned] if op.pinned is not None and op.pinned.available(key[1], key[2]) else []
     return tuple(dict.fromkeys(i.name for i in (*pinned, *ranked, *unranked)))
+
+
+# torch.compiler.assume_constant_result(_order), minus its import of torch._dynamo, which
+# costs every process ~1.5 s of start-up (tests/test_ops_compile.py checks it still works).
+_order._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _label(key: Key) -> str:
