@@ -216,10 +216,6 @@ class FileWorkload(WorkloadConfig):
     path: str = MISSING
     max_new_tokens: int = 64  # a line's own "max_new_tokens" overrides it
 
-    def check(self) -> None:
-        super().check()
-        _require(self.max_new_tokens > 0, "workload.max_new_tokens", self.max_new_tokens, "> 0")
-
 
 WORKLOADS: dict[str, type[WorkloadConfig]] = {
     "latency": LatencyWorkload,
