@@ -124,6 +124,6 @@ def test_modules_run_what_the_registry_chooses() -> None:
     linear(torch.randn(3, 64, dtype=torch.bfloat16))
     linear(torch.randn(3, 64))  # fp32: int8pack_mm's rule fails, the ranking decides
     got = ops.chosen()
-    assert got["rms_norm[cpu,bfloat16,rows=2]"] == "torch (pinned)"
-    assert got["int8_linear[cpu,bfloat16,rows=3-4]"] == "int8pack_mm (pinned)"
-    assert got["int8_linear[cpu,float32,rows=3-4]"] in ("cpp_matvec", "dequant_mm")
+    assert got["rms_norm[cpu,bfloat16,rows=2,bytes<=256]"] == "torch (pinned)"
+    assert got["int8_linear[cpu,bfloat16,rows=3-4,bytes<=4K]"] == "int8pack_mm (pinned)"
+    assert got["int8_linear[cpu,float32,rows=3-4,bytes<=4K]"] in ("cpp_matvec", "dequant_mm")

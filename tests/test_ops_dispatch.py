@@ -41,6 +41,7 @@ def _toy_op(name: str, calls: list[str]) -> Op:
             Impl("wide", impl("wide", 0.0), when=lambda x: x.shape[1] % 2 == 0),
         ],
         rows=lambda x: x.shape[0],
+        size=lambda x: x.shape[1] * x.element_size(),
     )
 
 
@@ -49,9 +50,9 @@ def test_measures_once_then_reads_the_cache(cache, monkeypatch):
     op = _toy_op("toy_measure", calls)
     assert torch.equal(op(torch.ones(1, 3)), torch.full((1, 3), 2.0))
     assert {"slow", "fast"} <= set(calls) and "wide" not in calls  # both timed, wide not allowed
-    ranking = json.loads(cache.read_text())["toy_measure[cpu,float32,rows=1]"]
+    ranking = json.loads(cache.read_text())["toy_measure[cpu,float32,rows=1,bytes<=16]"]
     assert ranking == ["fast", "slow"]
-    assert ops.chosen()["toy_measure[cpu,float32,rows=1]"] == "fast"
+    assert ops.chosen()["toy_measure[cpu,float32,rows=1,bytes<=16]"] == "fast"
 
     # Another process: the file answers, nothing is timed.
     ops.reset(cache)
@@ -66,18 +67,24 @@ def test_an_implementation_allowed_later_is_measured_then(cache):
     op = _toy_op("toy_later", calls)
     op(torch.ones(1, 3))  # wide not allowed: ranked without it
     op(torch.ones(1, 4))  # same bucket, wide allowed now: measured again, with it
-    ranking = json.loads(cache.read_text())["toy_later[cpu,float32,rows=1]"]
+    ranking = json.loads(cache.read_text())["toy_later[cpu,float32,rows=1,bytes<=16]"]
     assert set(ranking) == {"slow", "fast", "wide"} and ranking[-1] == "slow"
-    assert ops.chosen()["toy_later[cpu,float32,rows=1]"] in ("fast", "fast, wide")
+    assert ops.chosen()["toy_later[cpu,float32,rows=1,bytes<=16]"] in ("fast", "fast, wide")
 
 
-def test_rows_buckets():
-    labels = [
-        dispatch._label(("op", "cpu", torch.float32, dispatch._BUCKET_OF[min(rows, 257)]))
-        for rows in (1, 2, 3, 5, 16, 17, 65, 256, 257, 4096)
-    ]
-    assert [label.split("rows=")[1][:-1] for label in labels] == [
-        "1", "2", "3-4", "5-8", "9-16", "17-64", "65-256", "65-256", "257+", "257+",
+def test_buckets():
+    def label(rows: int, nbytes: int) -> str:
+        key = ("op", "cpu", torch.float32, dispatch._BUCKET_OF[min(rows, 257)])
+        return dispatch._label((*key, dispatch._size_class(nbytes)))
+
+    rows = [label(r, 1).split(",")[2] for r in (1, 2, 3, 5, 16, 17, 65, 256, 257, 4096)]
+    assert rows == [
+        "rows=1", "rows=2", "rows=3-4", "rows=5-8", "rows=9-16", "rows=17-64", "rows=65-256",
+        "rows=65-256", "rows=257+", "rows=257+",
+    ]  # fmt: skip
+    sizes = [label(1, n).split(",")[3] for n in (0, 16, 17, 4096, 1 << 20, (16 << 20) + 1)]
+    assert sizes == [
+        "bytes<=16]", "bytes<=16]", "bytes<=256]", "bytes<=4K]", "bytes<=1M]", "bytes>16M]",
     ]  # fmt: skip
 
 
@@ -87,7 +94,7 @@ def test_pin_by_api_and_environment(cache, monkeypatch):
     ops.pin({"toy_pin": "slow"})
     op(torch.ones(1, 4))
     assert calls == ["slow"]  # no measurement
-    assert ops.chosen() == {"toy_pin[cpu,float32,rows=1]": "slow (pinned)"}
+    assert ops.chosen() == {"toy_pin[cpu,float32,rows=1,bytes<=16]": "slow (pinned)"}
 
     monkeypatch.setenv(dispatch.ENV, "toy_pin=wide")
     ops.reset(cache)
@@ -107,7 +114,7 @@ def test_bad_pins_name_the_choices(cache):
         ops.pin("toy_bad")
     ops.pin("later_op=x")  # not registered yet: checked when it registers
     with pytest.raises(RecipeError, match="unknown kernel 'x' for later_op"):
-        Op("later_op", [Impl("y", lambda x: x)], rows=lambda x: 1)
+        Op("later_op", [Impl("y", lambda x: x)], rows=lambda x: 1, size=lambda x: 1)
 
 
 def test_real_ops_every_choice_matches(cache):
@@ -123,6 +130,6 @@ def test_real_ops_every_choice_matches(cache):
         ops.int8_linear(x, wi, s), dequant_mm(x, wi, s), rtol=2e-2, atol=1e-2
     )
     assert set(ops.chosen()) == {
-        "rms_norm[cpu,bfloat16,rows=3-4]",
-        "int8_linear[cpu,bfloat16,rows=3-4]",
+        "rms_norm[cpu,bfloat16,rows=3-4,bytes<=256]",  # a 64-wide bf16 row
+        "int8_linear[cpu,bfloat16,rows=3-4,bytes<=4K]",  # a 32 x 64 int8 weight
     }

@@ -10,12 +10,17 @@ from common.quant.int8 import Int8Embedding, Int8WeightOnlyLinear, quantize_int8
 
 
 @pytest.fixture
-def pinned_int8pack(tmp_path):
-    """Every int8 linear whose rule allows it runs torch._weight_int8pack_mm."""
+def own_choices(tmp_path):
+    """Kernel choices and pins of this test only."""
     ops.reset(tmp_path / "choices.json")
-    ops.pin({"int8_linear": "int8pack_mm"})
     yield
     ops.reset()
+
+
+@pytest.fixture
+def pinned_int8pack(own_choices):
+    """Every int8 linear whose rule allows it runs torch._weight_int8pack_mm."""
+    ops.pin({"int8_linear": "int8pack_mm"})
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -213,14 +218,18 @@ def test_quantize_releases_float_weights() -> None:
     assert all(r() is None for r in refs)
 
 
+@pytest.mark.parametrize("impl", ["cpp_matvec", "int8pack_mm", "dequant_mm"])
 @pytest.mark.parametrize("rows", [1, 2, 5])
-def test_stacking_rows_before_int8_changes_no_output(rows: int) -> None:
+def test_stacking_rows_before_int8_changes_no_output(rows: int, impl: str, own_choices) -> None:
     """Per-output-channel int8 of a stacked q/k/v matrix is the stack of each one's int8, so
-    fusing projections (the int8 opt does) leaves every output bit unchanged."""
+    fusing projections (the int8 opt does) leaves every output bit unchanged under each
+    kernel (the stacked matrix is larger, so the dispatch table may pick another one)."""
+    ops.pin({"int8_linear": impl})
     q, k, v = (nn.Linear(64, n, bias=True).bfloat16() for n in (64, 32, 32))
     x = torch.randn(rows, 64, dtype=torch.bfloat16)
     fused = Int8WeightOnlyLinear.from_linear(stack_linears(q, k, v))(x)
     parts = [Int8WeightOnlyLinear.from_linear(m)(x) for m in (q, k, v)]
+    assert set(ops.chosen().values()) == {f"{impl} (pinned)"}
     assert torch.equal(fused, torch.cat(parts, dim=-1))
 
 

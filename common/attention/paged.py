@@ -119,6 +119,12 @@ def paged_attention_cpp(
     return attention_cpp(q, k, v, ks, vs, block_tables, q_pos, seq_lens, bs, [0, 1, 2])
 
 
+def _row_bytes(k_pool: Pool, block_tables: Tensor) -> int:
+    """Bytes of K one row's table can reach: what the kernel streams per row."""
+    data, _ = _split(k_pool)
+    return block_tables.shape[1] * data[0].numel() * data.element_size()
+
+
 # The CPU choice: the C++ kernel reads the pool in place (decode, short chunks); gather +
 # SDPA copies this step's rows but then runs torch's GEMMs (long, compute-bound prefills).
 # Where one overtakes the other depends on the CPU, so the dispatch table measures it per
@@ -136,6 +142,7 @@ paged_attention_cpu = Op(
         Impl("gather_sdpa", paged_attention_gather_sdpa),
     ],
     rows=lambda q, *rest: q.shape[2],
+    size=lambda q, k_pool, v_pool, tables, *rest: _row_bytes(k_pool, tables),
 )
 
 

@@ -153,4 +153,5 @@ decode_attention = Op(
         Impl("sdpa", dense_decode_sdpa),
     ],
     rows=lambda q, k, v, seq_lens: q.shape[0],
+    size=lambda q, k, v, seq_lens: k[0].numel() * k.element_size(),  # one row's K
 )

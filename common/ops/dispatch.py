@@ -1,11 +1,14 @@
 """One dispatch table: each op has several implementations, and the one that runs is chosen
-per (op, device, dtype, rows bucket) by a short measurement on first use on this machine.
+per (op, device, dtype, rows bucket, size class) by a short measurement on first use on this
+machine.
 
 A threshold measured on one CPU is not a constant here: the C++ int8 matrix-vector kernel is
 1.8x faster than torch._weight_int8pack_mm on an AMD EPYC and 1.5x slower on an Intel Xeon
 with AMX. So the first call of a bucket times every eligible implementation on the call's
-own arguments (median of a few calls, a few ms each) and ranks them; the ranking is cached in
-a JSON file next to the built kernels, keyed by the CPU, torch version and thread count.
+own arguments (median of a few samples, a few ms in all) and ranks them; the ranking is
+cached in a JSON file next to the built kernels, keyed by the CPU, torch version and thread
+count. The size class (bytes of the operand the kernel streams, in steps of 16x) keeps the
+first shape seen, say a tiny test model's, from deciding for a model 1000x larger.
 
 Eligibility stays a rule (device, dtype, alignment, K % 16, "g++ built it"): a ranked
 implementation runs only where its rule holds, else the next one in the ranking does.
@@ -36,7 +39,9 @@ ENV = "LLM_RECIPES_KERNELS"
 BUCKETS = (1, 2, 4, 8, 16, 64, 256)  # rows up to each bound share a choice; > 256: one more
 _LABELS = ("1", "2", "3-4", "5-8", "9-16", "17-64", "65-256", "257+")
 _BUCKET_OF = [bisect.bisect_left(BUCKETS, rows) for rows in range(BUCKETS[-1] + 2)]  # traceable
-_CALLS, _BUDGET_S = 5, 0.02  # timed calls per implementation, and the time that stops them early
+_SIZES = ("16", "256", "4K", "64K", "1M", "16M")  # size class c: bytes <= 16**c; then > 16M
+_SAMPLES, _SAMPLE_S, _BUDGET_S = 5, 2e-4, 0.02  # per implementation: timed samples, the least
+# time one sample takes (several calls of a microsecond op), and the time that stops them early
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,13 +69,18 @@ class Impl:
         return self.runs_on(device, dtype) and (self.cpp is None or builds(self.cpp))
 
 
-Key = tuple[str, str, torch.dtype, int]  # op, device type, dtype, rows bucket
+Key = tuple[str, str, torch.dtype, int, int]  # op, device type, dtype, rows bucket, size class
+
+
+def _size_class(nbytes: int) -> int:
+    return min(max(((max(nbytes, 1) - 1).bit_length() + 3 >> 2) - 1, 0), len(_SIZES))
 
 
 class Op:
     """An op with several implementations, listed in the order used when nothing is measured
     (under torch.compile, before a measurement exists). Calling it runs the chosen one.
-    rows(*args): the size the choice depends on. bench_args(args): argument tuples the
+    rows(*args): rows (tokens or queries) of the call; size(*args): bytes of the operand the
+    kernel streams (a weight, a row, a cache). bench_args(args): argument tuples the
     measurement cycles through (default: the call's own arguments)."""
 
     def __init__(
@@ -78,9 +88,10 @@ class Op:
         name: str,
         impls: Sequence[Impl],
         rows: Callable[..., int],
+        size: Callable[..., int],
         bench_args: Callable[[tuple], list[tuple]] | None = None,
     ) -> None:
-        self.name, self.rows = name, rows
+        self.name, self.rows, self.size = name, rows, size
         self.impls = {impl.name: impl for impl in impls}
         self.bench_args = bench_args or (lambda args: [args])
         self._ranked: dict[Key, tuple[list[Impl], list[Impl]]] = {}  # key -> (ranked, unranked)
@@ -95,7 +106,8 @@ class Op:
     def choose(self, *args) -> Impl:
         x = args[0]  # kept lean: a decode step makes ~120 calls
         device = "cpu" if x.is_cpu else x.device.type
-        key = (self.name, device, x.dtype, _BUCKET_OF[min(self.rows(*args), BUCKETS[-1] + 1)])
+        rows = _BUCKET_OF[min(self.rows(*args), BUCKETS[-1] + 1)]
+        key = (self.name, device, x.dtype, rows, _size_class(self.size(*args)))
         if torch.compiler.is_compiling():  # the pin, the ranking so far, declaration order
             return next(i for i in map(self.impls.get, _order(key)) if i.allows(args))
         pinned = self.pinned
@@ -160,31 +172,37 @@ _order._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _label(key: Key) -> str:
-    op, device, dtype, bucket = key
-    return f"{op}[{device},{str(dtype).removeprefix('torch.')},rows={_LABELS[bucket]}]"
+    op, device, dtype, rows, size = key
+    size_label = f"<={_SIZES[size]}" if size < len(_SIZES) else f">{_SIZES[-1]}"
+    return (
+        f"{op}[{device},{str(dtype).removeprefix('torch.')},rows={_LABELS[rows]},bytes{size_label}]"
+    )
 
 
 def _time(fn: Callable[..., Tensor], sets: list[tuple], device: torch.device) -> float:
-    """Median seconds per call over a few calls, each on the next argument set (so weights
-    come from memory, not cache, when the sets together exceed it); stops early past the
-    time budget."""
+    """Median seconds per call over a few samples of enough calls to last _SAMPLE_S, each
+    call on the next argument set (so weights come from memory, not cache, when the sets
+    together exceed it); stops early past the time budget."""
 
     def sync() -> None:
         if device.type != "cpu":
             torch.accelerator.synchronize()  # unverified: no GPU/NPU in CI
 
-    fn(*sets[0])  # warm-up: builds, first-touch faults
+    sync()
+    t0 = time.perf_counter()
+    fn(*sets[0])  # warm-up: first-touch faults; its time sizes the samples
+    sync()
+    calls = max(1, min(100, int(_SAMPLE_S / max(time.perf_counter() - t0, 1e-7))))
     times: list[float] = []
-    spent = 0.0
-    for i in range(_CALLS):
+    i = 0
+    while len(times) < _SAMPLES and (not times or sum(times) * calls < _BUDGET_S):
         sync()
         t0 = time.perf_counter()
-        fn(*sets[(i + 1) % len(sets)])
+        for _ in range(calls):
+            i += 1
+            fn(*sets[i % len(sets)])
         sync()
-        times.append(time.perf_counter() - t0)
-        spent += times[-1]
-        if spent > _BUDGET_S:
-            break
+        times.append((time.perf_counter() - t0) / calls)
     return statistics.median(times)
 
 
@@ -248,7 +266,7 @@ def pin(choices: Mapping[str, str] | str) -> None:
 
 
 def chosen() -> dict[str, str]:
-    """What ran in this process: {"int8_linear[cpu,bfloat16,rows=1]": "cpp_matvec", ...};
+    """What ran in this process: {"int8_linear[cpu,bfloat16,rows=1,bytes<=16M]": "cpp_matvec"};
     several names when the rules sent calls of one bucket to different implementations,
     "(pinned)" when a pin chose it."""
     return {

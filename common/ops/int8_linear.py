@@ -133,5 +133,6 @@ int8_linear = Op(
         Impl("dequant_mm", dequant_mm),
     ],
     rows=lambda x2d, w, s: x2d.shape[0],
+    size=lambda x2d, w, s: w.numel(),  # int8 weight bytes
     bench_args=_bench_args,
 )

@@ -73,4 +73,5 @@ rms_norm = Op(
         Impl("torch", rms_norm_torch),
     ],
     rows=lambda x, weight, eps: x.numel() // max(x.shape[-1], 1),
+    size=lambda x, weight, eps: x.shape[-1] * x.element_size(),  # one row
 )
