@@ -22,7 +22,6 @@ import bisect
 import hashlib
 import json
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -40,7 +39,7 @@ BUCKETS = (1, 2, 4, 8, 16, 64, 256)  # rows up to each bound share a choice; > 2
 _LABELS = ("1", "2", "3-4", "5-8", "9-16", "17-64", "65-256", "257+")
 _BUCKET_OF = [bisect.bisect_left(BUCKETS, rows) for rows in range(BUCKETS[-1] + 2)]  # traceable
 _SIZES = ("16", "256", "4K", "64K", "1M", "16M")  # size class c: bytes <= 16**c; then > 16M
-_SAMPLES, _SAMPLE_S, _BUDGET_S = 5, 2e-4, 0.02  # per implementation: timed samples, the least
+_SAMPLES, _SAMPLE_S, _BUDGET_S = 7, 5e-4, 0.02  # per implementation: timed samples, the least
 # time one sample takes (several calls of a microsecond op), and the time that stops them early
 
 
@@ -147,7 +146,7 @@ class Op:
         new = sorted(eligible, key=lambda i: times[i.name])
         new += [i for i in ranked if i not in new]
         self._ranked[key] = new, [i for i in unranked if i not in new]
-        _store(_label(key), [i.name for i in new])
+        _store(_label(key), {i.name: round(times.get(i.name, -1) * 1e6, 1) for i in new})
         return self._ranked[key]
 
 
@@ -180,9 +179,10 @@ def _label(key: Key) -> str:
 
 
 def _time(fn: Callable[..., Tensor], sets: list[tuple], device: torch.device) -> float:
-    """Median seconds per call over a few samples of enough calls to last _SAMPLE_S, each
+    """Seconds per call: the fastest of a few samples of enough calls to last _SAMPLE_S, each
     call on the next argument set (so weights come from memory, not cache, when the sets
-    together exceed it); stops early past the time budget."""
+    together exceed it); stops early past the time budget. The minimum, not the median:
+    on a shared machine noise only ever adds time."""
 
     def sync() -> None:
         if device.type != "cpu":
@@ -203,7 +203,7 @@ def _time(fn: Callable[..., Tensor], sets: list[tuple], device: torch.device) ->
             fn(*sets[i % len(sets)])
         sync()
         times.append((time.perf_counter() - t0) / calls)
-    return statistics.median(times)
+    return min(times)
 
 
 def cache_file() -> Path:
@@ -215,7 +215,9 @@ def cache_file() -> Path:
     return _state["path"]  # type: ignore[return-value]
 
 
-def _cache() -> dict[str, list[str]]:
+def _cache() -> dict[str, dict[str, float]]:
+    """label -> {implementation: measured us per call (-1: not timed for this bucket's
+    latest measurement)}, fastest first."""
     if "data" not in _state:
         try:
             _state["data"] = json.loads(cache_file().read_text())
@@ -224,16 +226,16 @@ def _cache() -> dict[str, list[str]]:
     return _state["data"]  # type: ignore[return-value]
 
 
-def _store(label: str, names: list[str]) -> None:
+def _store(label: str, ranking: dict[str, float]) -> None:
     """Merge one ranking into the file (another process may have added others) atomically."""
     path = cache_file()
     _state.pop("data", None)
     data = _cache()
-    data[label] = names
+    data[label] = ranking
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
+            json.dump(data, f, indent=1)  # key order is the ranking: not sorted
         os.replace(f.name, path)
     except OSError:  # a read-only cache only costs a measurement per process
         pass
