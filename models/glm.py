@@ -20,12 +20,15 @@ from common.nn.rotary import InterleavedRotaryEmbedding
 
 @dataclass(frozen=True)
 class GlmArgs(ModelArgs):
-    intermediate_size: int = 0
     rms_norm_eps: float = 1.5625e-07
     rope_theta: float = 10000.0
     partial_rotary_factor: float = 0.5
     attention_bias: bool = True
     pad_token_id: int | None = None  # unused by inference; kept so configs round-trip
+
+    @property
+    def biases(self) -> tuple[bool, bool, bool]:
+        return self.attention_bias, False, False  # GLM-4 biases q/k/v only
 
     @property
     def rotary_dim(self) -> int:
@@ -66,7 +69,8 @@ class GlmArgs(ModelArgs):
 def glm_model(args: GlmArgs) -> DecoderModel:
     rotary = InterleavedRotaryEmbedding(args.rotary_dim, args.rope_theta)
     mlp = lambda: FusedGatedMLP(args.hidden_size, args.intermediate_size)  # noqa: E731
-    return pre_norm_decoder(args, rotary, mlp, args.rms_norm_eps, qkv_bias=args.attention_bias)
+    qkv_bias, o_bias, _ = args.biases
+    return pre_norm_decoder(args, rotary, mlp, args.rms_norm_eps, qkv_bias=qkv_bias, o_bias=o_bias)
 
 
 class GlmForCausalLM(CausalLM):

@@ -17,12 +17,15 @@ from common.nn.rotary import RotaryEmbedding
 
 @dataclass(frozen=True)
 class LlamaArgs(ModelArgs):
-    intermediate_size: int = 0
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
     attention_bias: bool = False
     mlp_bias: bool = False
+
+    @property
+    def biases(self) -> tuple[bool, bool, bool]:
+        return self.attention_bias, self.attention_bias, self.mlp_bias
 
     @classmethod
     def from_hf_config(cls, d: dict) -> LlamaArgs:
@@ -48,9 +51,9 @@ class LlamaArgs(ModelArgs):
 
 def llama_model(args: LlamaArgs) -> DecoderModel:
     rotary = RotaryEmbedding(args.kv_head_dim, args.rope_theta, args.rope_scaling)
-    mlp = lambda: GatedMLP(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)  # noqa: E731
-    bias = args.attention_bias
-    return pre_norm_decoder(args, rotary, mlp, args.rms_norm_eps, qkv_bias=bias, o_bias=bias)
+    qkv_bias, o_bias, mlp_bias = args.biases
+    mlp = lambda: GatedMLP(args.hidden_size, args.intermediate_size, bias=mlp_bias)  # noqa: E731
+    return pre_norm_decoder(args, rotary, mlp, args.rms_norm_eps, qkv_bias=qkv_bias, o_bias=o_bias)
 
 
 class LlamaForCausalLM(CausalLM):

@@ -28,6 +28,13 @@ class ModelArgs:
     eos_token_id: int | list[int] | None = None
     bos_token_id: int | None = None
     tie_word_embeddings: bool = False
+    intermediate_size: int = 0  # the MLP's hidden width
+
+    @property
+    def biases(self) -> tuple[bool, bool, bool]:
+        """(q/k/v, o_proj, MLP) biases: each family's modeling code, not config.json,
+        decides what `attention_bias` covers."""
+        return False, False, False
 
     @property
     def kv_head_dim(self) -> int:

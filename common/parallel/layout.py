@@ -64,11 +64,7 @@ def kv_heads_of_rank(kv_heads: int, tp: int, rank: int) -> tuple[int, int]:
 def shard(args: ModelArgs, layout: Layout) -> Shard:
     tp = layout.tp
     heads, kv_heads = args.num_attention_heads, args.num_key_value_heads
-    intermediate = getattr(args, "intermediate_size", None)
-    if intermediate is None:
-        raise RecipeError(
-            f"{type(args).__name__} has no intermediate_size: not a decoder the memory model knows"
-        )
+    intermediate = args.intermediate_size
     if heads % tp or intermediate % tp:
         raise RecipeError(
             f"tp={tp} must divide the {heads} attention heads and the MLP's {intermediate} channels"

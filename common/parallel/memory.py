@@ -40,19 +40,6 @@ def _check_scheme(scheme: str) -> None:
         )
 
 
-# HF's modeling code, not config.json, decides whether attention_bias covers o_proj: LLaMA's
-# does, GLM-4's does not. Families listed here bias q/k/v only; a ModelArgs that defines
-# `o_proj_bias` itself overrides this.
-_QKV_ONLY_BIAS = {"GlmArgs"}
-
-
-def _biases(args: ModelArgs) -> tuple[bool, bool, bool]:
-    """(q/k/v, o_proj, MLP) biases."""
-    qkv = bool(getattr(args, "attention_bias", False))
-    o = getattr(args, "o_proj_bias", qkv and type(args).__name__ not in _QKV_ONLY_BIAS)
-    return qkv, bool(o), bool(getattr(args, "mlp_bias", False))
-
-
 @dataclass(frozen=True)
 class WeightBytes:
     """Weight bytes one device holds, by part."""
@@ -77,7 +64,7 @@ def layer_weight_bytes(args: ModelArgs, dtype: torch.dtype, scheme: str, s: Shar
     channel (q by heads, k/v by KV heads), o/down by input channel (their biases and int8
     scales cover every output channel, so each rank holds all of them), norms replicated."""
     h, d, e = args.hidden_size, args.kv_head_dim, dtype.itemsize
-    qkv_bias, o_bias, mlp_bias = _biases(args)
+    qkv_bias, o_bias, mlp_bias = args.biases
     q, kv, inter = s.heads * d, s.kv_heads * d, s.intermediate
     mat = lambda rows, cols: _matrix_bytes(rows, cols, dtype, scheme)  # noqa: E731
     attention = mat(q + 2 * kv, h) + mat(h, q) + e * ((q + 2 * kv) * qkv_bias + h * o_bias)
