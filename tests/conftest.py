@@ -18,3 +18,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "cli_runs(*keys): recipe command lines a test reads (started up front)"
     )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _kernel_choices(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Kernel rankings measured during tests (tiny shapes, a loaded machine) stay out of the
+    user's cache, where they would decide for real runs of the same size class."""
+    from common import ops
+
+    ops.reset(tmp_path_factory.mktemp("ops") / "kernel_choices.json")
