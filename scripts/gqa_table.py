@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from common.bench.report import atomic_write, command_line  # noqa: E402
-from common.kv.quant import SCALE_DTYPE  # noqa: E402
+from common.ops.kv_int8 import SCALE_DTYPE  # noqa: E402
 from common.parallel.capacity import contiguous_fit  # noqa: E402
 from common.parallel.memory import kv_bytes_per_token  # noqa: E402
 from models.glm import GlmArgs  # noqa: E402

@@ -57,6 +57,11 @@ def checked(*args: str, recipe: str = "llama65b", model_cls: type = LlamaForCaus
         ),
         (["model=glm4_9b"], "model 'glm-4-9b' (GlmForCausalLM) does not run in this recipe"),
         (["model.path=/nope"], "model directory /nope does not exist"),
+        (["scheduler.preemption=drop"], "unknown scheduler.preemption 'drop'"),
+        (["quant.weights=int4"], "unknown quantization scheme 'int4'; choose none or int8"),
+        (["kernels.int8_linear=fast"], "unknown kernel 'fast' for int8_linear; choose one of"),
+        (["kernels.paged_attention=fast"], "unknown kernel 'fast' for paged_attention"),
+        (["kernels.matmul=cpp"], "unknown config key 'kernels.matmul'"),
     ],
 )
 def test_bad_config_fails_before_any_worker(args: list[str], message: str) -> None:

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.kv.quant import SCALE_DTYPE, dequantize_kv, quantize_kv
+from common.ops.kv_int8 import SCALE_DTYPE, dequantize_kv, quantize_kv
 
 
 @settings(max_examples=40, deadline=None)

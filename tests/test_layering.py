@@ -31,14 +31,6 @@ SAME_TIER = {  # (importer, imported): allowed edges inside one tier
     ("kv", "attention"),  # KV storage builds the attention metadata (attention.meta)
 }
 MODELS_MAY_IMPORT = {"core", "nn"}
-# Known violations in files this change did not own; each entry is removed with its fix
-# (the test fails on an entry that no longer occurs, so the list only shrinks).
-PENDING = {
-    # attention takes the int8 KV type and scale dtype from kv/ (one tier, wrong direction):
-    # the int8 KV type belongs in attention.meta (or ops), which kv/ may import.
-    ("common.attention.meta", "common.kv.quant"),
-    ("common.attention.paged", "common.kv.quant"),
-}
 
 
 def _modules(package: str) -> list[str]:
@@ -125,9 +117,8 @@ def _violations() -> set[tuple[str, str]]:
 
 def test_packages_import_only_downwards() -> None:
     assert all(_package(m) in TIERS for m in COMMON if m.count(".") > 1), "a package without tier"
-    new = _violations() - PENDING
-    assert not new, "imports against the layering: " + ", ".join(f"{a} -> {b}" for a, b in new)
-    assert not PENDING - _violations(), "fixed: remove from PENDING"
+    bad = _violations()
+    assert not bad, "imports against the layering: " + ", ".join(f"{a} -> {b}" for a, b in bad)
 
 
 def test_models_compose_nn_layers_only() -> None:

@@ -9,8 +9,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from common.attention import paged as pa
-from common.kv.quant import dequantize_kv, quantize_kv
 from common.ops.attention import dense_decode_cpp, dense_decode_sdpa
+from common.ops.kv_int8 import dequantize_kv, quantize_kv
 
 H, HKV, D, BS, NUM_BLOCKS = 4, 2, 32, 4, 128
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}

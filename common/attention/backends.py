@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.attention.meta import AttnMeta, Backend, QuantizedKV
+from common.attention.meta import AttnMeta, Backend
 from common.core.errors import RecipeError
 from common.device.select import Device
 from common.ops.attention import decode_attention
+from common.ops.kv_int8 import QuantizedKV
 
 
 def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:

@@ -10,8 +10,6 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from common.kv.quant import QuantizedKV  # noqa: F401  (re-exported for the kernels)
-
 
 @dataclass(frozen=True)
 class PagedMeta:

@@ -3,7 +3,7 @@
 Layout (vLLM's): k_pool, v_pool [num_blocks, block_size, Hkv, D], so one token's K for all
 heads is one contiguous row and a step's writes are a single scatter by slot
 (block * block_size + offset); int8 pools are (data int8 [..., D], scale float16 [..., 1])
-pairs from common/kv_quant.py. block_tables int32 [B, max_blocks] (entries past a row's
+pairs from common/ops/kv_int8.py. block_tables int32 [B, max_blocks] (entries past a row's
 length are never read); q [B, H, Tq, D]; q_pos int64 [B, Tq]; seq_lens [B] = cached tokens
 per row, new ones included (already written). A query at position p sees its row's cached
 positions <= p; a query that sees nothing returns zeros. GQA when H is a multiple of Hkv.
@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from common.kv.quant import QuantizedKV, dequantize_kv
 from common.ops.attention import attention_cpp
 from common.ops.dispatch import Impl, Op
+from common.ops.kv_int8 import QuantizedKV, dequantize_kv
 
 Pool = Tensor | QuantizedKV  # [N, bs, Hkv, D] float, or int8 data with float16 scales
 

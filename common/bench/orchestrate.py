@@ -132,6 +132,8 @@ def _result(
                 "spread": r["spread"],
                 "fidelity": r["fidelity"],
                 "outputs": r["outputs"],
+                "kv_kind": r.get("kv_kind"),
+                "kernels": r.get("kernels", {}),
             }
             for v, r in results
         ],

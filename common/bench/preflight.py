@@ -10,19 +10,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import common.attention.paged  # noqa: F401  registers the paged_attention op, so its pin is checked
+from common import ops
 from common.attention.backends import get_backend
 from common.bench.peers import PEERS
 from common.bench.plan import Variant, plan
-from common.bench.worker import kv_spec
+from common.bench.worker import kv_spec, pinned_kernels
 from common.bench.workload import arrival_times, build_requests
 from common.core.config import CONFIG_DIR, ModelConfig, RecipeConfig, models_for, typed
 from common.core.errors import RecipeError
 from common.core.request import SamplingParams
 from common.device.select import Device, resolve_dtype, select_device
-from common.engine.scheduler import KINDS, POLICIES
+from common.engine.scheduler import KINDS, POLICIES, PREEMPTIONS
 from common.io.checkpoint import args_from_hf
 from common.io.presets import load_tokenizer, preset_args
 from common.nn.causal_lm import CausalLM, ModelArgs
+from common.quant.scheme import get_scheme
 from common.transforms.registry import check_opts_supported, opt_specs
 
 
@@ -55,9 +58,13 @@ def _check_choices(cfg: Any, config: RecipeConfig, device: Device) -> None:
     get_backend(config.attention.backend, device, paged=config.kv_cache.kind == "paged")
     _choice("scheduler.kind", config.scheduler.kind, KINDS)
     _choice("scheduler.policy", config.scheduler.policy, POLICIES)
+    _choice("scheduler.preemption", config.scheduler.preemption, PREEMPTIONS)
     for peer in config.bench.peers:
         _choice("bench.peers entry", peer, PEERS)
     SamplingParams(**cfg.generation)
+    if config.quant.weights != "none":
+        get_scheme(config.quant.weights)
+    ops.pin(pinned_kernels(cfg))  # an unknown implementation names the op's choices
 
 
 def _check_requests(cfg: Any, model: ModelConfig, args: ModelArgs) -> None:

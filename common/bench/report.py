@@ -115,9 +115,20 @@ def rows(result: dict, columns: list = COLUMNS) -> tuple[list[str], list[list[st
 
 
 def serving_table(result: dict) -> bool:
+    """Serving workloads, or any row on paged KV (whose reserved/used bytes differ)."""
     return result["workload"]["kind"] in ("throughput", "online", "shared_prefix") or any(
-        "paged_kv" in v["opts"] or "cont_batch" in v["opts"] for v in result["variants"]
+        v.get("kv_kind") == "paged" for v in result["variants"]
     )
+
+
+def kernel_lines(result: dict) -> list[str]:
+    """Which implementation each op ran per row: chosen by measurement on this machine."""
+    lines = []
+    for v in result["variants"]:
+        if v.get("kernels"):
+            ran = "; ".join(f"{op} {impl}" for op, impl in v["kernels"].items())
+            lines.append(f"  - {v['name']}: {ran}")
+    return ["- kernels (op[device,dtype,rows,size] implementation):", *lines] if lines else []
 
 
 def print_table(result: dict) -> None:
@@ -182,6 +193,7 @@ def markdown(result: dict) -> str:
         f"({result['bandwidth_source']})",
         f"- wall time: {result['wall_s']:.0f} s for the whole run, every round and variant "
         "(interpreter start-up excluded)",
+        *kernel_lines(result),
         "",
         *_md_table(header, body),
     ]

@@ -35,7 +35,7 @@ def scheduler_config(sched: Any) -> SchedulerConfig:
         sched.policy,
         sched.max_batch,
         sched.max_tokens_per_step,
-        sched.get("preemption", "recompute"),
+        sched.preemption,
     )
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from common import ops
 from common.bench.fidelity import fidelity, same_as_alone
 from common.bench.measure import measure, roofline
 from common.bench.runners import engine_runner, scheduler_config
@@ -21,6 +22,12 @@ from common.parallel.capacity import kv_capacity
 from common.parallel.measured import weight_bytes
 from common.parallel.memory import kv_bytes_per_token
 from common.transforms.registry import apply_transforms
+
+QUEUED = ("throughput", "online")
+
+
+def pinned_kernels(cfg: Any) -> dict[str, str]:
+    return {op: impl for op, impl in cfg.kernels.items() if impl}
 
 
 def kv_spec(cfg: Any) -> KVSpec:
@@ -39,6 +46,7 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
 
     if cfg.bench.threads:
         torch.set_num_threads(int(cfg.bench.threads))
+    ops.pin(pinned_kernels(cfg))
     device = select_device(cfg.hardware.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
     model, tokenizer, weights_desc = build_model(cfg.model, model_cls, device.torch, dtype)
@@ -93,11 +101,10 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
         if first_round
         else None,
         "outputs": outputs,
+        "kv_kind": spec.kind,
+        "kernels": ops.chosen(),  # what ran in this process, per op and shape bucket
         "model": f"{cfg.model.name}, {weights_desc}, {str(dtype).removeprefix('torch.')}",
         "device": device.describe(),
         "threads": torch.get_num_threads(),
     }
     Path(cfg.bench.worker_out).write_text(json.dumps(result))
-
-
-QUEUED = ("throughput", "online")

@@ -74,6 +74,7 @@ class SchedulerConfig:
     max_batch: int = MISSING
     max_tokens_per_step: int | None = None
     kv_budget: int | None = None
+    preemption: str = "recompute"
 
     def check(self) -> None:
         _require(self.max_batch > 0, "scheduler.max_batch", self.max_batch, "> 0")
@@ -236,6 +237,7 @@ class RecipeConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    kernels: dict[str, str | None] = field(default_factory=dict)  # op -> pinned implementation
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

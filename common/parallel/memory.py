@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from common.core.errors import RecipeError
-from common.kv.quant import SCALE_DTYPE
+from common.ops.kv_int8 import SCALE_DTYPE
 from common.parallel.activations import activation_bytes, workspace_bytes
 from common.parallel.layout import ONE_DEVICE, Layout, Shard, shard
 
