@@ -100,3 +100,16 @@ def test_plot_sweep_writes_a_png(tmp_path: Path) -> None:
     path = tmp_path / "sweep.png"
     plot_sweep(_sweep_result(), path)
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_markdown_warns_about_truncated_requests_and_lists_kernels() -> None:
+    result = _sweep_result()
+    result["variants"][1]["metrics"]["truncated"] = 2
+    result["variants"][1]["kernels"] = {"int8_linear[cpu,bfloat16,rows=1,bytes<=16M]": "cpp_matvec"}
+    text = markdown(result)
+    assert "max positions before max_new_tokens: paged_kv+cont_batch @ rate=0.5 2" in text
+    assert (
+        "  - paged_kv+cont_batch @ rate=0.5: int8_linear[cpu,bfloat16,rows=1,bytes<=16M] cpp_matvec"
+        in text
+    )
+    assert "warning" not in markdown(_sweep_result())

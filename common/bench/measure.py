@@ -55,6 +55,7 @@ def _pass(
         "e2e_s": wall,
         "decode_s": decode_time,
         "preemptions": sum(c.preemptions for c in comps),
+        "truncated": sum(c.truncated for c in comps),  # cut by the model's max positions
         "outputs": [c.tokens for c in comps],
     }
     stats = runner.stats()

@@ -121,6 +121,16 @@ def serving_table(result: dict) -> bool:
     )
 
 
+def truncation_lines(result: dict) -> list[str]:
+    """Requests whose output the model's max positions cut short of max_new_tokens."""
+    cut = [f"{v['name']} {v['metrics']['truncated']:.0f}" for v in result["variants"]
+           if v["metrics"].get("truncated")]  # fmt: skip
+    if not cut:
+        return []
+    return [f"- warning: requests stopped at the model's max positions before max_new_tokens: "
+            f"{', '.join(cut)}"]  # fmt: skip
+
+
 def kernel_lines(result: dict) -> list[str]:
     """Which implementation each op ran per row: chosen by measurement on this machine."""
     lines = []
@@ -152,6 +162,8 @@ def print_table(result: dict) -> None:
                 width=max(console.width, console.measure(table, options=wide).maximum)
             )
         console.print(table)
+    for line in truncation_lines(result):
+        Console(stderr=True).print(line.removeprefix("- "), markup=False)
 
 
 def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
@@ -194,6 +206,7 @@ def markdown(result: dict) -> str:
         f"- wall time: {result['wall_s']:.0f} s for the whole run, every round and variant "
         "(interpreter start-up excluded)",
         *kernel_lines(result),
+        *truncation_lines(result),
         "",
         *_md_table(header, body),
     ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,22 +43,8 @@ def engine_runner(engine: Engine, arrivals: list[float] | None, seed: int) -> Ru
     grouping differs: offline static batches are timed one batch at a time (each batch's
     times start with it), everything else runs under one scheduler call."""
     per_batch = engine.sched.kind == "static" and arrivals is None
-    warned = [False]
-
-    def generate(reqs: list[Request]) -> list[Completion]:
-        comps = engine.generate(reqs, seed, arrivals)
-        cut = sum(c.truncated for c in comps)
-        if cut and not warned[0]:
-            warned[0] = True
-            print(
-                f"warning: {cut} of {len(comps)} requests stopped at the model's "
-                f"{engine.max_positions} max positions before max_new_tokens",
-                file=sys.stderr,
-            )
-        return comps
-
     return Runner(
-        generate,
+        lambda reqs: engine.generate(reqs, seed, arrivals),
         engine.teacher_forced_logits,
         lambda: engine.peak_kv_bytes,
         (lambda reqs: batches(reqs, engine.sched.max_batch))
