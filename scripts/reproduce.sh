@@ -38,7 +38,7 @@ python $llama workload=online 'bench.variants=[[paged_kv,flash_attn],[paged_kv,c
 # The ChatGLM (GLM-4) recipe and what its 2 KV heads buy.
 python recipes/chatglm/run.py +opt=flash_attn,int8 bench.ladder=true bench.peers=[hf]
 python scripts/gqa_table.py
-# The decode step's matmuls alone, per int8 kernel (why CPU decode uses the C++ kernel).
+# The decode step's matmuls alone, per int8 kernel (what the dispatch table chooses between).
 python scripts/int8_kernel_table.py
 # Prefill attention alone, eager vs fused, 512-4096 tokens: time and extra memory.
 python scripts/attention_prefill_table.py
