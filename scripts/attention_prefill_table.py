@@ -30,7 +30,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from common.attention.backends import get_backend  # noqa: E402
 from common.attention.meta import AttnMeta  # noqa: E402
-from common.bench.report import atomic_write, command_line  # noqa: E402
+from common.bench.report import command_line, write_table  # noqa: E402
 from common.device.probe import cpu_info  # noqa: E402
 from common.device.select import resolve_dtype, select_device  # noqa: E402
 from common.io.presets import preset_args  # noqa: E402
@@ -162,10 +162,7 @@ def main() -> None:
               "rows": rows}  # fmt: skip
     result.pop("times_s")
     result.pop("extra_bytes")
-    for suffix, text in ((".json", json.dumps(result, indent=1) + "\n"), (".md", "\n".join(lines))):
-        path = out.with_suffix(suffix)
-        atomic_write(path, lambda tmp, text=text: tmp.write_text(text))
-        print(f"wrote {path}")
+    write_table(out, result, "\n".join(lines))
 
 
 if __name__ == "__main__":

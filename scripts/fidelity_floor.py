@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from common.bench.report import atomic_write, command_line  # noqa: E402
+from common.bench.report import command_line, write_table  # noqa: E402
 from common.bench.workload import build_requests  # noqa: E402
 from common.core.request import SamplingParams  # noqa: E402
 from common.device.select import Device  # noqa: E402
@@ -137,10 +136,7 @@ def main() -> None:
     ]
     print("\n".join(lines))
     result = {"command": command_line(), "model": what, "rows": rows}
-    for suffix, text in ((".json", json.dumps(result, indent=1) + "\n"), (".md", "\n".join(lines))):
-        path = out.with_suffix(suffix)
-        atomic_write(path, lambda tmp, text=text: tmp.write_text(text))
-        print(f"wrote {path}")
+    write_table(out, result, "\n".join(lines))
 
 
 if __name__ == "__main__":

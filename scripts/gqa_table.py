@@ -11,7 +11,6 @@ head. Writes results/chatglm/gqa_kv.md and .json atomically.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from common.bench.report import atomic_write, command_line  # noqa: E402
+from common.bench.report import command_line, write_table  # noqa: E402
 from common.ops.kv_int8 import SCALE_DTYPE  # noqa: E402
 from common.parallel.capacity import contiguous_fit  # noqa: E402
 from common.parallel.memory import kv_bytes_per_token  # noqa: E402
@@ -141,11 +140,7 @@ def main() -> None:
         "int8_kv_scale": f"one {SCALE} per token, KV head and K/V",
         "rows": [r.__dict__ for r in rows],
     }
-    text_json, text_md = json.dumps(result, indent=1) + "\n", markdown(rows)
-    for suffix, text in ((".json", text_json), (".md", text_md)):
-        path = args.out.with_suffix(suffix)
-        atomic_write(path, lambda tmp, text=text: tmp.write_text(text))
-        print(f"wrote {path}")
+    write_table(args.out, result, markdown(rows))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ results/llama65b/cpu/int8_kernels.{md,json} atomically.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from common.bench.report import atomic_write, command_line  # noqa: E402
+from common.bench.report import command_line, write_table  # noqa: E402
 from common.device.probe import measure_read_bandwidth  # noqa: E402
 from common.device.select import Device  # noqa: E402
 from common.io.presets import preset_args  # noqa: E402
@@ -125,10 +124,7 @@ def main() -> None:
     ]
     print("\n".join(lines))
     result = {"command": command_line(), "stream_gb_per_s": stream / 1e9, "rows": rows}
-    for suffix, text in ((".json", json.dumps(result, indent=1) + "\n"), (".md", "\n".join(lines))):
-        path = args.out.with_suffix(suffix)
-        atomic_write(path, lambda tmp, text=text: tmp.write_text(text))
-        print(f"wrote {path}")
+    write_table(args.out, result, "\n".join(lines))
 
 
 if __name__ == "__main__":

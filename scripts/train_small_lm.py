@@ -34,7 +34,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from common.bench.report import atomic_write, command_line  # noqa: E402
+from common.bench.report import command_line, write_table  # noqa: E402
 from common.io.presets import preset_args  # noqa: E402
 from models.llama import LlamaForCausalLM  # noqa: E402
 
@@ -192,10 +192,7 @@ def main() -> None:
         "",
     ]
     print("\n".join(lines))
-    for suffix, text in ((".json", json.dumps(result, indent=1) + "\n"), (".md", "\n".join(lines))):
-        path = args.results.with_suffix(suffix)
-        atomic_write(path, lambda tmp, text=text: tmp.write_text(text))
-        print(f"wrote {path}")
+    write_table(args.results, result, "\n".join(lines))
     print(f"wrote {args.out}")
 
 

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from tiny import TINY_LLAMA
 
 from common.core.errors import RecipeError
 from common.core.request import Completion, Request, SamplingParams
@@ -20,16 +21,7 @@ from models.llama import LlamaArgs, LlamaForCausalLM
 CPU = Device("cpu")
 KV_KINDS = ("dynamic", "contiguous", "none")
 BACKENDS = ("eager", "sdpa", "flash")  # flash on cpu: the C++ kernel for decode
-ARGS = LlamaArgs(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,  # GQA, so the sdpa path takes enable_gqa
-    max_position_embeddings=48,
-    eos_token_id=None,  # no stopping unless a test sets an EOS id
-)
+ARGS = replace(TINY_LLAMA, max_position_embeddings=48)
 SEED = 0
 # Prompts of different lengths, so a batch of them is right-padded.
 PROMPTS = ([5, 17, 33, 8, 61, 22, 9], [40, 3], [12, 70, 44, 19, 88], [77])

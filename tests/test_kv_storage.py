@@ -8,6 +8,7 @@ import functools
 
 import pytest
 import torch
+from tiny import TINY_LLAMA
 
 from common.attention.paged import paged_attention_reference
 from common.core.request import Request, SamplingParams
@@ -22,18 +23,10 @@ from common.kv.manager import PagedKVManager
 from common.kv.ops import KVOps
 from common.kv.paged import PagedStorage
 from common.kv.spec import KVSpec
-from models.llama import LlamaArgs, LlamaForCausalLM
+from models.llama import LlamaForCausalLM
 
 CPU = Device("cpu")
-ARGS = LlamaArgs(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=96,
-)
+ARGS = TINY_LLAMA
 BS = 4
 PROMPT = [5, 17, 33, 8, 61, 22]  # 1.5 blocks: the second block is shared, partly filled
 

@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from tiny import TINY_LLAMA
 
 from common.core.errors import RecipeError
 from common.core.request import Request
@@ -20,18 +21,10 @@ from common.kv.ops import KVOps
 from common.kv.spec import KVSpec
 from common.parallel.capacity import kv_capacity
 from common.parallel.memory import kv_bytes_per_token
-from models.llama import LlamaArgs, LlamaForCausalLM
+from models.llama import LlamaForCausalLM
 
 CPU = Device("cpu")
-ARGS = LlamaArgs(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=96,
-)
+ARGS = TINY_LLAMA
 TOKEN_BYTES = kv_bytes_per_token(ARGS, torch.float32)
 BS = 4
 

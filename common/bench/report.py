@@ -331,6 +331,14 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def write_table(stem: Path, result: dict, md: str) -> None:
+    """A script's table: stem.json (the data) and stem.md (what it printed), atomically."""
+    for path, text in ((Path(f"{stem}.json"), json.dumps(result, indent=1) + "\n"),
+                       (Path(f"{stem}.md"), md)):  # fmt: skip
+        atomic_write(path, lambda tmp, text=text: tmp.write_text(text))
+        print(f"wrote {path}")
+
+
 def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)

@@ -1,0 +1,13 @@
+"""The tiny LLaMA the engine, serving and KV tests build: small enough for many fp32 runs."""
+
+from models.llama import LlamaArgs
+
+TINY_LLAMA = LlamaArgs(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # GQA, so the sdpa path takes enable_gqa
+    max_position_embeddings=96,
+)
