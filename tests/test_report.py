@@ -108,8 +108,5 @@ def test_markdown_warns_about_truncated_requests_and_lists_kernels() -> None:
     result["variants"][1]["kernels"] = {"int8_linear[cpu,bfloat16,rows=1,bytes<=16M]": "cpp_matvec"}
     text = markdown(result)
     assert "max positions before max_new_tokens: paged_kv+cont_batch @ rate=0.5 2" in text
-    assert (
-        "  - paged_kv+cont_batch @ rate=0.5: int8_linear[cpu,bfloat16,rows=1,bytes<=16M] cpp_matvec"
-        in text
-    )
+    assert "  - paged_kv+cont_batch @ rate=0.5: int8_linear cpp_matvec\n" in text
     assert "warning" not in markdown(_sweep_result())

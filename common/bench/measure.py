@@ -27,10 +27,17 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _pass(
-    runner: Runner, groups: list[list[Request]], queued: bool, slo: tuple | None, roof: Callable
+    runner: Runner,
+    groups: list[list[Request]],
+    queued: bool,
+    slo: tuple | None,
+    roof: Callable,
+    online: bool = False,
 ) -> dict:
     """One timed pass. queued: all requests arrived at t=0, so a later static batch's times
-    include its wait (offline throughput); otherwise each group's times start with it."""
+    include its wait (offline throughput); otherwise each group's times start with it.
+    online: each request's times start at its own arrival, so requests share no decode span
+    and decode tok/s (and the roofline share built on it) is not defined."""
     runner.reset()
     t0 = time.perf_counter()
     done = []
@@ -43,7 +50,11 @@ def _pass(
     wall = time.perf_counter() - t0
     comps = [c for batch in done for c in batch]
     decode_tokens = sum(len(c.tokens) - 1 for c in comps)
-    decode_time = sum(max(c.token_times[-1] for c in b) - min(c.ttft for c in b) for b in done)
+    decode_time = (
+        float("nan")
+        if online
+        else sum(max(c.token_times[-1] for c in b) - min(c.ttft for c in b) for b in done)
+    )
     ttfts = [1e3 * c.ttft for c in comps]
     tpots = [1e3 * c.tpot for c in comps if c.tpot is not None]
     metrics = {
@@ -87,12 +98,13 @@ def measure(
     roof: Callable[[dict, float], float],
     queued: bool = False,
     slo: tuple[float, float] | None = None,
+    online: bool = False,
 ) -> tuple[list[dict], list[list[int]]]:
     """(metrics of each timed pass, outputs of the last pass)."""
     groups = runner.groups(requests)
     for _ in range(warmup):
-        _pass(runner, groups, queued, slo, roof)
-    runs = [_pass(runner, groups, queued, slo, roof) for _ in range(repeats)]
+        _pass(runner, groups, queued, slo, roof, online)
+    runs = [_pass(runner, groups, queued, slo, roof, online) for _ in range(repeats)]
     return [{k: v for k, v in r.items() if k != "outputs"} for r in runs], runs[-1]["outputs"]
 
 

@@ -131,14 +131,47 @@ def truncation_lines(result: dict) -> list[str]:
             f"{', '.join(cut)}"]  # fmt: skip
 
 
+def _kernel_summary(kernels: dict[str, str]) -> str:
+    """ "op impl (rows buckets)" per op: device and dtype are in the hardware and model lines;
+    the full labels (with size classes) stay in the JSON."""
+    by_op: dict[str, dict[str, list[str]]] = {}
+    for label, impls in kernels.items():
+        op, _, inside = label.partition("[")
+        rows = next(
+            (p.removeprefix("rows=") for p in inside.split(",") if p.startswith("rows=")), ""
+        )
+        for impl in impls.split(", "):
+            buckets = by_op.setdefault(op, {}).setdefault(impl, [])
+            if rows not in buckets:
+                buckets.append(rows)
+
+    def rows_of(buckets: list[str]) -> str:
+        return (
+            " (rows "
+            + " ".join(sorted(buckets, key=lambda b: int(b.split("-")[0].rstrip("+"))))
+            + ")"
+        )
+
+    return "; ".join(
+        f"{op} "
+        + ", ".join(impl + (rows_of(b) if len(impls) > 1 else "") for impl, b in impls.items())
+        for op, impls in sorted(by_op.items())
+    )
+
+
 def kernel_lines(result: dict) -> list[str]:
-    """Which implementation each op ran per row: chosen by measurement on this machine."""
-    lines = []
+    """Which implementation each op ran (chosen by measurement on this machine, or pinned),
+    one line per distinct set, naming the rows that ran it."""
+    rows: dict[str, list[str]] = {}
     for v in result["variants"]:
         if v.get("kernels"):
-            ran = "; ".join(f"{op} {impl}" for op, impl in v["kernels"].items())
-            lines.append(f"  - {v['name']}: {ran}")
-    return ["- kernels (op[device,dtype,rows,size] implementation):", *lines] if lines else []
+            rows.setdefault(_kernel_summary(v["kernels"]), []).append(v["name"])
+    lines = [f"  - {', '.join(names)}: {summary}" for summary, names in rows.items()]
+    return (
+        ["- kernels (chosen by measurement on this machine unless pinned):", *lines]
+        if lines
+        else []
+    )
 
 
 def print_table(result: dict) -> None:

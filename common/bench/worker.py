@@ -70,7 +70,14 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
     slo = (w.slo_ttft_ms, w.slo_tpot_ms) if "slo_ttft_ms" in w else None
     roof = roofline(model, dtype, float(cfg.bench.bandwidth), spec.int8)
     runs, outputs = measure(
-        runner, requests, cfg.bench.warmup, cfg.bench.repeats, roof, w.kind in QUEUED, slo
+        runner,
+        requests,
+        cfg.bench.warmup,
+        cfg.bench.repeats,
+        roof,
+        w.kind in QUEUED,
+        slo,
+        online=arrivals is not None,
     )
     reference = Path(cfg.bench.reference)
     capacity = kv_capacity(
