@@ -159,7 +159,7 @@ def save_weights(model: nn.Module, path: str | Path, max_shard_bytes: int | None
     """
     if max_shard_bytes is not None and max_shard_bytes <= 0:
         raise RecipeError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    path = Path(path)
+    path = Path(path).expanduser()
     tied = _tied_weights(model)
     tensors = {name: t for name, t in model.state_dict().items() if name not in tied}
     meta = [name for name, t in tensors.items() if t.is_meta]
@@ -204,7 +204,7 @@ class _Entry:
 
 
 def _require_dir(path: str | Path) -> Path:
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_dir():
         what = "is not a directory" if path.exists() else "does not exist"
         raise RecipeError(f"model directory {path} {what}")
