@@ -88,6 +88,7 @@ class Engine:
             raise RecipeError("empty prompt: a request needs at least one token")
         if req.max_new_tokens <= 0:
             raise RecipeError(f"max_new_tokens must be > 0, got {req.max_new_tokens}")
+        check_items(self.model, req)
         if len(req.prompt) >= self.max_positions:
             raise RecipeError(
                 f"prompt of {len(req.prompt)} tokens does not fit the model's "
@@ -96,7 +97,6 @@ class Engine:
         vocab = self.model.args.vocab_size
         if max(req.prompt) >= vocab or min(req.prompt) < 0:
             raise RecipeError(f"prompt token ids must be in [0, {vocab}) for this model")
-        check_items(self.model, req)
         if req.stop_strings and self.stop.tokenizer is None:
             raise RecipeError("stop strings need a tokenizer (model.path with tokenizer files)")
 
