@@ -174,6 +174,7 @@ class Qwen2VLForConditionalGeneration(MultimodalLM):
     args_cls = Qwen2VLArgs
     hf_class_name = "Qwen2VLForConditionalGeneration"
     vision_tower = staticmethod(qwen2_vl_vision)
+    encoder_modules = ("model.visual",)  # int8 / fusion opts quantize the language half
     # the pre-5 layout, renamed as transformers' conversion mapping does
     checkpoint_renames = (
         (r"^visual\.", "model.visual."),

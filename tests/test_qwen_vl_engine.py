@@ -159,3 +159,26 @@ def test_qwen2_vl_class_runs_too() -> None:
     engine = Engine(model, CPU, "paged", scheduler=SchedulerConfig("continuous", max_batch=2))
     got = [c.tokens for c in engine.generate(requests())]
     assert got == alone(model)
+
+
+def test_language_opts_quantize_the_language_half(model) -> None:
+    import copy
+
+    from omegaconf import OmegaConf
+
+    from common.quant.int8 import Int8WeightOnlyLinear
+    from common.transforms.registry import apply_transforms
+
+    opts = OmegaConf.create({"fusion": {"projections": True}, "quant": {"weights": "int8"}})
+    m = apply_transforms(copy.deepcopy(model), opts)
+    assert not any(isinstance(x, Int8WeightOnlyLinear) for x in m.model.visual.modules())
+    assert isinstance(m.lm_head, Int8WeightOnlyLinear)
+    assert isinstance(m.model.language_model.layers[0].self_attn.qkv_proj, Int8WeightOnlyLinear)
+    reqs = requests()
+    engine = Engine(m, CPU, "paged", attention="flash")
+    outs = engine.generate(reqs)
+    assert [len(c.tokens) for c in outs] == [r.max_new_tokens for r in reqs]
+    # the same image features as the float model: the tower was left alone
+    torch.testing.assert_close(
+        m.encode(list(reqs[0].mm_items))[0], model.encode(list(reqs[0].mm_items))[0]
+    )

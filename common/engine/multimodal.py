@@ -80,7 +80,7 @@ class Encoder:
         self.lock = threading.Lock()  # the cache and the counters, shared with the worker
         # encode_s: encoder time; encoded_items; cache_hits / cache_lookups;
         # hidden_s: encode time that finished in the background before it was needed;
-        # wait_s: time the step waited for a background encode
+        # prefetched: background encodes used; wait_s: time a step waited for one
         self.stats: Counter[str] = Counter()
 
     def prepare(self, req: Request) -> SeqContent | None:
@@ -136,7 +136,7 @@ class Encoder:
                 seconds = content.pending.result()
                 waited = time.perf_counter() - t0
                 content.pending = None
-                self.stats.update(wait_s=waited, hidden_s=max(0.0, seconds - waited))
+                self.stats.update(prefetched=1, wait_s=waited, hidden_s=max(0.0, seconds - waited))
             if which := content.needed(start, n):
                 self._encode(content, which)
 

@@ -101,6 +101,8 @@ class CausalLM(nn.Module):
     hf_class_name: ClassVar[str]  # the transformers class of this architecture (oracle, peer)
     # (regex, replacement) from an earlier checkpoint layout of this architecture to its names
     checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # submodules that encode content (a vision tower): the language-model opts leave them be
+    encoder_modules: ClassVar[tuple[str, ...]] = ()
     tied_weights: dict[str, str]
 
     def __init__(self, args: ModelArgs) -> None:
