@@ -70,9 +70,9 @@ class Qwen2VLArgs(ModelArgs):
             raise RecipeError(f"{cls.__name__}: unsupported rope_type {kind!r}; supported: mrope")
         text["rope_theta"] = rope.get("rope_theta", text.get("rope_theta", cls.rope_theta))
         text["mrope_section"] = list(rope.get("mrope_section", [16, 24, 24]))
-        for key in ("image_token_id", "video_token_id", "vision_start_token_id"):
-            text[key] = d.get(key, text.get(key))
-        text["tie_word_embeddings"] = d.get("tie_word_embeddings", text.get("tie_word_embeddings"))
+        # token ids and tying live at the top level (tying inside text_config before 5.x)
+        top = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+        text.update({k: d[k] for k in (*top, "tie_word_embeddings") if k in d})
         vision = {k: v for k, v in (d.get("vision_config") or {}).items() if k in cls.vision_keys}
         return cls.from_dict({**text, "vision_config": vision})
 

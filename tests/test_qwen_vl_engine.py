@@ -182,3 +182,11 @@ def test_language_opts_quantize_the_language_half(model) -> None:
     torch.testing.assert_close(
         m.encode(list(reqs[0].mm_items))[0], model.encode(list(reqs[0].mm_items))[0]
     )
+
+
+def test_decode_reads_no_vision_weights(model) -> None:
+    from common.parallel.measured import decode_weight_bytes, weight_bytes
+
+    tower = weight_bytes(model.model.visual)
+    embed = model.model.language_model.embed_tokens.weight.nbytes  # untied: one row read
+    assert decode_weight_bytes(model) == weight_bytes(model) - tower - embed

@@ -123,3 +123,24 @@ def test_full_preset_has_published_dims() -> None:
     assert (args.hidden_size, args.num_hidden_layers, args.vision["embed_dim"]) == (3584, 28, 1280)
     with pytest.raises(RecipeError, match="allow_random_full"):
         preset_args(cfg("model.scale=full").model, Qwen2VLForConditionalGeneration)
+
+
+def test_published_flat_config_parses() -> None:
+    """Qwen2-VL-2B-Instruct's config.json (abridged): decoder keys at the top level, M-RoPE
+    in rope_scaling, tied embeddings."""
+    published = {
+        "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
+        "hidden_size": 1536, "intermediate_size": 8960, "num_attention_heads": 12,
+        "num_hidden_layers": 28, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+        "vocab_size": 151936, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "tie_word_embeddings": True, "image_token_id": 151655, "vision_start_token_id": 151652,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16,
+                          "in_chans": 3, "hidden_size": 1536, "patch_size": 14,
+                          "spatial_merge_size": 2, "temporal_patch_size": 2},
+    }  # fmt: skip
+    args = Qwen2VLForConditionalGeneration.args_cls.from_hf_config(published)
+    assert args.tie_word_embeddings and args.image_token_id == 151655
+    assert args.vision_end_token_id == 151653  # absent: transformers' default
+    assert (args.rope_theta, args.mrope_section) == (1e6, [16, 24, 24])
+    assert args.vision["embed_dim"] == 1280 and args.vision["hidden_size"] == 1536
