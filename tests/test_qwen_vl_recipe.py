@@ -144,3 +144,18 @@ def test_published_flat_config_parses() -> None:
     assert args.vision_end_token_id == 151653  # absent: transformers' default
     assert (args.rope_theta, args.mrope_section) == (1e6, [16, 24, 24])
     assert args.vision["embed_dim"] == 1280 and args.vision["hidden_size"] == 1536
+
+
+def test_checkpoint_preprocessor_config_sets_the_image_processor(tmp_path: Path) -> None:
+    from common.io.images import image_processor
+
+    model = tiny_model()
+    small = 56 * 56 * 4
+    transformers.Qwen2VLImageProcessorPil(max_pixels=small).save_pretrained(tmp_path)
+    assert (tmp_path / "preprocessor_config.json").is_file()
+    proc = image_processor(model, str(tmp_path))
+    grid = proc(images=[synthetic_image(448, 448, 0)], return_tensors="pt")["image_grid_thw"]
+    assert int(grid.prod()) * 14 * 14 <= small  # the checkpoint's bound, not the default
+    assert (
+        image_processor(model, str(tmp_path), max_pixels=small * 4).size.longest_edge == small * 4
+    )

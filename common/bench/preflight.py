@@ -76,7 +76,7 @@ def _check_requests(
     text = cfg.workload.kind in ("file", "vl")
     tokenizer = load_tokenizer(model.path) if model.path and text else None
     meta = build_empty(lambda: model_cls(args))
-    requests = build_requests(cfg.workload, args.vocab_size, tokenizer, meta)
+    requests = build_requests(cfg.workload, args.vocab_size, tokenizer, meta, model.path)
     if cfg.bench.peers and any(r.mm_items for r in requests):
         raise RecipeError("bench.peers run text prompts only; this workload has images")
     arrival_times(cfg.workload, len(requests))

@@ -21,8 +21,11 @@ from common.io.images import image_processor, load_image, multimodal_request, sy
 from common.nn.causal_lm import CausalLM
 
 
-def vl_requests(cfg: Any, model: CausalLM, tokenizer: Any | None = None) -> list[Request]:
-    processor = image_processor(model, None, cfg.min_pixels, cfg.max_pixels)
+def vl_requests(
+    cfg: Any, model: CausalLM, tokenizer: Any | None = None, model_path: str | None = None
+) -> list[Request]:
+    """model_path: a checkpoint whose preprocessor_config.json sets the image processor."""
+    processor = image_processor(model, model_path, cfg.min_pixels, cfg.max_pixels)
     if cfg.path:
         rows = _file_rows(cfg.path, cfg.max_new_tokens, tokenizer)
     else:

@@ -50,7 +50,7 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
     device = select_device(cfg.hardware.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
     model, tokenizer, weights_desc = build_model(cfg.model, model_cls, device.torch, dtype)
-    requests = build_requests(cfg.workload, model.args.vocab_size, tokenizer, model)
+    requests = build_requests(cfg.workload, model.args.vocab_size, tokenizer, model, cfg.model.path)
     arrivals = arrival_times(cfg.workload, len(requests))
     sampling = SamplingParams(**cfg.generation)
     for r in requests:

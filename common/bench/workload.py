@@ -108,13 +108,15 @@ def file_requests(path: str, max_new: int, tokenizer, ignore_eos: bool) -> list[
     return requests
 
 
-def build_requests(cfg: Any, vocab: int, tokenizer=None, model=None) -> list[Request]:
-    """model: the (possibly meta-device) model, for workloads with images."""
+def build_requests(
+    cfg: Any, vocab: int, tokenizer=None, model=None, model_path: str | None = None
+) -> list[Request]:
+    """model (possibly on the meta device) and its checkpoint dir: for workloads with images."""
     kind = cfg.kind
     if kind == "vl":
         from common.bench.vl_workload import vl_requests
 
-        return vl_requests(cfg, model, tokenizer)
+        return vl_requests(cfg, model, tokenizer, model_path)
     if kind == "latency":
         count, plen, new = "num_prompts", cfg.prompt_len, cfg.max_new_tokens
     elif kind in ("throughput", "online"):
