@@ -53,7 +53,7 @@ python $llama +opt=flash_attn,int8 model.path="$ckpt" workload=file workload.pat
   workload.ignore_eos=true generation.no_repeat_ngram_size=3
 python scripts/fidelity_floor.py --model-path "$ckpt" --no-repeat-ngram-size 3
 
-# The Qwen-VL recipe on the `vl` workload (12 requests of one 448x448 image + 32 text tokens,
+# The Qwen-VL recipe on the `vl` workload (12 requests of one 560x560 image, 400 tokens, + 32 text tokens,
 # each image one seen before with probability 0.5): the vision-feature cache and prefix
 # caching on repeated images, and int8 + fused attention on the language half, for Qwen2-VL
 # and Qwen2.5-VL; then overlapped vision encoding under continuous batching (all requests

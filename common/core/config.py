@@ -231,7 +231,7 @@ class VLWorkload(WorkloadConfig):
     path: str | None = None
     prompt_len: int = 32
     images_per_request: int = 1
-    image_size: list[int] = field(default_factory=lambda: [448, 448])
+    image_size: list[int] = field(default_factory=lambda: [560, 560])
     repeat: float = 0.5
     min_pixels: int | None = None
     max_pixels: int | None = None
