@@ -45,8 +45,6 @@ class Qwen2VLArgs(ModelArgs):
     vision_end_token_id: int = 151653
     pad_token_id: int | None = None  # unused by inference; kept so configs round-trip
 
-    model_type = "qwen2_vl"
-
     @property
     def biases(self) -> tuple[bool, bool, bool]:
         return True, False, False  # Qwen2: q/k/v biased
@@ -104,7 +102,6 @@ class Qwen2VLArgs(ModelArgs):
 
 @dataclass(frozen=True)
 class Qwen2_5_VLArgs(Qwen2VLArgs):
-    model_type = "qwen2_5_vl"
     vision_keys = (
         "depth", "hidden_size", "hidden_act", "intermediate_size", "num_heads", "in_channels",
         "patch_size", "spatial_merge_size", "temporal_patch_size", "window_size",
