@@ -53,6 +53,19 @@ python $llama +opt=flash_attn,int8 model.path="$ckpt" workload=file workload.pat
   workload.ignore_eos=true generation.no_repeat_ngram_size=3
 python scripts/fidelity_floor.py --model-path "$ckpt" --no-repeat-ngram-size 3
 
+# The Qwen-VL recipe on the `vl` workload (12 requests of one 560x560 image, 400 tokens, + 32 text tokens,
+# each image one seen before with probability 0.5): the vision-feature cache and prefix
+# caching on repeated images, and int8 + fused attention on the language half, for Qwen2-VL
+# and Qwen2.5-VL; then overlapped vision encoding under continuous batching (all requests
+# queued at once: compare output tok/s with the cont_batch row).
+qwen=recipes/qwen_vl/run.py
+python $qwen 'bench.variants=[[vision_cache],[paged_kv,prefix_cache],[vision_cache,flash_attn,int8]]' \
+  workload.num_requests=12 bench.rounds=2
+python $qwen model=qwen2_5_vl 'bench.variants=[[vision_cache],[vision_cache,flash_attn,int8]]' \
+  workload.num_requests=12 bench.rounds=2
+python $qwen workload.batch_size=4 workload.num_requests=12 bench.rounds=2 \
+  'bench.variants=[[cont_batch],[cont_batch,vision_overlap],[vision_cache,cont_batch,vision_overlap]]'
+
 # Which opt was measured on which device and dtype, read from the tables above.
 python scripts/support_matrix.py
 python scripts/render_tables.py

@@ -112,11 +112,11 @@ def _summary(path: Path) -> str:
     return " ".join(comment)
 
 
-def usage(config_name: str, model_cls: type) -> str:
+def usage(config_name: str, *model_classes: type) -> str:
     def entries(group: str) -> list[str]:
         return [f"  {p.stem:<15}{_summary(p)}" for p in sorted((CONFIG_DIR / group).glob("*.yaml"))]
 
-    models = models_for(model_cls.hf_class_name)
+    models = [m for cls in model_classes for m in models_for(cls.hf_class_name)]
     script = f"recipes/{config_name}/run.py"
     return "\n".join(
         [
@@ -183,8 +183,9 @@ def exit_on_signals() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def run_recipe(config_name: str, model_cls: type) -> None:
-    """Parse the command line with Hydra and run the benchmark (or one worker)."""
+def run_recipe(config_name: str, *model_classes: type) -> None:
+    """Parse the command line with Hydra and run the benchmark (or one worker). A recipe may
+    run several architectures: model.architecture picks the class."""
     import hydra
 
     from common.bench.orchestrate import run_main
@@ -193,7 +194,7 @@ def run_recipe(config_name: str, model_cls: type) -> None:
 
     typed_argv = sys.argv
     if _HELP & set(typed_argv[1:]):
-        print(usage(config_name, model_cls))
+        print(usage(config_name, *model_classes))
         return
     set_command_line(typed_argv)  # results record the command as typed, not as rewritten
     try:
@@ -205,6 +206,8 @@ def run_recipe(config_name: str, model_cls: type) -> None:
     sys.argv = [typed_argv[0], *argv]
 
     def main(cfg: Any) -> None:
+        archs = {cls.hf_class_name: cls for cls in model_classes}
+        model_cls = archs.get(cfg.model.architecture, model_classes[0])  # else preflight says
         try:
             if cfg.bench.role == "worker":
                 run_worker(cfg, model_cls)

@@ -23,7 +23,7 @@ def fidelity(
     baseline's teacher-forced logits. The baseline writes the reference."""
     if is_baseline:
         logits = {
-            f"r{i}": runner.teacher_forced_logits(r.prompt, o).contiguous()
+            f"r{i}": _teacher_forced(runner, r, o).contiguous()
             for i, (r, o) in enumerate(zip(requests, outputs))
         }
         save_file(logits, str(reference / "logits.safetensors"))
@@ -34,11 +34,17 @@ def fidelity(
         ref_logits = load_file(str(reference / "logits.safetensors"))
         ref_outputs = torch.load(reference / "outputs.pt", weights_only=True)
         pairs = [
-            (runner.teacher_forced_logits(r.prompt, o), ref_logits[f"r{i}"])
+            (_teacher_forced(runner, r, o), ref_logits[f"r{i}"])
             for i, (r, o) in enumerate(zip(requests, ref_outputs))
         ]
     same = sum(list(o) == list(r) for o, r in zip(outputs, ref_outputs)) / len(ref_outputs)
     return {**compare_logits(pairs), "same_outputs": same}
+
+
+def _teacher_forced(runner: Runner, r: Request, continuation: list[int]) -> torch.Tensor:
+    """Requests with images hand their content to the runner too."""
+    extra = (r.mm_items,) if r.mm_items else ()
+    return runner.teacher_forced_logits(r.prompt, continuation, *extra)
 
 
 def compare_logits(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:

@@ -79,6 +79,7 @@ def _pass(
         )
     if stats.get("capacity_row_steps"):  # decode slots that ran no sequence (static batches)
         metrics["idle_pct"] = 100.0 * (1 - stats["useful_row_steps"] / stats["capacity_row_steps"])
+    metrics.update(_encoder_metrics(stats, [r for g in groups for r in g], ttfts))
     for q in (50, 90, 99):
         metrics[f"ttft_p{q}_ms"] = _percentile(ttfts, q)
         metrics[f"tpot_p{q}_ms"] = _percentile(tpots, q)
@@ -88,6 +89,36 @@ def _pass(
         )
         metrics["goodput_rps"] = ok / wall
     return metrics
+
+
+def _encoder_metrics(stats: dict, requests: list[Request], ttfts: list[float]) -> dict:
+    """For requests with encoded content (images), when the engine reports its encoder:
+    encoder ms per item in the workload (cache hits cost nothing), hit rate, the share of
+    encoder time hidden behind the language model, and median TTFT of requests whose
+    content all appeared in an earlier request vs the others."""
+    items = sum(len(r.mm_items) for r in requests)
+    if not items:
+        return {}
+    out = {}
+    if "encoder_encode_s" in stats or stats.get("encoder_cache_hits"):
+        encode_s = stats.get("encoder_encode_s", 0.0)
+        out["encode_ms_per_item"] = 1e3 * encode_s / items
+        if stats.get("encoder_cache_lookups"):
+            hits = stats.get("encoder_cache_hits", 0)
+            out["encoder_cache_hit_pct"] = 100.0 * hits / stats["encoder_cache_lookups"]
+        if stats.get("encoder_prefetched") and encode_s > 0:  # overlap ran
+            out["encode_hidden_pct"] = 100.0 * stats.get("encoder_hidden_s", 0.0) / encode_s
+    seen: set[bytes] = set()
+    split: dict[bool, list[float]] = {True: [], False: []}
+    for r, ttft in zip(requests, ttfts):
+        digests = {m.digest for m in r.mm_items}
+        if digests:
+            split[digests <= seen].append(ttft)
+        seen |= digests
+    for repeat, key in ((True, "ttft_seen_ms"), (False, "ttft_new_ms")):
+        if split[repeat]:
+            out[key] = statistics.median(split[repeat])
+    return out
 
 
 def measure(

@@ -18,6 +18,7 @@ SPEEDUP = {
     "throughput": ("tokens_per_s", "output tok/s"),
     "online": ("tokens_per_s", "output tok/s"),
     "shared_prefix": ("ttft_ms", "TTFT (baseline TTFT / variant TTFT)"),
+    "vl": ("ttft_ms", "TTFT (baseline TTFT / variant TTFT)"),
 }
 
 
@@ -66,6 +67,18 @@ def workload_desc(w: Any) -> str:
     if w.kind == "file":
         return f"file {w.path}, batch {w.batch_size}, max_new_tokens {w.max_new_tokens}"
     plain = OmegaConf.to_container(w, resolve=True)
+    if w.kind == "vl":
+        source = (
+            f"file {w.path}"
+            if w.path
+            else f"{w.num_requests} requests of {w.images_per_request} image(s) "
+            f"{w.image_size[0]}x{w.image_size[1]} px (repeat probability {w.repeat}) + "
+            f"{w.prompt_len} text tokens"
+        )
+        return (
+            f"vl: {source}, {w.max_new_tokens} new tokens, batch {w.batch_size}, greedy, "
+            f"EOS {'ignored' if w.ignore_eos else 'stops'}"
+        )
     n = plain.get("num_prompts", plain.get("num_requests"))
     prefix = f"{plain['prefix_len']}-token shared prefix + " if "prefix_len" in plain else ""
     rate = f", Poisson arrivals at {plain['rate']} req/s" if "rate" in plain else ""

@@ -22,7 +22,7 @@ from common.core.errors import RecipeError
 from common.core.request import SamplingParams
 from common.device.select import Device, resolve_dtype, select_device
 from common.engine.scheduler import KINDS, POLICIES, PREEMPTIONS
-from common.io.checkpoint import args_from_hf
+from common.io.checkpoint import args_from_hf, build_empty
 from common.io.presets import load_tokenizer, preset_args
 from common.nn.causal_lm import CausalLM, ModelArgs
 from common.quant.scheme import get_scheme
@@ -67,11 +67,18 @@ def _check_choices(cfg: Any, config: RecipeConfig, device: Device) -> None:
     ops.pin(pinned_kernels(cfg))  # an unknown implementation names the op's choices
 
 
-def _check_requests(cfg: Any, model: ModelConfig, args: ModelArgs) -> None:
+def _check_requests(
+    cfg: Any, model: ModelConfig, args: ModelArgs, model_cls: type[CausalLM]
+) -> None:
     """Build the workload's requests as the workers will: a bad prompt file line, a zero
-    count or length fails here."""
-    tokenizer = load_tokenizer(model.path) if model.path and cfg.workload.kind == "file" else None
-    requests = build_requests(cfg.workload, args.vocab_size, tokenizer)
+    count or length, an unreadable image fails here (the model on the meta device: only
+    its config is read)."""
+    text = cfg.workload.kind in ("file", "vl")
+    tokenizer = load_tokenizer(model.path) if model.path and text else None
+    meta = build_empty(lambda: model_cls(args))
+    requests = build_requests(cfg.workload, args.vocab_size, tokenizer, meta, model.path)
+    if cfg.bench.peers and any(r.mm_items for r in requests):
+        raise RecipeError("bench.peers run text prompts only; this workload has images")
     arrival_times(cfg.workload, len(requests))
 
 
@@ -82,7 +89,7 @@ def preflight(cfg: Any, model_cls: type[CausalLM]) -> Checked:
     resolve_dtype(config.model.dtype, device)
     _check_choices(cfg, config, device)
     args = _model_args(cfg.model, model_cls)
-    _check_requests(cfg, config.model, args)
+    _check_requests(cfg, config.model, args, model_cls)
     opts = list(config.opts)
     rows = config.bench.variants
     if rows and opts:

@@ -25,6 +25,14 @@ COLUMNS = [  # (key, header, format)
     ("decode_tokens_per_s", "decode tok/s", "{:.1f}"),
     ("tokens_per_s", "output tok/s", "{:.1f}"),
     ("speedup", "speedup", "{:.2f}×"),
+    # workloads with encoded content (images): encoder time per item in the workload, the
+    # feature cache's hit rate, encoder time hidden behind the LM, TTFT split by whether
+    # the request's content appeared in an earlier request
+    ("encode_ms_per_item", "encode ms/item", "{:.1f}"),
+    ("encoder_cache_hit_pct", "encoder cache hits", "{:.0f}%"),
+    ("encode_hidden_pct", "encode hidden", "{:.0f}%"),
+    ("ttft_seen_ms", "TTFT seen-content ms", "{:.1f}"),
+    ("ttft_new_ms", "TTFT new-content ms", "{:.1f}"),
     ("weight_bytes", "weights MB", "mb"),
     ("kv_bytes", "KV MB", "mb"),
     ("peak_mem_bytes", "peak MB", "mb"),

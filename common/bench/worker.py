@@ -50,7 +50,7 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
     device = select_device(cfg.hardware.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
     model, tokenizer, weights_desc = build_model(cfg.model, model_cls, device.torch, dtype)
-    requests = build_requests(cfg.workload, model.args.vocab_size, tokenizer)
+    requests = build_requests(cfg.workload, model.args.vocab_size, tokenizer, model, cfg.model.path)
     arrivals = arrival_times(cfg.workload, len(requests))
     sampling = SamplingParams(**cfg.generation)
     for r in requests:
@@ -60,9 +60,11 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
         runner = peer_runner(cfg.bench.peer, model, cfg.scheduler.max_batch)
     else:
         model = apply_transforms(model, cfg)
+        cache_mb = cfg.encoder.cache_mb
         engine = Engine(
-            model, device, spec, cfg.attention.backend, scheduler_config(cfg.scheduler), tokenizer
-        )
+            model, device, spec, cfg.attention.backend, scheduler_config(cfg.scheduler),
+            tokenizer, int(cache_mb * 2**20) if cache_mb else None, cfg.encoder.overlap,
+        )  # fmt: skip
         for r in requests:
             engine.check(r)
         runner = engine_runner(engine, arrivals, cfg.bench.seed)

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from common.core.errors import RecipeError
 from common.core.request import Request
 
-WORKLOADS = ("latency", "throughput", "shared_prefix", "online", "file")
+WORKLOADS = ("latency", "throughput", "shared_prefix", "online", "file", "vl")
 
 
 def _span(value: Any) -> tuple[int, int]:
@@ -108,8 +108,15 @@ def file_requests(path: str, max_new: int, tokenizer, ignore_eos: bool) -> list[
     return requests
 
 
-def build_requests(cfg: Any, vocab: int, tokenizer=None) -> list[Request]:
+def build_requests(
+    cfg: Any, vocab: int, tokenizer=None, model=None, model_path: str | None = None
+) -> list[Request]:
+    """model (possibly on the meta device) and its checkpoint dir: for workloads with images."""
     kind = cfg.kind
+    if kind == "vl":
+        from common.bench.vl_workload import vl_requests
+
+        return vl_requests(cfg, model, tokenizer, model_path)
     if kind == "latency":
         count, plen, new = "num_prompts", cfg.prompt_len, cfg.max_new_tokens
     elif kind in ("throughput", "online"):

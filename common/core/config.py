@@ -93,6 +93,17 @@ class FusionConfig:
 
 
 @dataclass
+class EncoderConfig:
+    """Multimodal models' encoder: feature cache budget and background encoding."""
+
+    cache_mb: float | None = None
+    overlap: bool = False
+
+    def check(self) -> None:
+        _positive_or_none("encoder.cache_mb", self.cache_mb, "no feature cache")
+
+
+@dataclass
 class GenerationConfig:
     """transformers' names; SamplingParams checks the values."""
 
@@ -213,6 +224,28 @@ class OnlineWorkload(WorkloadConfig):
 
 
 @dataclass
+class VLWorkload(WorkloadConfig):
+    """Text + images per request: generated (seeded synthetic images) or a JSONL file."""
+
+    num_requests: int = 16
+    path: str | None = None
+    prompt_len: int = 32
+    images_per_request: int = 1
+    image_size: list[int] = field(default_factory=lambda: [560, 560])
+    repeat: float = 0.5
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+    def check(self) -> None:
+        super().check()
+        _require(0 <= self.repeat <= 1, "workload.repeat", self.repeat, "in [0, 1]")
+        _require(
+            len(self.image_size) == 2 and min(self.image_size) >= 28,
+            "workload.image_size", self.image_size, "[height, width], each >= 28 pixels",
+        )  # fmt: skip
+
+
+@dataclass
 class FileWorkload(WorkloadConfig):
     path: str = MISSING
     max_new_tokens: int = 64  # a line's own "max_new_tokens" overrides it
@@ -224,6 +257,7 @@ WORKLOADS: dict[str, type[WorkloadConfig]] = {
     "shared_prefix": SharedPrefixWorkload,
     "online": OnlineWorkload,
     "file": FileWorkload,
+    "vl": VLWorkload,
 }
 
 
@@ -237,6 +271,7 @@ class RecipeConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
     kernels: dict[str, str | None] = field(default_factory=dict)  # op -> pinned implementation
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from common.core.errors import RecipeError
 
@@ -50,6 +51,19 @@ class SamplingParams:
             raise bad("seed", "None or an integer in [0, 2**64)")
 
 
+@dataclass(frozen=True, eq=False)
+class MultimodalItem:
+    """Content that the placeholder tokens prompt[start:start + length] stand for (an image):
+    the model's encoder turns `inputs` (e.g. pixel_values and image_grid_thw tensors) into
+    `length` embeddings. `digest` hashes the content: the key of the encoder-feature cache
+    and of prefix-cache blocks holding the placeholders."""
+
+    start: int
+    length: int
+    digest: bytes
+    inputs: dict[str, Any]
+
+
 @dataclass
 class Request:
     prompt: list[int]
@@ -63,6 +77,11 @@ class Request:
     # positions [start, end) (e.g. image placeholders with the image's hash), so equal
     # tokens with different content never share KV.
     extra_keys: tuple[tuple[int, int, bytes], ...] = ()
+    mm_items: tuple[MultimodalItem, ...] = ()  # in prompt order; each adds its extra key
+
+    def __post_init__(self) -> None:
+        keys = tuple((m.start, m.start + m.length, m.digest) for m in self.mm_items)
+        self.extra_keys = tuple(dict.fromkeys(self.extra_keys + keys))
 
 
 @dataclass

@@ -7,7 +7,7 @@ once it has arrived, and its times count from its arrival."""
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import replace
 from typing import Any
 
@@ -17,6 +17,7 @@ from torch import Tensor
 from common.core.errors import RecipeError
 from common.core.request import Completion, Request
 from common.device.select import Device
+from common.engine.multimodal import check_items
 from common.engine.runner import ModelRunner
 from common.engine.sampler import make_generator
 from common.engine.scheduler import Scheduler, SchedulerConfig, Sequence
@@ -37,7 +38,12 @@ class Engine:
         attention: str = "eager",
         scheduler: SchedulerConfig | None = None,
         tokenizer: Any | None = None,
+        feature_cache_bytes: int | None = None,
+        encode_overlap: bool = False,
     ) -> None:
+        """feature_cache_bytes: keep encoder features (images) in an LRU of this size, keyed
+        by content; encode_overlap: encode waiting requests' content in a worker thread while
+        the language model runs."""
         self.model, self.device = model, device
         self.kv = kv_kind if isinstance(kv_kind, KVSpec) else KVSpec(kv_kind)
         self.sched = scheduler or SchedulerConfig()
@@ -48,14 +54,19 @@ class Engine:
                 "continuous batching and chunked prefill schedule by sequence, which needs "
                 f"paged KV (+opt=paged_kv), not kv_cache.kind={self.kv.kind}"
             )
-        self.runner = ModelRunner(model, device, self.kv, attention)
+        self.runner = ModelRunner(
+            model, device, self.kv, attention, feature_cache_bytes, encode_overlap
+        )
         self.stop = StopRule(model.args.eos_ids, tokenizer)
         self._paged: PagedKVManager | None = None  # kept across calls, as a server's pool is
         self._paged_shape: tuple[int, int] | None = None
 
     @property
-    def stats(self):
-        return self.runner.stats
+    def stats(self) -> Counter:
+        encoder = self.runner.encoder
+        if encoder is None:
+            return self.runner.stats
+        return self.runner.stats + Counter({f"encoder_{k}": v for k, v in encoder.stats.items()})
 
     @property
     def peak_kv_bytes(self) -> int:
@@ -68,6 +79,8 @@ class Engine:
     def reset(self) -> None:
         """Forget counters and the paged pool (with its cached prefixes): a fresh server."""
         self.runner.stats.clear()
+        if self.runner.encoder is not None:
+            self.runner.encoder.reset()
         self._paged = self._paged_shape = None
 
     def check(self, req: Request) -> None:
@@ -75,6 +88,7 @@ class Engine:
             raise RecipeError("empty prompt: a request needs at least one token")
         if req.max_new_tokens <= 0:
             raise RecipeError(f"max_new_tokens must be > 0, got {req.max_new_tokens}")
+        check_items(self.model, req)
         if len(req.prompt) >= self.max_positions:
             raise RecipeError(
                 f"prompt of {len(req.prompt)} tokens does not fit the model's "
@@ -107,7 +121,7 @@ class Engine:
         seqs = [
             Sequence(
                 i, list(r.prompt), budgets[i], r.sampling, r, r.priority,
-                arrivals[i] if arrivals else 0.0,
+                arrivals[i] if arrivals else 0.0, self.runner.prepare(r),
             )
             for i, r in enumerate(requests)
         ]  # fmt: skip
@@ -128,6 +142,8 @@ class Engine:
                 time.sleep(max(0.0, pending[0].arrival - now))
                 continue
             plan = scheduler.schedule()
+            if self.runner.encoder is not None:  # overlap: encode who waits while others run
+                self.runner.encoder.prefetch([s.extras for s in scheduler.waiting])
             sampled, _ = self.runner.execute(plan, gen)
             self.runner.track(kv.usage())
             if sampled:
@@ -144,9 +160,11 @@ class Engine:
         ]  # fmt: skip
 
     @torch.inference_mode()
-    def teacher_forced_logits(self, prompt: list[int], continuation: list[int]) -> Tensor:
+    def teacher_forced_logits(
+        self, prompt: list[int], continuation: list[int], mm_items: tuple = ()
+    ) -> Tensor:
         """Logits [len(continuation), V] predicting each continuation token from all before it."""
-        return self.runner.teacher_forced_logits(prompt, continuation)
+        return self.runner.teacher_forced_logits(prompt, continuation, mm_items)
 
     # One forward on a row storage of one's own (the HF oracle tests drive the model so).
     def new_cache(self, batch: int, max_len: int) -> RowStorage:

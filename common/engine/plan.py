@@ -4,6 +4,7 @@ data (no tensors); the model runner turns it into one batch (common/engine/runne
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from common.core.request import SamplingParams
 from common.kv.ops import KVOps
@@ -19,6 +20,7 @@ class ScheduledSeq:
     history: list[int]  # all of the sequence's tokens (the sampler's processors read them)
     sampling: SamplingParams
     where: int | list[int]  # its KV: a row (row storage) or a block table (paged)
+    extras: Any = None  # per-sequence extra model inputs (encoded content), opaque here
 
 
 @dataclass(slots=True)

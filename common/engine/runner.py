@@ -17,13 +17,15 @@ from torch import Tensor
 
 from common.attention.backends import get_backend
 from common.attention.meta import ForwardContext
+from common.core.request import MultimodalItem, Request
 from common.device.select import Device
+from common.engine.multimodal import Encoder, SeqContent, model_inputs
 from common.engine.plan import ScheduledSeq, StepPlan
 from common.engine.sampler import sample_with_probs
 from common.kv.paged import PagedStorage
 from common.kv.rows import RowStorage, make_rows
 from common.kv.spec import KVSpec
-from common.nn.causal_lm import CausalLM
+from common.nn.causal_lm import CausalLM, MultimodalLM
 
 
 def pad_rows(
@@ -47,9 +49,25 @@ def pad_rows(
     return ids.to(device), positions.to(device), valid.to(device)
 
 
+Rows = list[tuple[SeqContent | None, int, int]]  # per batch row: (content, chunk start, length)
+
+
 class ModelRunner:
-    def __init__(self, model: CausalLM, device: Device, spec: KVSpec, attention: str) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        device: Device,
+        spec: KVSpec,
+        attention: str,
+        feature_cache_bytes: int | None = None,
+        encode_overlap: bool = False,
+    ) -> None:
         self.model, self.device, self.spec = model, device, spec
+        self.encoder = (
+            Encoder(model, device.torch, feature_cache_bytes, encode_overlap)
+            if isinstance(model, MultimodalLM)
+            else None
+        )
         self.backend = get_backend(attention, device, paged=spec.paged)
         self.dtype = next(model.parameters()).dtype  # the activation dtype, K/V's too
         a = model.args
@@ -87,12 +105,19 @@ class ModelRunner:
     ) -> Tensor:
         """One model pass over new tokens [B, T]; returns final hidden states [B, T, H].
         paged: (block tables, slots, seq lens); extra: model inputs passed through as is
-        (e.g. image embeddings)."""
+        (e.g. image embeddings, see `extras`)."""
         meta = storage.begin(positions, valid, *paged) if paged else storage.begin(positions, valid)
         ctx = ForwardContext(storage, self.backend, meta)
         return (
             self.model(ids, positions, ctx, **extra) if extra else self.model(ids, positions, ctx)
         )
+
+    def extras(self, rows: Rows, positions: Tensor) -> dict[str, Any]:
+        """Extra model inputs for rows with encoded content (encoding what the chunks need)."""
+        if self.encoder is None:
+            return {}
+        self.encoder.ensure(rows)
+        return model_inputs(rows, positions)
 
     def _paged_inputs(self, group: list[ScheduledSeq]) -> tuple[Tensor, Tensor, Tensor]:
         bs, dev = self.spec.block_size, self.device.torch
@@ -160,7 +185,9 @@ class ModelRunner:
             ids, positions, valid = pad_rows(
                 [e.tokens for e in group], [e.start for e in group], self.device.torch
             )
-            hidden = self.forward(self.storage, ids, positions, valid, self._paged_inputs(group))
+            extra = self.extras([(e.extras, e.start, len(e.tokens)) for e in group], positions)
+            paged = self._paged_inputs(group)
+            hidden = self.forward(self.storage, ids, positions, valid, paged, extra)
             last = [(i, len(e.tokens) - 1) for i, e in enumerate(group) if e.sample]
             if last:
                 sampled += [e for e in group if e.sample]
@@ -172,9 +199,10 @@ class ModelRunner:
             self.storage = self.new_rows(*plan.kv_ops.new_rows)
             self.history = [None] * plan.kv_ops.new_rows[0]
         by_row = {e.where: e for e in plan.seqs}
-        rows, starts = [], []
+        rows, starts, contents = [], [], []
         for r in range(len(self.history)):
             e = by_row.get(r)
+            contents.append((e.extras, e.start, len(e.tokens)) if e is not None else (None, 0, 0))
             if e is not None:
                 self.history[r] = e.history
                 rows.append(e.tokens)
@@ -194,7 +222,8 @@ class ModelRunner:
             ctx = sum(s + len(r) for s, r in zip(starts, rows))
             self._count_decode(ctx, len(plan.seqs), len(rows))
         ids, positions, valid = pad_rows(rows, starts, self.device.torch)
-        hidden = self.forward(self.storage, ids, positions, valid)
+        extra = self.extras(contents, positions)
+        hidden = self.forward(self.storage, ids, positions, valid, extra=extra)
         sampled = [e for e in plan.seqs if e.sample]
         logits = self._logits(hidden, [(e.where, len(e.tokens) - 1) for e in sampled])
         return sampled, [logits] if sampled else []
@@ -210,18 +239,28 @@ class ModelRunner:
         self.peak_kv_bytes = max(self.peak_kv_bytes, reserved)
         self.stats.update(kv_steps=1, kv_reserved_byte_steps=reserved, kv_used_byte_steps=used)
 
-    def teacher_forced_logits(self, prompt: list[int], continuation: list[int]) -> Tensor:
+    def prepare(self, req: Request) -> SeqContent | None:
+        """A sequence's encoded-content state (None for plain text)."""
+        return self.encoder.prepare(req) if self.encoder is not None else None
+
+    def teacher_forced_logits(
+        self, prompt: list[int], continuation: list[int], mm_items: tuple[MultimodalItem, ...] = ()
+    ) -> Tensor:
         """Logits [len(continuation), V] predicting each continuation token from all before
         it, in a storage of its own (the serving storage is left alone)."""
         fed = prompt + continuation[:-1]
         dev = self.device.torch
         ids, positions, valid = pad_rows([fed], [0], dev)
+        content = self.prepare(Request(prompt, 1, mm_items=mm_items))
+        extra = self.extras([(content, 0, len(fed))], positions)
         if self.spec.paged:
             bs = self.spec.block_size
             blocks = list(range(-(-len(fed) // bs)))
             storage = self.new_paged(len(blocks))
             entry = ScheduledSeq(0, 0, fed, True, False, fed, None, blocks)
-            hidden = self.forward(storage, ids, positions, valid, self._paged_inputs([entry]))
+            paged = self._paged_inputs([entry])
+            hidden = self.forward(storage, ids, positions, valid, paged, extra)
         else:
-            hidden = self.forward(self.new_rows(1, len(fed) + 1), ids, positions, valid)
+            storage = self.new_rows(1, len(fed) + 1)
+            hidden = self.forward(storage, ids, positions, valid, extra=extra)
         return self.model.logits(hidden[0, len(prompt) - 1 :]).float()

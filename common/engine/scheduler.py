@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 from common.core.errors import RecipeError
 from common.core.request import Request, SamplingParams
@@ -59,6 +60,7 @@ class Sequence:
     request: Request | None = None  # stop rule inputs, prefix keys (default: a plain one)
     priority: int = 0  # lower runs first under the `priority` policy
     arrival: float = 0.0
+    extras: Any = None  # the runner's per-sequence extra inputs (encoded content), opaque here
     tokens: list[int] = field(init=False)  # prompt + output, one list (no copy per step)
     token_times: list[float] = field(default_factory=list)
     num_computed: int = 0  # leading tokens whose KV is stored
@@ -146,6 +148,7 @@ class Scheduler:
             seq.tokens,
             seq.sampling,
             self.kv.locate(seq.id),
+            seq.extras,
         )
 
     def schedule(self) -> StepPlan:

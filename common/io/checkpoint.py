@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -87,6 +88,7 @@ def load_weights(
     tied = _tied_weights(model)
     expected = model.state_dict(keep_vars=True)
     with _open_checkpoint(files, is_pickle) as found:
+        found = _renamed(found, getattr(model, "checkpoint_renames", ()))
         # Check everything from headers first: a mismatch should fail before minutes of reading.
         _check_names(path, expected, found, optional=set(tied))
         _check_shapes(expected, found)
@@ -302,6 +304,20 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _renamed(found: dict[str, _Entry], renames: tuple[tuple[str, str], ...]) -> dict[str, _Entry]:
+    """Checkpoint names in the model's layout: each (regex, replacement) of the model's
+    `checkpoint_renames` applied in turn (an earlier layout of the same architecture, renamed
+    as transformers renames it when loading)."""
+    if not renames:
+        return found
+    out = {}
+    for name, entry in found.items():
+        for pattern, replacement in renames:
+            name = re.sub(pattern, replacement, name)
+        out[name] = entry
+    return out
+
+
 def _check_names(
     path: Path, expected: dict[str, torch.Tensor], found: dict[str, _Entry], optional: set[str]
 ) -> None:
@@ -415,10 +431,12 @@ def _pickle_reason(e: BaseException) -> str:
     return next((line for line in lines if "GLOBAL" in line), _first_line(e))
 
 
-# The recipe (recipes/<name>/run.py) that runs each transformers architecture, and its model_type.
+# Each transformers architecture: the recipe (recipes/<name>/run.py) that runs it, its model_type.
 RECIPES = {
-    "llama65b": ("LlamaForCausalLM", "llama"),
-    "chatglm": ("GlmForCausalLM", "glm"),
+    "LlamaForCausalLM": ("llama65b", "llama"),
+    "GlmForCausalLM": ("chatglm", "glm"),
+    "Qwen2VLForConditionalGeneration": ("qwen_vl", "qwen2_vl"),
+    "Qwen2_5_VLForConditionalGeneration": ("qwen_vl", "qwen2_5_vl"),
 }
 # Layouts of a supported family that no recipe loads, and what to use instead.
 OTHER_LAYOUTS = {
@@ -433,16 +451,16 @@ def check_architecture(cls: type[CausalLM], config: dict, path: str | Path) -> N
     `architectures` (written by save_pretrained) or, failing that, `model_type`."""
     archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
     model_type = config.get("model_type")
-    own_type = next((t for c, t in RECIPES.values() if c == cls.hf_class_name), None)
+    own_type = RECIPES.get(cls.hf_class_name, (None, None))[1]
     if archs:
         if cls.hf_class_name.casefold() in (a.casefold() for a in archs):
             return
-        by_class = {c.casefold(): name for name, (c, _) in RECIPES.items()}
+        by_class = {c.casefold(): name for c, (name, _) in RECIPES.items()}
         fits = next((by_class[a.casefold()] for a in archs if a.casefold() in by_class), None)
     elif isinstance(model_type, str):
         if own_type is None or model_type == own_type:
             return
-        fits = next((name for name, (_, t) in RECIPES.items() if t == model_type), None)
+        fits = next((name for name, t in RECIPES.values() if t == model_type), None)
     else:
         return  # the config names no architecture: its keys are all there is to check
     if fits:
@@ -451,7 +469,7 @@ def check_architecture(cls: type[CausalLM], config: dict, path: str | Path) -> N
         hint = OTHER_LAYOUTS[model_type]
     else:
         hint = "no recipe here runs it; recipes: " + ", ".join(
-            f"{name} ({c})" for name, (c, _) in RECIPES.items()
+            f"{name} ({c})" for c, (name, _) in RECIPES.items()
         )
     found = f"architectures {', '.join(archs)}, " if archs else ""
     raise RecipeError(

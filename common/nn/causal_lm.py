@@ -9,6 +9,7 @@ from typing import ClassVar
 from torch import Tensor, nn
 
 from common.core.errors import RecipeError
+from common.core.request import MultimodalItem
 from common.nn.attention import AttentionContext, SelfAttention
 from common.nn.decoder import DecoderModel, PreNormDecoderLayer
 from common.nn.rotary import RotaryEmbedding
@@ -98,6 +99,10 @@ class CausalLM(nn.Module):
 
     args_cls: ClassVar[type[ModelArgs]]
     hf_class_name: ClassVar[str]  # the transformers class of this architecture (oracle, peer)
+    # (regex, replacement) from an earlier checkpoint layout of this architecture to its names
+    checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # submodules that encode content (a vision tower): the language-model opts leave them be
+    encoder_modules: ClassVar[tuple[str, ...]] = ()
     tied_weights: dict[str, str]
 
     def __init__(self, args: ModelArgs) -> None:
@@ -107,8 +112,39 @@ class CausalLM(nn.Module):
             {"lm_head.weight": "model.embed_tokens.weight"} if args.tie_word_embeddings else {}
         )
 
-    def forward(self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext) -> Tensor:
-        return self.model(input_ids, positions, ctx)
+    def forward(
+        self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext, **extra: Tensor
+    ) -> Tensor:
+        return self.model(input_ids, positions, ctx, **extra)
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden)
+
+
+class MultimodalLM(CausalLM):
+    """A CausalLM whose prompts hold placeholder tokens for content an encoder embeds (images).
+
+    The engine asks it for each item's features (`encode`, batched over items) and, once per
+    sequence, for the rotary positions of the prompt when they are not 0, 1, 2, ... (M-RoPE
+    gives image tokens grid coordinates); forward then takes the features and positions as
+    `embeds` and `rope_positions` (common/nn/decoder.py)."""
+
+    def encode(self, items: list[MultimodalItem]) -> list[Tensor]:
+        """Features [item.length, hidden] for each item."""
+        raise NotImplementedError
+
+    def rope_table(self, prompt_len: int, items: list[MultimodalItem]) -> tuple[Tensor, int] | None:
+        """(rotary positions of the prompt [axes, prompt_len], offset of every later token:
+        its position is its index + offset), or None when positions are plain indices."""
+        return None
+
+    # transformers' image processor class (PIL backend) and its settings for this model
+    image_processor: ClassVar[str] = ""
+
+    def image_processor_config(self) -> dict:
+        return {}
+
+    def image_placeholder(self, length: int) -> tuple[list[int], int]:
+        """The tokens an image of `length` features takes in a prompt, and where its
+        placeholder run starts among them (e.g. <vision_start> <image> * length <vision_end>)."""
+        raise NotImplementedError

@@ -40,9 +40,23 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(hidden, eps)
 
-    def forward(self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        ctx: AttentionContext,
+        embeds: tuple[Tensor, Tensor] | None = None,
+        rope_positions: Tensor | None = None,
+    ) -> Tensor:
+        """embeds: (flat indices into [B * T], rows [K, hidden]) replacing those tokens'
+        embeddings (content that placeholder tokens stand for, e.g. image features);
+        rope_positions: rotary positions when they differ from the sequence positions that
+        place K/V (e.g. M-RoPE's [axes, B, T])."""
         h = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(positions, h.dtype)
+        if embeds is not None:
+            index, rows = embeds
+            h = h.view(-1, h.shape[-1]).index_copy(0, index, rows.to(h.dtype)).view(h.shape)
+        cos, sin = self.rotary_emb(positions if rope_positions is None else rope_positions, h.dtype)
         for layer in self.layers:
             h = layer(h, cos, sin, ctx)
         return self.norm(h)

@@ -68,3 +68,39 @@ class InterleavedRotaryEmbedding(RotaryEmbedding):
     @staticmethod
     def rotate(x: Tensor) -> Tensor:
         return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+class MultiAxisRotaryEmbedding(RotaryEmbedding):
+    """Multimodal rotary (M-RoPE, Qwen2-VL): positions carry several axes (temporal, height,
+    width), and each band of `sections[i]` frequencies follows axis i % axes. Text tokens have
+    the same value on every axis, which is plain rotary; image tokens get their grid
+    coordinates. Positions [axes, B, T]; [B, T] means the same on every axis."""
+
+    def __init__(self, rot_dim: int, theta: float, sections: list[int]) -> None:
+        super().__init__(rot_dim, theta)
+        if sum(sections) != rot_dim // 2:
+            raise ValueError(f"rotary sections {sections} must sum to {rot_dim // 2}")
+        self.sections = list(sections)
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        if positions.dim() == 2:
+            return super().forward(positions, dtype)
+        freqs = positions[..., None].float() * self.inv_freq  # [axes, B, T, rot_dim / 2]
+        axes = freqs.shape[0]
+        bands = freqs.split(self.sections, dim=-1)
+        emb = self.layout(torch.cat([band[i % axes] for i, band in enumerate(bands)], dim=-1))
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class AxialRotaryEmbedding(RotaryEmbedding):
+    """2-D (or n-D) rotary for patches of an image (ViT): the head's rotated half splits into
+    one block per axis, all using the same frequencies; positions [N, axes] (e.g. row, column)
+    give cos/sin [N, head_dim] over the whole head."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0, axes: int = 2) -> None:
+        super().__init__(head_dim // axes, theta)
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        freqs = (positions[..., None].float() * self.inv_freq).flatten(-2)  # [N, head_dim / 2]
+        emb = self.layout(freqs)
+        return emb.cos().to(dtype), emb.sin().to(dtype)

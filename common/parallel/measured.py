@@ -30,7 +30,8 @@ def is_lookup_table(module: nn.Module) -> bool:
 
 def decode_weight_bytes(model: nn.Module) -> int:
     """Weight bytes read per decode step: everything but embedding tables (one row is read),
-    unless an LM head shares the table."""
+    unless an LM head shares the table, and but a multimodal model's encoders (they run on
+    the prompt's images only)."""
 
     def own(m: nn.Module) -> list[Tensor]:
         return [*m.parameters(recurse=False), *m.buffers(recurse=False)]
@@ -43,4 +44,7 @@ def decode_weight_bytes(model: nn.Module) -> int:
         for t in own(m)
         if id(t) not in read
     }
-    return weight_bytes(model) - sum(embeddings.values())
+    encoders = sum(
+        weight_bytes(model.get_submodule(name)) for name in getattr(model, "encoder_modules", ())
+    )
+    return weight_bytes(model) - sum(embeddings.values()) - encoders

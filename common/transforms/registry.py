@@ -77,6 +77,17 @@ TRANSFORMS: list[Callable[[nn.Module, Any], nn.Module]] = [_fuse, _quantize]
 
 
 def apply_transforms(model: nn.Module, cfg: Any) -> nn.Module:
-    for transform in TRANSFORMS:
-        model = transform(model, cfg)
+    """The opts' transforms target the language model: a multimodal model's encoder
+    (`encoder_modules`) is taken out while they run and keeps its own weights."""
+    parked = []
+    for name in getattr(model, "encoder_modules", ()):
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        parked.append((owner, leaf, owner._modules.pop(leaf)))
+    try:
+        for transform in TRANSFORMS:
+            model = transform(model, cfg)
+    finally:
+        for owner, leaf, module in parked:
+            owner._modules[leaf] = module
     return model
