@@ -8,13 +8,14 @@ config.json), so a quantized model can be written once and read back without the
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from torch import Tensor, nn
 
 from common.core.errors import RecipeError
 from common.quant.int8 import Int8WeightOnly
+from common.quant.w8a8 import W8A8
 
 
 class QuantScheme(Protocol):
@@ -40,12 +41,16 @@ class QuantScheme(Protocol):
         ...
 
 
-SCHEMES: dict[str, QuantScheme] = {scheme.name: scheme for scheme in (Int8WeightOnly(),)}
+SCHEMES: dict[str, QuantScheme] = {s.name: s for s in (Int8WeightOnly(), W8A8())}
 
 
-def get_scheme(name: str) -> QuantScheme:
+def get_scheme(name: str, options: Mapping[str, Any] | None = None) -> QuantScheme:
+    """The scheme named `name`, configured from `options` (the quant config) when it takes
+    any (a scheme with options has from_options(options) -> a configured copy)."""
     if name not in SCHEMES:
         raise RecipeError(
             f"unknown quantization scheme {name!r}; choose none or {', '.join(SCHEMES)}"
         )
-    return SCHEMES[name]
+    scheme = SCHEMES[name]
+    configure = getattr(scheme, "from_options", None)
+    return scheme if options is None or configure is None else configure(options)

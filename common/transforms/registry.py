@@ -7,7 +7,7 @@ transforms run here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from common.core.config import OptSpec
 from common.core.errors import RecipeError
 from common.device.select import Device
 from common.quant.scheme import get_scheme
+from common.transforms.calibrate import forwards, random_batches
 from common.transforms.fusion import fuse_projections
 
 
@@ -70,7 +71,29 @@ def _fuse(model: nn.Module, cfg: Any) -> nn.Module:
 
 def _quantize(model: nn.Module, cfg: Any) -> nn.Module:
     kind = cfg.quant.weights
-    return model if kind == "none" else get_scheme(kind).quantize(model)
+    saved = getattr(model, "quantization_config", None)  # set by a quantized checkpoint's loader
+    if kind == "none" and saved is None:
+        return model
+    options = cfg.quant if isinstance(cfg.quant, Mapping) else vars(cfg.quant)
+    if saved is not None:
+        asked = get_scheme(kind, options).quantization_config() if kind != "none" else None
+        if asked != saved:
+            raise RecipeError(
+                f"the checkpoint is quantized as {_describe(saved)} but the opts ask for "
+                f"{_describe(asked)}; run it with the opts it was made with, or load the float "
+                "checkpoint"
+            )
+        return model  # loaded quantized: nothing to round again
+    q = cfg.quant
+    ids = random_batches(model.args.vocab_size, q.calib_batches, q.calib_len, cfg.model.seed)
+    return get_scheme(kind, options).quantize(model, forwards(ids))
+
+
+def _describe(config: dict | None) -> str:
+    if config is None:
+        return "no quantization (quant.weights=none)"
+    extra = {k: v for k, v in config.items() if k in ("alpha", "smooth", "group_size", "bits")}
+    return f"{config.get('scheme')} ({', '.join(f'{k}={v}' for k, v in extra.items())})"
 
 
 TRANSFORMS: list[Callable[[nn.Module, Any], nn.Module]] = [_fuse, _quantize]
