@@ -64,6 +64,11 @@ def _check_choices(cfg: Any, config: RecipeConfig, device: Device) -> None:
     SamplingParams(**cfg.generation)
     if config.quant.weights != "none":
         get_scheme(config.quant.weights)
+    if config.quant.save:
+        raise RecipeError(
+            "quant.save is written by scripts/quantize.py, with the same overrides: "
+            "python scripts/quantize.py +opt=... quant.save=DIR; then run with model.path=DIR"
+        )
     ops.pin(pinned_kernels(cfg))  # an unknown implementation names the op's choices
 
 

@@ -200,6 +200,9 @@ def load_int8(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
     if lost := [f"{name}.weight" for name in scales if f"{name}.weight" not in state]:
         raise RecipeError(f"quantized checkpoint has scales without int8 weights: {lost[:5]}")
     tables = {name: (state[f"{name}.weight"], scale) for name, scale in scales.items()}
+    unscaled = [k for k, v in state.items() if v.dtype == torch.int8 and k + "_scale" not in state]
+    if unscaled:
+        raise RecipeError(f"quantized checkpoint has int8 {unscaled[0]} without its weight_scale")
 
     def saved(names: list[str], weight: Tensor) -> Table:
         name = next(n for n in names if n in tables)
@@ -224,7 +227,7 @@ def load_int8(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
         missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
     except RuntimeError as e:  # a shape mismatch: torch's message lists every one
         lines = [x.strip() for x in str(e).splitlines() if "size mismatch" in x]
-        detail = lines[0] if lines else str(e).splitlines()[0]
+        detail = (lines or [x.strip() for x in str(e).splitlines()][1:] or [str(e)])[0]
         raise RecipeError(f"quantized checkpoint does not fit the model: {detail}") from e
     loaded = {_identity(t) for t in state.values()}
     current = model.state_dict()

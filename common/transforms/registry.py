@@ -66,7 +66,9 @@ def check_opts_supported(opts: Any, device: Device) -> None:
 
 
 def _fuse(model: nn.Module, cfg: Any) -> nn.Module:
-    return fuse_projections(model) if cfg.fusion.projections else model
+    # A quantized checkpoint was loaded in the layout it was saved in (common/io/quantized.py).
+    loaded_quantized = getattr(model, "quantization_config", None) is not None
+    return fuse_projections(model) if cfg.fusion.projections and not loaded_quantized else model
 
 
 def _quantize(model: nn.Module, cfg: Any) -> nn.Module:
