@@ -98,6 +98,14 @@ def test_vnni_op_registration():
     torch.library.opcheck(w8a8_vnni.op, _case(1, 64, 8, torch.float32, False))
 
 
+@pytest.mark.skipif(not builds("int8_bf16dot"), reason="this CPU has no AVX512-BF16")
+def test_weight_only_bf16dot_registration():
+    from common.ops.int8_linear import int8_bf16dot_cpp
+
+    x, w, scales, _ = _case(5, 100, 37, torch.bfloat16, False)
+    torch.library.opcheck(int8_bf16dot_cpp.op, (x, w, scales))
+
+
 def test_dispatch_runs_a_measured_or_pinned_choice(tmp_path):
     ops.reset(tmp_path / "choices.json")
     try:

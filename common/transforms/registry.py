@@ -73,12 +73,14 @@ def _fuse(model: nn.Module, cfg: Any) -> nn.Module:
 
 def _quantize(model: nn.Module, cfg: Any) -> nn.Module:
     kind = cfg.quant.weights
-    saved = getattr(model, "quantization_config", None)  # set by a quantized checkpoint's loader
-    if kind == "none" and saved is None:
+    # A quantized checkpoint's loader sets quantization_config. Without a quantization opt it
+    # runs as saved (a recipe's baseline row); another scheme or other options are an error.
+    saved = getattr(model, "quantization_config", None)
+    if kind == "none":
         return model
     options = cfg.quant if isinstance(cfg.quant, Mapping) else vars(cfg.quant)
     if saved is not None:
-        asked = get_scheme(kind, options).quantization_config() if kind != "none" else None
+        asked = get_scheme(kind, options).quantization_config()
         if asked != saved:
             raise RecipeError(
                 f"the checkpoint is quantized as {_describe(saved)} but the opts ask for "
@@ -91,9 +93,7 @@ def _quantize(model: nn.Module, cfg: Any) -> nn.Module:
     return get_scheme(kind, options).quantize(model, forwards(ids))
 
 
-def _describe(config: dict | None) -> str:
-    if config is None:
-        return "no quantization (quant.weights=none)"
+def _describe(config: dict) -> str:
     extra = {k: v for k, v in config.items() if k in ("alpha", "smooth", "group_size", "bits")}
     return f"{config.get('scheme')} ({', '.join(f'{k}={v}' for k, v in extra.items())})"
 
