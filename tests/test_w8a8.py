@@ -214,3 +214,20 @@ def test_alpha_one_flattens_the_norm_fed_inputs():
     q_proj = model.model.layers[0].self_attn.q_proj
     torch.testing.assert_close(stats.amax[q_proj], torch.ones(TINY_LLAMA.hidden_size))
     assert stats.feeder[q_proj] is model.model.layers[0].input_layernorm
+
+
+def test_rows_table_times_every_kernel_per_rows(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "rows"
+    cmd = [sys.executable, "scripts/int8_rows_table.py", "--scale", "tiny", "--rounds", "1"]
+    run = subprocess.run([*cmd, "--rows", "1,3", "--out", str(out)], cwd=root, capture_output=True)
+    assert run.returncode == 0, run.stderr.decode()
+    ms = json.loads(out.with_suffix(".json").read_text())["ms"]
+    assert {"bf16 F.linear", "int8_linear cpp_matvec", "w8a8_linear int_mm"} <= set(ms)
+    assert ("w8a8_linear vnni" in ms) == builds("int8_vnni")
+    assert all(set(row) == {"1", "3"} and min(row.values()) > 0 for row in ms.values())
