@@ -25,7 +25,7 @@ from common.device.select import resolve_dtype, select_device  # noqa: E402
 from common.io.presets import build_model  # noqa: E402
 from common.io.quantized import save_quantized  # noqa: E402
 from common.parallel.measured import weight_bytes  # noqa: E402
-from common.quant.scheme import get_scheme  # noqa: E402
+from common.quant.scheme import configured_scheme  # noqa: E402
 from common.transforms.registry import apply_transforms  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def quantize(recipe: str, overrides: list[str]) -> Path:
         raise RecipeError(f"{cfg.model.path} is already quantized; give the float checkpoint")
     before = weight_bytes(model)
     model = apply_transforms(model, cfg)
-    scheme = get_scheme(q.weights, cfg.quant)
+    scheme = configured_scheme(cfg.quant)
     out = save_quantized(model, scheme, q.save, cfg.model.path, cfg.fusion.projections)
     print(
         f"wrote {out}: {q.weights} from {desc}, weights {before / 1e6:.1f} MB -> "

@@ -15,8 +15,8 @@ from common.core.errors import RecipeError
 from common.io.checkpoint import from_seed
 from common.io.presets import build_model
 from common.io.quantized import load_quantized, save_quantized
-from common.quant.scheme import get_scheme
-from common.transforms.calibrate import forwards, random_batches
+from common.quant.scheme import configured_scheme, get_scheme
+from common.transforms.forwards import forwards, random_batches
 from common.transforms.registry import apply_transforms
 from models.llama import LlamaForCausalLM
 from tests.tiny import TINY_LLAMA
@@ -68,7 +68,7 @@ def test_save_load_gives_identical_logits(tmp_path, weights, dtype):
         )
     )
     (src / "tokenizer_config.json").write_text("{}")
-    out = save_quantized(model, get_scheme(weights, _cfg(weights).quant), tmp_path / "q", src, True)
+    out = save_quantized(model, configured_scheme(_cfg(weights).quant), tmp_path / "q", src, True)
     saved = json.loads((out / "config.json").read_text())["quantization_config"]
     assert saved["scheme"] == weights and saved["fused_projections"] is True
     assert (out / "tokenizer_config.json").is_file()
@@ -83,7 +83,9 @@ def test_save_load_gives_identical_logits(tmp_path, weights, dtype):
 
 def test_recipe_loader_reads_a_quantized_checkpoint(tmp_path):
     model = _quantized("w8a8", smooth=False)
-    out = save_quantized(model, get_scheme("w8a8", {"smooth": False}), tmp_path / "q", None, True)
+    out = save_quantized(
+        model, configured_scheme(_cfg("w8a8", smooth=False).quant), tmp_path / "q", None, True
+    )
     mcfg = OmegaConf.create({"path": str(out), "allow_pickle": False})
     loaded, tokenizer, desc = build_model(
         mcfg, LlamaForCausalLM, torch.device("cpu"), torch.float32
@@ -93,7 +95,9 @@ def test_recipe_loader_reads_a_quantized_checkpoint(tmp_path):
 
 
 def test_checkpoint_made_with_other_opts_is_an_error(tmp_path):
-    out = save_quantized(_quantized("w8a8"), get_scheme("w8a8", {}), tmp_path / "q", None, True)
+    out = save_quantized(
+        _quantized("w8a8"), configured_scheme(_cfg("w8a8").quant), tmp_path / "q", None, True
+    )
     loaded = load_quantized(LlamaForCausalLM, out, "cpu", torch.float32)
     for cfg, asked in [
         (_cfg("w8a8", alpha=0.8), r"w8a8 \(bits=8, smooth=True, alpha=0.8\)"),

@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from common import ops
 from common.core.errors import RecipeError
@@ -18,10 +19,10 @@ from common.ops.w8a8_linear import (
     w8a8_linear,
     w8a8_vnni,
 )
-from common.quant.scheme import get_scheme
+from common.quant.scheme import configured_scheme
 from common.quant.smooth import collect, smooth
 from common.quant.w8a8 import W8A8, W8A8Linear, _activation_linears
-from common.transforms.calibrate import forwards, random_batches
+from common.transforms.forwards import forwards, random_batches
 from common.transforms.fusion import fuse_projections
 from models.llama import LlamaForCausalLM
 from tests.tiny import TINY_LLAMA
@@ -195,13 +196,30 @@ def test_scheme_modules_and_options():
     linears = [m for m in model.modules() if isinstance(m, W8A8Linear)]
     assert len(linears) == 7 * TINY_LLAMA.num_hidden_layers
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
-    scheme = get_scheme("w8a8", {"alpha": 0.8, "smooth": False, "weights": "w8a8"})
+    scheme = configured_scheme(OmegaConf.create({"alpha": 0.8, "smooth": False, "weights": "w8a8"}))
     assert (scheme.alpha, scheme.smooth) == (0.8, False)
     assert scheme.quantization_config()["smooth"] is False
     with pytest.raises(RecipeError, match="calibration"):
         W8A8().quantize(_tiny(), None)
     with pytest.raises(RecipeError, match="alpha"):
         W8A8(alpha=1.5).quantize(_tiny(), _calibration())
+
+
+def test_skipped_linears_stay_float_and_their_norm_unsmoothed():
+    """A norm feeding a linear kept in float cannot take s: its siblings keep 1/s explicitly."""
+    model = _tiny(outliers=True)
+    norm_before = model.model.layers[0].input_layernorm.weight.clone()
+    q_before = model.model.layers[0].self_attn.q_proj.weight.clone()
+
+    def skip(name: str, module) -> bool:
+        return name == "model.layers.0.self_attn.q_proj"
+
+    W8A8().quantize(model, _calibration(), skip=skip)
+    attn = model.model.layers[0].self_attn
+    assert type(attn.q_proj) is torch.nn.Linear and torch.equal(attn.q_proj.weight, q_before)
+    assert torch.equal(model.model.layers[0].input_layernorm.weight, norm_before)
+    assert attn.k_proj.smooth is not None and attn.v_proj.smooth is not None
+    assert model.model.layers[1].self_attn.k_proj.smooth is None  # folded into its norm
 
 
 def test_alpha_one_flattens_the_norm_fed_inputs():

@@ -25,7 +25,7 @@ from common.engine.scheduler import KINDS, POLICIES, PREEMPTIONS
 from common.io.checkpoint import args_from_hf
 from common.io.presets import load_tokenizer, preset_args
 from common.nn.causal_lm import CausalLM, ModelArgs
-from common.quant.scheme import get_scheme
+from common.quant.scheme import configured_scheme
 from common.transforms.registry import check_opts_supported, opt_specs
 
 
@@ -63,7 +63,7 @@ def _check_choices(cfg: Any, config: RecipeConfig, device: Device) -> None:
         _choice("bench.peers entry", peer, PEERS)
     SamplingParams(**cfg.generation)
     if config.quant.weights != "none":
-        get_scheme(config.quant.weights)
+        configured_scheme(config.quant)
     if config.quant.save:
         raise RecipeError(
             "quant.save is written by scripts/quantize.py, with the same overrides: "

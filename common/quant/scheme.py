@@ -8,7 +8,7 @@ config.json), so a quantized model can be written once and read back without the
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from torch import Tensor, nn
@@ -44,13 +44,17 @@ class QuantScheme(Protocol):
 SCHEMES: dict[str, QuantScheme] = {s.name: s for s in (Int8WeightOnly(), W8A8())}
 
 
-def get_scheme(name: str, options: Mapping[str, Any] | None = None) -> QuantScheme:
-    """The scheme named `name`, configured from `options` (the quant config) when it takes
-    any (a scheme with options has from_options(options) -> a configured copy)."""
+def get_scheme(name: str) -> QuantScheme:
     if name not in SCHEMES:
         raise RecipeError(
             f"unknown quantization scheme {name!r}; choose none or {', '.join(SCHEMES)}"
         )
-    scheme = SCHEMES[name]
-    configure = getattr(scheme, "from_options", None)
-    return scheme if options is None or configure is None else configure(options)
+    return SCHEMES[name]
+
+
+def configured_scheme(quant: Any) -> QuantScheme:
+    """The scheme quant.weights names, with its options from the quant section (group size,
+    bits, ...) when it has any (a scheme's optional `configured(quant)`)."""
+    scheme = get_scheme(quant.weights)
+    configure = getattr(scheme, "configured", None)
+    return configure(quant) if configure else scheme

@@ -12,7 +12,7 @@ scheme does): the head's input feeds the logits directly and a lookup has no mat
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -64,12 +64,16 @@ def _embedding_weights(model: nn.Module) -> set[int]:
     return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
 
 
-def _activation_linears(model: nn.Module) -> list[nn.Linear]:
-    """The linears that get int8 activations: all but those sharing an embedding's table."""
+def _activation_linears(
+    model: nn.Module, skip: Callable[[str, nn.Module], bool] | None = None
+) -> list[nn.Linear]:
+    """The linears that get int8 activations: all but those sharing an embedding's table
+    and those skip(name, module) keeps in float."""
     tied = _embedding_weights(model)
     seen: dict[int, nn.Linear] = {}
-    for m in model.modules():
-        if type(m) is nn.Linear and id(m.weight) not in tied:
+    for name, m in model.named_modules():
+        kept = skip is not None and skip(name, m)
+        if type(m) is nn.Linear and id(m.weight) not in tied and not kept:
             seen[id(m)] = m
     return list(seen.values())
 
@@ -93,8 +97,11 @@ class W8A8:
     def __init__(self, alpha: float = 0.5, smooth: bool = True) -> None:
         self.alpha, self.smooth = float(alpha), bool(smooth)
 
-    def from_options(self, options: Mapping[str, Any]) -> W8A8:
-        return W8A8(options.get("alpha", self.alpha), options.get("smooth", self.smooth))
+    needs_forwards = True  # calibration: whole-model forwards (common/transforms/forwards.py)
+
+    def configured(self, quant: Any) -> W8A8:
+        """This scheme with quant.alpha and quant.smooth."""
+        return W8A8(getattr(quant, "alpha", self.alpha), getattr(quant, "smooth", self.smooth))
 
     def quantization_config(self) -> dict[str, Any]:
         return {
@@ -110,8 +117,15 @@ class W8A8:
         }
 
     @torch.no_grad()
-    def quantize(self, model: nn.Module, calibration: Calibration | None = None) -> nn.Module:
-        linears = _activation_linears(model)
+    def quantize(
+        self,
+        model: nn.Module,
+        calibration: Calibration | None = None,
+        skip: Callable[[str, nn.Module], bool] | None = None,
+    ) -> nn.Module:
+        """Smooth (from `calibration`), then quantize in place every linear and embedding
+        except those skip(name, module) keeps in float."""
+        linears = _activation_linears(model, skip)
         explicit: dict[nn.Linear, Tensor] = {}
         if self.smooth:
             if calibration is None:
@@ -120,7 +134,11 @@ class W8A8:
                 )
             explicit = smooth(model, calibration, linears, self.alpha)
         replaced = set(linears)
-        model = quantize_int8(model, skip=lambda name, m: m in replaced)  # embeddings, tied head
+
+        def weight_only_skips(name: str, m: nn.Module) -> bool:  # embeddings, tied head
+            return m in replaced or (skip is not None and skip(name, m))
+
+        model = quantize_int8(model, skip=weight_only_skips)
         make = {}
         for linear in linears:
             weight_int8, scales = _quantize_per_channel(linear.weight)

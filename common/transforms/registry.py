@@ -7,7 +7,7 @@ transforms run here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,8 @@ from torch import nn
 from common.core.config import OptSpec
 from common.core.errors import RecipeError
 from common.device.select import Device
-from common.quant.scheme import get_scheme
-from common.transforms.calibrate import forwards, random_batches
+from common.quant.scheme import configured_scheme
+from common.transforms.forwards import forwards, random_batches
 from common.transforms.fusion import fuse_projections
 
 
@@ -78,9 +78,9 @@ def _quantize(model: nn.Module, cfg: Any) -> nn.Module:
     saved = getattr(model, "quantization_config", None)
     if kind == "none":
         return model
-    options = cfg.quant if isinstance(cfg.quant, Mapping) else vars(cfg.quant)
+    scheme = configured_scheme(cfg.quant)
     if saved is not None:
-        asked = get_scheme(kind, options).quantization_config()
+        asked = scheme.quantization_config()
         if asked != saved:
             raise RecipeError(
                 f"the checkpoint is quantized as {_describe(saved)} but the opts ask for "
@@ -88,9 +88,12 @@ def _quantize(model: nn.Module, cfg: Any) -> nn.Module:
                 "checkpoint"
             )
         return model  # loaded quantized: nothing to round again
-    q = cfg.quant
-    ids = random_batches(model.args.vocab_size, q.calib_batches, q.calib_len, cfg.model.seed)
-    return get_scheme(kind, options).quantize(model, forwards(ids))
+    calibration = None
+    if getattr(scheme, "needs_forwards", False):
+        q = cfg.quant
+        ids = random_batches(model.args.vocab_size, q.calib_batches, q.calib_len, cfg.model.seed)
+        calibration = forwards(ids)
+    return scheme.quantize(model, calibration)
 
 
 def _describe(config: dict) -> str:
