@@ -175,3 +175,16 @@ def test_quantize_script_writes_what_the_recipe_loads(tmp_path):
     assert loaded.quantization_config["scheme"] == "w8a8"
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)  # no quant.save
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "quant.save=DIR" in run.stderr
+
+
+def test_preflight_refuses_other_opts_before_any_worker(tmp_path):
+    from common.bench.cli import compose_config
+    from common.bench.preflight import preflight
+
+    model = _quantized("w8a8")
+    out = save_quantized(model, configured_scheme(_cfg("w8a8").quant), tmp_path / "q", None, True)
+    ok = compose_config("llama65b", ["+opt=w8a8", f"model.path={out}"])
+    assert preflight(ok, LlamaForCausalLM).config.quant.weights == "w8a8"
+    bad = compose_config("llama65b", ["+opt=w8a8", f"model.path={out}", "quant.alpha=0.7"])
+    with pytest.raises(RecipeError, match="quantized as w8a8 .* ask for w8a8 .*alpha=0.7"):
+        preflight(bad, LlamaForCausalLM)

@@ -80,13 +80,7 @@ def _quantize(model: nn.Module, cfg: Any) -> nn.Module:
         return model
     scheme = configured_scheme(cfg.quant)
     if saved is not None:
-        asked = scheme.quantization_config()
-        if asked != saved:
-            raise RecipeError(
-                f"the checkpoint is quantized as {_describe(saved)} but the opts ask for "
-                f"{_describe(asked)}; run it with the opts it was made with, or load the float "
-                "checkpoint"
-            )
+        check_saved_quantization(saved, cfg.quant)
         return model  # loaded quantized: nothing to round again
     calibration = None
     if getattr(scheme, "needs_forwards", False):
@@ -94,6 +88,19 @@ def _quantize(model: nn.Module, cfg: Any) -> nn.Module:
         ids = random_batches(model.args.vocab_size, q.calib_batches, q.calib_len, cfg.model.seed)
         calibration = forwards(ids)
     return scheme.quantize(model, calibration)
+
+
+def check_saved_quantization(saved: dict, quant: Any) -> None:
+    """A quantized checkpoint runs only with the quantization it was made with (or none)."""
+    if quant.weights == "none":
+        return
+    asked = configured_scheme(quant).quantization_config()
+    if asked != saved:
+        raise RecipeError(
+            f"the checkpoint is quantized as {_describe(saved)} but the opts ask for "
+            f"{_describe(asked)}; run it with the opts it was made with, or load the float "
+            "checkpoint"
+        )
 
 
 def _describe(config: dict) -> str:
