@@ -107,18 +107,22 @@ def test_weight_only_bf16dot_registration():
     torch.library.opcheck(int8_bf16dot_cpp.op, (x, w, scales))
 
 
-def test_dispatch_runs_a_measured_or_pinned_choice(tmp_path):
+@pytest.fixture
+def own_choices(tmp_path):
+    """Kernel choices and pins of this test only (in a temp file, never the user's cache)."""
     ops.reset(tmp_path / "choices.json")
-    try:
-        args = _case(4, 64, 32, torch.bfloat16, True)
-        assert torch.equal(w8a8_linear(*args), _reference(*args))
-        (label,) = [k for k in ops.chosen() if k.startswith("w8a8_linear[cpu,bfloat16,rows=3-4")]
-        other = "dequant_mm" if ops.chosen()[label] != "dequant_mm" else "int_mm"
-        ops.pin({"w8a8_linear": other})
-        assert torch.equal(w8a8_linear(*args), _reference(*args))
-        assert f"{other} (pinned)" in ops.chosen()[label]
-    finally:
-        ops.reset()
+    yield
+    ops.reset(tmp_path / "after.json")
+
+
+def test_dispatch_runs_a_measured_or_pinned_choice(own_choices):
+    args = _case(4, 64, 32, torch.bfloat16, True)
+    assert torch.equal(w8a8_linear(*args), _reference(*args))
+    (label,) = [k for k in ops.chosen() if k.startswith("w8a8_linear[cpu,bfloat16,rows=3-4")]
+    other = "dequant_mm" if ops.chosen()[label] != "dequant_mm" else "int_mm"
+    ops.pin({"w8a8_linear": other})
+    assert torch.equal(w8a8_linear(*args), _reference(*args))
+    assert f"{other} (pinned)" in ops.chosen()[label]
 
 
 # --- the scheme on the tiny LLaMA ---------------------------------------------------------
@@ -249,3 +253,14 @@ def test_rows_table_times_every_kernel_per_rows(tmp_path):
     assert {"bf16 F.linear", "int8_linear cpp_matvec", "w8a8_linear int_mm"} <= set(ms)
     assert ("w8a8_linear vnni" in ms) == builds("int8_vnni")
     assert all(set(row) == {"1", "3"} and min(row.values()) > 0 for row in ms.values())
+
+
+@needs_vnni
+def test_compile_traces_through_the_w8a8_module(own_choices):
+    """torch.compile(fullgraph) sees the op as one node (its fake impl gives the shape)."""
+    model = W8A8().quantize(_tiny(), _calibration())
+    down = model.model.layers[0].mlp.down_proj
+    ops.pin({"w8a8_linear": "vnni"})
+    x = torch.randn(3, down.in_features)
+    compiled = torch.compile(down, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), down(x))
