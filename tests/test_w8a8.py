@@ -264,3 +264,33 @@ def test_compile_traces_through_the_w8a8_module(own_choices):
     x = torch.randn(3, down.in_features)
     compiled = torch.compile(down, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x), down(x))
+
+
+COMBOS = {  # KV spec, attention backend, scheduler (as tests/test_engine.py builds them)
+    "flash_attn": ("contiguous", "flash", None),
+    "paged_kv": ("paged", "sdpa", None),
+    "paged_kv+cont_batch": ("paged", "flash", "continuous"),
+}
+
+
+@pytest.mark.parametrize("combo", COMBOS)
+def test_w8a8_composes_with_kv_attention_and_scheduling(combo):
+    """Per-token activation scales make a token's output independent of its batch mates, and
+    every w8a8 kernel gives the same bits: the same greedy tokens as the plain path."""
+    from common.core.request import Request
+    from common.device.select import Device
+    from common.engine.engine import Engine
+    from common.engine.scheduler import SchedulerConfig
+    from common.kv.spec import KVSpec
+
+    model = W8A8().quantize(_tiny(outliers=True), _calibration())
+    prompts = ([5, 17, 33, 8, 61, 22, 9], [40, 3], [12, 70, 44, 19, 88])
+
+    def generate(kv: KVSpec, attn: str, sched) -> list[list[int]]:
+        engine = Engine(model, Device("cpu"), kv, attn, sched)
+        return [c.tokens for c in engine.generate([Request(list(p), 6) for p in prompts])]
+
+    kind, attn, sched = COMBOS[combo]
+    kv = KVSpec(kind, block_size=4) if kind == "paged" else KVSpec(kind)
+    got = generate(kv, attn, SchedulerConfig(sched) if sched else None)
+    assert got == generate(KVSpec("dynamic"), "eager", None)
