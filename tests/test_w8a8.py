@@ -294,3 +294,16 @@ def test_w8a8_composes_with_kv_attention_and_scheduling(combo):
     kv = KVSpec(kind, block_size=4) if kind == "paged" else KVSpec(kind)
     got = generate(kv, attn, SchedulerConfig(sched) if sched else None)
     assert got == generate(KVSpec("dynamic"), "eager", None)
+
+
+def test_quantize_releases_float_weights():
+    """Each float matrix is freed once replaced (the peak is not float + int8 model)."""
+    import gc
+    import weakref
+
+    model = _tiny(outliers=True)
+    refs = [weakref.ref(layer.mlp.down_proj.weight) for layer in model.model.layers]
+    refs.append(weakref.ref(model.lm_head.weight))
+    W8A8().quantize(model, _calibration())
+    gc.collect()
+    assert all(r() is None for r in refs)

@@ -133,18 +133,27 @@ class W8A8:
                     "w8a8 smoothing needs calibration data; give it or set quant.smooth=false"
                 )
             explicit = smooth(model, calibration, linears, self.alpha)
-        replaced = set(linears)
+        places: dict[nn.Module, list[tuple[nn.Module, str]]] = {}  # linear -> where it sits
+        for parent in model.modules():
+            for child_name, child in parent._modules.items():
+                if child in explicit or child in linears:
+                    places.setdefault(child, []).append((parent, child_name))
 
         def weight_only_skips(name: str, m: nn.Module) -> bool:  # embeddings, tied head
-            return m in replaced or (skip is not None and skip(name, m))
+            return m in places or (skip is not None and skip(name, m))
 
         model = quantize_int8(model, skip=weight_only_skips)
-        make = {}
-        for linear in linears:
+        del linears
+        # One linear at a time, dropping every reference to it: each float weight is freed
+        # once replaced, so the peak is the int8 model plus one float matrix.
+        while places:
+            linear, where = places.popitem()
             weight_int8, scales = _quantize_per_channel(linear.weight)
             bias = None if linear.bias is None else linear.bias.detach()
-            make[linear] = W8A8Linear(weight_int8, scales, bias, explicit.get(linear))
-        _swap(model, make)
+            new = W8A8Linear(weight_int8, scales, bias, explicit.pop(linear, None))
+            for parent, child_name in where:
+                setattr(parent, child_name, new)
+            del linear
         return model
 
     def state_dict(self, model: nn.Module) -> dict[str, Tensor]:
