@@ -70,7 +70,7 @@ def save_quantized(
     `path`, which must not exist or be empty; config.json comes from `source` (the float
     checkpoint) or the model's own args. Written into a temporary directory and renamed, so a
     failure leaves no partial checkpoint."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise RecipeError(f"{path} exists and is not an empty directory: choose another quant.save")
     if source is not None:
@@ -102,7 +102,7 @@ def load_quantized(
     cls: type[CausalLM], path: str | Path, device: torch.device | str, dtype: torch.dtype
 ) -> CausalLM:
     """The quantized model saved in `path` (no rounding: the tables are read as saved)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     config = read_hf_config(path)
     check_architecture(cls, config, path)
     saved = quantization_config(path)
