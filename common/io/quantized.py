@@ -74,6 +74,7 @@ def save_quantized(
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise RecipeError(f"{path} exists and is not an empty directory: choose another quant.save")
     if source is not None:
+        source = Path(source).expanduser()
         config = read_hf_config(source)
         config.pop(KEY, None)
     else:
@@ -90,8 +91,8 @@ def save_quantized(
         _write_safetensors(out / SAFE_SINGLE, scheme.state_dict(model))
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name in EXTRA_FILES if source is not None else ():
-            if (Path(source) / name).is_file():
-                shutil.copy2(Path(source) / name, out / name)
+            if (source / name).is_file():
+                shutil.copy2(source / name, out / name)
         if path.exists():
             path.rmdir()
         os.replace(out, path)
