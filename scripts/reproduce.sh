@@ -40,6 +40,20 @@ python recipes/chatglm/run.py +opt=flash_attn,int8 bench.ladder=true bench.peers
 python scripts/gqa_table.py
 # The decode step's matmuls alone, per int8 kernel (what the dispatch table chooses between).
 python scripts/int8_kernel_table.py
+# The same at 1-16 rows (batched decode): weight-only int8 and int8 x int8 (w8a8) kernels vs bf16.
+python scripts/int8_rows_table.py
+# Batched decode with int8 weights: continuous batching, bf16 vs weight-only int8 vs w8a8
+# (int8 should be no slower than bf16 here; 64 requests per pass).
+python $llama workload=throughput bench.rounds=2 bench.warmup=0 \
+  'bench.variants=[[paged_kv,cont_batch,flash_attn],[paged_kv,cont_batch,flash_attn,int8],[paged_kv,cont_batch,flash_attn,w8a8]]'
+# W8A8 on real weights (SmolLM2-135M-Instruct), with and without smoothing, vs bf16 and int8.
+smol=$HOME/.cache/llm-recipes/SmolLM2-135M-Instruct
+python $llama model.path="$smol" 'bench.variants=[[flash_attn,int8],[flash_attn,w8a8]]'
+python $llama model.path="$smol" quant.smooth=false 'bench.variants=[[flash_attn,w8a8]]'
+# Quantize once, load many times: the saved w8a8 checkpoint runs without the float weights.
+rm -rf "$smol-w8a8"
+python scripts/quantize.py +opt=w8a8 model.path="$smol" quant.save="$smol-w8a8"
+python $llama +opt=flash_attn,w8a8 model.path="$smol-w8a8"
 # Prefill attention alone, eager vs fused, 512-4096 tokens: time and extra memory.
 python scripts/attention_prefill_table.py
 # Why greedy agreement is low on random weights: rounding alone flips near-tied logits.

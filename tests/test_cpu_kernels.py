@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from common import ops
+from common.ops.build import builds
 from common.ops.int8_linear import int8_linear, int8_matvec_cpp
 from common.ops.rms_norm import rms_norm, rms_norm_cpp
 
@@ -33,15 +34,18 @@ def test_int8_matvec_matches_exact_product(dtype: torch.dtype, rows: int, k: int
     assert ((out.double() - exact).abs() <= tol * exact.abs() + 1e-5).all()
 
 
-@pytest.mark.parametrize("impl", ["cpp_matvec", "int8pack_mm", "dequant_mm"])
+@pytest.mark.parametrize("impl", ["cpp_matvec", "cpp_bf16dot", "int8pack_mm", "dequant_mm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 3, 17])
-def test_every_int8_linear_implementation_matches_exact(impl, dtype, rows) -> None:
+@pytest.mark.parametrize("rows", [1, 3, 5, 16, 17])  # cpp_bf16dot's row blocks and tails
+@pytest.mark.parametrize("k", [256, 100])
+def test_every_int8_linear_implementation_matches_exact(impl, dtype, rows, k) -> None:
     chosen = int8_linear.impls[impl]
-    if not chosen.runs_on("cpu", dtype):
-        pytest.skip(f"{impl} does not run {dtype}")
-    x = torch.randn(rows, 256).to(dtype)
-    w = torch.randint(-127, 128, (96, 256), dtype=torch.int8)
+    if not chosen.available("cpu", dtype) or not chosen.allows(
+        (torch.ones(1, k), torch.ones(1, k), 0)
+    ):
+        pytest.skip(f"{impl} does not run {dtype} with K={k} here")
+    x = torch.randn(rows, k).to(dtype)
+    w = torch.randint(-127, 128, (96, k), dtype=torch.int8)
     scales = (torch.rand(96) / 50).to(dtype)
     exact = (x.double() @ w.double().t()) * scales.double()
     out = chosen.fn(x, w, scales)
@@ -106,8 +110,11 @@ def test_int8_linear_rules() -> None:
     w64, w40 = torch.zeros(32, 64, dtype=torch.int8), torch.zeros(32, 40, dtype=torch.int8)
     s = torch.ones(32, dtype=torch.bfloat16)
     x = torch.randn(3, 64, dtype=torch.bfloat16)
-    assert _eligible(int8_linear, x, w64, s) == {"cpp_matvec", "int8pack_mm", "dequant_mm"}
-    assert _eligible(int8_linear, x[:, :40], w40, s) == {"cpp_matvec", "dequant_mm"}
+    bf16dot = {"cpp_bf16dot"} if builds("int8_bf16dot") else set()  # AVX512-BF16 CPUs only
+    assert (
+        _eligible(int8_linear, x, w64, s) == {"cpp_matvec", "int8pack_mm", "dequant_mm"} | bf16dot
+    )
+    assert _eligible(int8_linear, x[:, :40], w40, s) == {"cpp_matvec", "dequant_mm"} | bf16dot
     assert _eligible(int8_linear, x.float(), w64, s.float()) == {"cpp_matvec", "dequant_mm"}
     assert _eligible(int8_linear, x.half(), w64, s.half()) == {"dequant_mm"}
 

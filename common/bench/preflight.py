@@ -24,9 +24,14 @@ from common.device.select import Device, resolve_dtype, select_device
 from common.engine.scheduler import KINDS, POLICIES, PREEMPTIONS
 from common.io.checkpoint import args_from_hf, build_empty
 from common.io.presets import load_tokenizer, preset_args
+from common.io.quantized import FUSED, quantization_config
 from common.nn.causal_lm import CausalLM, ModelArgs
-from common.quant.scheme import get_scheme
-from common.transforms.registry import check_opts_supported, opt_specs
+from common.quant.scheme import configured_scheme
+from common.transforms.registry import (
+    check_opts_supported,
+    check_saved_quantization,
+    opt_specs,
+)
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,14 @@ def _check_choices(cfg: Any, config: RecipeConfig, device: Device) -> None:
         _choice("bench.peers entry", peer, PEERS)
     SamplingParams(**cfg.generation)
     if config.quant.weights != "none":
-        get_scheme(config.quant.weights)
+        configured_scheme(config.quant)
+    if config.model.path and (saved := quantized_with(config.model.path)) is not None:
+        check_saved_quantization(saved, config.quant)  # before any worker, not after a row
+    if config.quant.save:
+        raise RecipeError(
+            "quant.save is written by scripts/quantize.py, with the same overrides: "
+            "python scripts/quantize.py +opt=... quant.save=DIR; then run with model.path=DIR"
+        )
     ops.pin(pinned_kernels(cfg))  # an unknown implementation names the op's choices
 
 
@@ -101,3 +113,9 @@ def preflight(cfg: Any, model_cls: type[CausalLM]) -> Checked:
     if not config.bench.each:  # the combined variant must be a valid KV choice
         kv_spec(cfg)
     return Checked(config, device, variants)
+
+
+def quantized_with(path: str) -> dict | None:
+    """A quantized checkpoint's scheme config (what the loaded model will carry), else None."""
+    saved = quantization_config(path)
+    return None if saved is None else {k: v for k, v in saved.items() if k != FUSED}

@@ -85,6 +85,16 @@ class SchedulerConfig:
 @dataclass
 class QuantConfig:
     weights: str = "none"
+    alpha: float = 0.5  # w8a8: SmoothQuant's migration strength
+    smooth: bool = True  # w8a8: smooth before quantizing (false: the no-smoothing row)
+    calib_batches: int = 8  # w8a8 calibration forwards (until calibration data lands: random ids)
+    calib_len: int = 128  # tokens per calibration sequence
+    save: str | None = None  # write the quantized checkpoint (safetensors + config.json) here
+
+    def check(self) -> None:
+        _require(0.0 <= self.alpha <= 1.0, "quant.alpha", self.alpha, "in [0, 1]")
+        _require(self.calib_batches > 0, "quant.calib_batches", self.calib_batches, "> 0")
+        _require(self.calib_len > 0, "quant.calib_len", self.calib_len, "> 0")
 
 
 @dataclass

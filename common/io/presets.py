@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from common.core.errors import RecipeError
 from common.io.checkpoint import from_pretrained, from_seed
+from common.io.quantized import load_quantized, quantization_config
 from common.nn.causal_lm import CausalLM
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -44,6 +45,10 @@ def load_tokenizer(path: str | Path):
 
 def build_model(mcfg: Any, model_cls: type[CausalLM], device: torch.device, dtype: torch.dtype):
     """(model, tokenizer or None, description of the weights used)."""
+    if mcfg.path and quantization_config(mcfg.path) is not None:
+        model = load_quantized(model_cls, mcfg.path, device, dtype)
+        scheme = model.quantization_config["scheme"]
+        return model, load_tokenizer(mcfg.path), f"{scheme} checkpoint {mcfg.path}"
     if mcfg.path:
         model = from_pretrained(model_cls, mcfg.path, device, dtype, mcfg.allow_pickle)
         return model, load_tokenizer(mcfg.path), f"checkpoint {mcfg.path}"

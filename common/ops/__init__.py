@@ -5,5 +5,6 @@ from common.ops.attention import decode_attention
 from common.ops.dispatch import chosen, pin, reset
 from common.ops.int8_linear import int8_linear
 from common.ops.rms_norm import rms_norm
+from common.ops.w8a8_linear import w8a8_linear
 
-__all__ = ["chosen", "decode_attention", "int8_linear", "pin", "reset", "rms_norm"]
+__all__ = ["chosen", "decode_attention", "int8_linear", "pin", "reset", "rms_norm", "w8a8_linear"]

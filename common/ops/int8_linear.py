@@ -1,8 +1,11 @@
-"""Weight-only int8 linear, y = (x @ w_int8ᵀ) * scales, four ways:
+"""Weight-only int8 linear, y = (x @ w_int8ᵀ) * scales, five ways:
 
 - cpp_matvec: int8_matvec.cpp, one output channel at a time so each thread reads one
   sequential stream of weights; also runs fp32 activations, where int8pack_mm has only a
   scalar loop.
+- cpp_bf16dot: int8_bf16dot.cpp, bf16 activations on AVX512-BF16 (vdpbf16ps on weights
+  widened to bf16, exact products), register-blocked for 1-16 rows so batched decode reads
+  the weights once per step instead of falling back to dequantize + GEMM.
 - int8pack_mm: torch._weight_int8pack_mm (AVX512/AMX matrix-vector; bf16 only, K % 16 == 0).
 - dequant_mm: dequantize to the activation dtype + F.linear (gpt-fast's formulation, which
   torch.compile fuses).
@@ -69,6 +72,29 @@ def int8_matvec_cpp(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
     return y
 
 
+@functools.cache
+def _bf16dot() -> ctypes._CFuncPtr:
+    fn = load_cpp("int8_bf16dot").matmul_bf16
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    return fn
+
+
+@kernel_op("int8_bf16dot_cpp", _check)
+def int8_bf16dot_cpp(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
+    """x2d [M, K] bfloat16 on cpu, weight_int8 [N, K] contiguous, scales [N] bfloat16 ->
+    [M, N] bfloat16, on AVX512-BF16 (int8_bf16dot.cpp), 1-16 rows register-blocked."""
+    y = _check(x2d, weight_int8, scales)
+    if not x2d.is_cpu or x2d.dtype != torch.bfloat16:
+        raise ValueError(f"int8_bf16dot_cpp needs bfloat16 x on cpu, got {x2d.dtype} {x2d.device}")
+    x2d = x2d.contiguous()
+    (m, k), n = x2d.shape, weight_int8.shape[0]
+    _bf16dot()(
+        x2d.data_ptr(), weight_int8.data_ptr(), scales.contiguous().data_ptr(), y.data_ptr(),
+        m, n, k, torch.get_num_threads(),
+    )  # fmt: skip
+    return y
+
+
 def int8pack_mm(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
     # The AVX512 kernel segfaults unless x starts 32-byte aligned (a view like x[:, 8:] does not)
     # and on some row strides, so copy such inputs into a fresh, 64-byte-aligned buffer (and
@@ -121,6 +147,13 @@ int8_linear = Op(
             devices=("cpu",),
             dtypes=tuple(_SUFFIX),
             cpp="int8_matvec",
+        ),
+        Impl(
+            "cpp_bf16dot",
+            int8_bf16dot_cpp,
+            devices=("cpu",),
+            dtypes=(torch.bfloat16,),
+            cpp="int8_bf16dot",  # AVX512-BF16 only: elsewhere it does not build
         ),
         Impl(
             "int8pack_mm",

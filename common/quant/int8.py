@@ -187,33 +187,57 @@ class Int8WeightOnly:
         tables come from `state`) and load the other tensors."""
         if config.get("scheme") != self.name:
             raise RecipeError(f"checkpoint quantization {config!r} is not the {self.name} scheme")
-        tables = {
-            key.removesuffix(".weight_scale"): (state[key.removesuffix("_scale")], scale)
-            for key, scale in state.items()
-            if key.endswith(".weight_scale")
-        }
+        return load_int8(model, state)
 
-        def saved(names: list[str], weight: Tensor) -> Table:
-            return next(tables[n] for n in names if n in tables)
 
-        sharing: dict[int, set[str]] = {}
-        for name, module in model.named_modules(remove_duplicate=False):
-            if type(module) in _INT8_MODULES:
-                sharing.setdefault(id(module.weight), set()).add(name)
-        quantized = {w for w, names in sharing.items() if names & tables.keys()}
-        model = _replace(model, lambda name, m: id(m.weight) not in quantized, saved)
-        rest = {k: v for k, v in state.items() if k.removesuffix(".weight") not in tables}
-        rest = {k: v for k, v in rest.items() if not k.endswith(".weight_scale")}
-        missing, unexpected = model.load_state_dict(rest, strict=False)
-        loaded = {_identity(t) for t in state.values()}
-        current = model.state_dict()
-        unread = [k for k in missing if _identity(current[k]) not in loaded]  # tied: shared
-        if unexpected or unread:
+def load_int8(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
+    """Swap in the int8 modules whose tables `state` holds (NAME.weight, NAME.weight_scale)
+    and load every other tensor, all by assignment (so a model on the meta device works);
+    a name that fits nowhere or a tensor left unloaded is an error."""
+    scales = {
+        k.removesuffix(".weight_scale"): v for k, v in state.items() if k.endswith(".weight_scale")
+    }
+    if lost := [f"{name}.weight" for name in scales if f"{name}.weight" not in state]:
+        raise RecipeError(f"quantized checkpoint has scales without int8 weights: {lost[:5]}")
+    tables = {name: (state[f"{name}.weight"], scale) for name, scale in scales.items()}
+    unscaled = [k for k, v in state.items() if v.dtype == torch.int8 and k + "_scale" not in state]
+    if unscaled:
+        raise RecipeError(f"quantized checkpoint has int8 {unscaled[0]} without its weight_scale")
+
+    def saved(names: list[str], weight: Tensor) -> Table:
+        name = next(n for n in names if n in tables)
+        table = tables[name]
+        if table[0].shape != weight.shape or table[1].shape != weight.shape[:1]:
             raise RecipeError(
-                f"quantized checkpoint does not fit the model: missing {unread[:5]}, "
-                f"unexpected {unexpected[:5]}"
+                f"quantized checkpoint does not fit the model: {name}.weight "
+                f"{tuple(table[0].shape)} / weight_scale {tuple(table[1].shape)} for a "
+                f"{tuple(weight.shape)} weight"
             )
-        return model
+        return table
+
+    sharing: dict[int, set[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if type(module) in _INT8_MODULES:
+            sharing.setdefault(id(module.weight), set()).add(name)
+    quantized = {w for w, names in sharing.items() if names & tables.keys()}
+    model = _replace(model, lambda name, m: id(m.weight) not in quantized, saved)
+    rest = {k: v for k, v in state.items() if k.removesuffix(".weight") not in tables}
+    rest = {k: v for k, v in rest.items() if not k.endswith(".weight_scale")}
+    try:
+        missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    except RuntimeError as e:  # a shape mismatch: torch's message lists every one
+        lines = [x.strip() for x in str(e).splitlines() if "size mismatch" in x]
+        detail = (lines or [x.strip() for x in str(e).splitlines()][1:] or [str(e)])[0]
+        raise RecipeError(f"quantized checkpoint does not fit the model: {detail}") from e
+    loaded = {_identity(t) for t in state.values()}
+    current = model.state_dict()
+    unread = [k for k in missing if _identity(current[k]) not in loaded]  # tied: shared
+    if unexpected or unread:
+        raise RecipeError(
+            f"quantized checkpoint does not fit the model: missing {unread[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    return model
 
 
 def _identity(t: Tensor) -> tuple:

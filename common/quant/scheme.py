@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from common.core.errors import RecipeError
 from common.quant.int8 import Int8WeightOnly
+from common.quant.w8a8 import W8A8
 
 
 class QuantScheme(Protocol):
@@ -40,7 +41,7 @@ class QuantScheme(Protocol):
         ...
 
 
-SCHEMES: dict[str, QuantScheme] = {scheme.name: scheme for scheme in (Int8WeightOnly(),)}
+SCHEMES: dict[str, QuantScheme] = {s.name: s for s in (Int8WeightOnly(), W8A8())}
 
 
 def get_scheme(name: str) -> QuantScheme:
@@ -49,3 +50,11 @@ def get_scheme(name: str) -> QuantScheme:
             f"unknown quantization scheme {name!r}; choose none or {', '.join(SCHEMES)}"
         )
     return SCHEMES[name]
+
+
+def configured_scheme(quant: Any) -> QuantScheme:
+    """The scheme quant.weights names, with its options from the quant section (group size,
+    bits, ...) when it has any (a scheme's optional `configured(quant)`)."""
+    scheme = get_scheme(quant.weights)
+    configure = getattr(scheme, "configured", None)
+    return configure(quant) if configure else scheme

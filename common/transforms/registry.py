@@ -17,7 +17,8 @@ from torch import nn
 from common.core.config import OptSpec
 from common.core.errors import RecipeError
 from common.device.select import Device
-from common.quant.scheme import get_scheme
+from common.quant.scheme import configured_scheme
+from common.transforms.forwards import forwards, random_batches
 from common.transforms.fusion import fuse_projections
 
 
@@ -65,12 +66,46 @@ def check_opts_supported(opts: Any, device: Device) -> None:
 
 
 def _fuse(model: nn.Module, cfg: Any) -> nn.Module:
-    return fuse_projections(model) if cfg.fusion.projections else model
+    # A quantized checkpoint was loaded in the layout it was saved in (common/io/quantized.py).
+    loaded_quantized = getattr(model, "quantization_config", None) is not None
+    return fuse_projections(model) if cfg.fusion.projections and not loaded_quantized else model
 
 
 def _quantize(model: nn.Module, cfg: Any) -> nn.Module:
     kind = cfg.quant.weights
-    return model if kind == "none" else get_scheme(kind).quantize(model)
+    # A quantized checkpoint's loader sets quantization_config. Without a quantization opt it
+    # runs as saved (a recipe's baseline row); another scheme or other options are an error.
+    saved = getattr(model, "quantization_config", None)
+    if kind == "none":
+        return model
+    scheme = configured_scheme(cfg.quant)
+    if saved is not None:
+        check_saved_quantization(saved, cfg.quant)
+        return model  # loaded quantized: nothing to round again
+    calibration = None
+    if getattr(scheme, "needs_forwards", False):
+        q = cfg.quant
+        ids = random_batches(model.args.vocab_size, q.calib_batches, q.calib_len, cfg.model.seed)
+        calibration = forwards(ids)
+    return scheme.quantize(model, calibration)
+
+
+def check_saved_quantization(saved: dict, quant: Any) -> None:
+    """A quantized checkpoint runs only with the quantization it was made with (or none)."""
+    if quant.weights == "none":
+        return
+    asked = configured_scheme(quant).quantization_config()
+    if asked != saved:
+        raise RecipeError(
+            f"the checkpoint is quantized as {_describe(saved)} but the opts ask for "
+            f"{_describe(asked)}; run it with the opts it was made with, or load the float "
+            "checkpoint"
+        )
+
+
+def _describe(config: dict) -> str:
+    extra = {k: v for k, v in config.items() if k in ("alpha", "smooth", "group_size", "bits")}
+    return f"{config.get('scheme')} ({', '.join(f'{k}={v}' for k, v in extra.items())})"
 
 
 TRANSFORMS: list[Callable[[nn.Module, Any], nn.Module]] = [_fuse, _quantize]

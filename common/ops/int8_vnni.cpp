@@ -1,0 +1,168 @@
+// int8 x int8 linear with per-row dynamic activation quantization on AVX512-VNNI
+// (common/ops/w8a8_linear.py). Builds only where the compiler targets VNNI (-march=native),
+// so on other CPUs the dispatch table never offers it.
+//
+// vpdpbusd multiplies unsigned by signed bytes. Weights are stored signed; XOR 0x80 turns w into
+// the unsigned w + 128, so sum_k (w + 128) x = sum_k w x + 128 sum_k x, and the second term is
+// the activation row sum, known from quantizing the row: one subtraction per output.
+#include <immintrin.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "convert.h"
+
+#if !defined(__AVX512VNNI__) || !defined(__AVX512BW__)
+#error "int8_vnni needs AVX512-VNNI and AVX512BW"
+#endif
+
+namespace {
+constexpr int KB = 64;  // bytes per vpdpbusd step
+
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 m) {
+  __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+inline __mmask16 tail16(int64_t left) {
+  return left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+}
+
+// q[m, :] = rint(xs * (127 / max|xs|)), xs = x[m, :] * smooth (if any), zero-padded to Kp;
+// scale[m] = max|xs| / 127; qsum[m] = sum_k q[m, k]. The same float ops in the same order as
+// quantize_rows() in w8a8_linear.py, so the two agree exactly.
+template <class T>
+void quant_rows(const T* x, const T* smooth, int8_t* q, float* scale, int32_t* qsum, int64_t M,
+                int64_t K, int64_t Kp, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 4)
+  for (int64_t m = 0; m < M; ++m) {
+    const T* xm = x + m * K;
+    __m512 vmax = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      __mmask16 mk = tail16(K - k);
+      __m512 v = load16(xm + k, mk);
+      if (smooth) v = _mm512_mul_ps(v, load16(smooth + k, mk));
+      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+    }
+    float amax = _mm512_reduce_max_ps(vmax);
+    if (amax < 1e-8f) amax = 1e-8f;  // an all-zero row quantizes to zeros
+    const float inv = 127.f / amax;
+    scale[m] = amax / 127.f;
+    __m512i vsum = _mm512_setzero_si512();
+    int8_t* qm = q + m * Kp;
+    for (int64_t k = 0; k < Kp; k += 16) {
+      __mmask16 mk = tail16(K - k);  // past K: zeros
+      __m512 v = load16(xm + k, mk);
+      if (smooth) v = _mm512_mul_ps(v, load16(smooth + k, mk));
+      __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inv)));  // nearest even
+      vsum = _mm512_add_epi32(vsum, r);
+      _mm_storeu_si128((__m128i*)(qm + k), _mm512_cvtsepi32_epi8(r));
+    }
+    qsum[m] = _mm512_reduce_add_epi32(vsum);
+  }
+}
+
+// MB activation rows x NB weight rows per block, all accumulators in registers (MB * NB <= 16).
+// A block's NB weight rows are read from memory once and stay in L1/L2 for the next row block.
+template <int MB, int NB, class T>
+inline void block(const int8_t* q, const float* xs, const int32_t* qsum, const int8_t* const* w,
+                  const T* ws, T* y, int64_t n0, int nb, int64_t N, int64_t K, int64_t Kp) {
+  __m512i acc[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_si512();
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
+  for (int64_t k = 0; k < Kp; k += KB) {
+    const __mmask64 mk = K - k >= KB ? ~0ULL : ((1ULL << (K - k)) - 1);
+    __m512i wv[NB];
+    for (int j = 0; j < NB; ++j)
+      wv[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w[j] + k), flip);
+    for (int i = 0; i < MB; ++i) {
+      const __m512i xv = _mm512_loadu_si512(q + i * Kp + k);  // zero-padded to Kp
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], wv[j], xv);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < nb; ++j) {
+      const int32_t dot = _mm512_reduce_add_epi32(acc[i][j]) - 128 * qsum[i];
+      if constexpr (std::is_same_v<T, int32_t>)
+        y[i * N + n0 + j] = dot;  // the integer product alone (tests)
+      else
+        store(float(dot) * (xs[i] * to_f32(ws[n0 + j])), y + i * N + n0 + j);
+    }
+}
+
+template <int NB, class T>
+void rows_block(const int8_t* q, const float* xs, const int32_t* qsum, const int8_t* const* w,
+                const T* ws, T* y, int64_t M, int64_t n0, int nb, int64_t N, int64_t K, int64_t Kp) {
+  constexpr int MB = 16 / NB;
+  int64_t m = 0;
+  for (; m + MB <= M; m += MB)
+    block<MB, NB>(q + m * Kp, xs + m, qsum + m, w, ws, y + m * N, n0, nb, N, K, Kp);
+  switch (M - m) {  // the last rows, fewer than MB
+#define TAIL(R) case R: if constexpr (R < MB) block<R, NB>(q + m * Kp, xs + m, qsum + m, w, ws, y + m * N, n0, nb, N, K, Kp); break;
+    TAIL(1) TAIL(2) TAIL(3) TAIL(4) TAIL(5) TAIL(6) TAIL(7)
+#undef TAIL
+    default: break;
+  }
+}
+
+// y[m, n] = (sum_k q[m, k] w[n, k]) * (xs[m] * ws[n]). Threads split the output channels in
+// contiguous ranges, so each streams its own part of the weights once.
+template <class T>
+void mm(const int8_t* q, const float* xs, const int32_t* qsum, const int8_t* w, const T* ws, T* y,
+        int64_t M, int64_t N, int64_t K, int64_t Kp, int nthreads) {
+  const bool one = M == 1;  // one row: 8 weight streams; more rows: 4 x up to 4 row blocks
+  const int NB = one ? 8 : 4;
+  const int64_t blocks = (N + NB - 1) / NB;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t n0 = b * NB;
+    const int nb = int(N - n0 < NB ? N - n0 : NB);
+    const int8_t* rows[8];
+    for (int j = 0; j < NB; ++j) rows[j] = w + (n0 + (j < nb ? j : 0)) * K;  // tail: re-read row 0
+    if (one)
+      block<1, 8>(q, xs, qsum, rows, ws, y, n0, nb, N, K, Kp);
+    else
+      rows_block<4>(q, xs, qsum, rows, ws, y, M, n0, nb, N, K, Kp);
+  }
+}
+
+struct Scratch {
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+  std::vector<int32_t> qsum;
+};
+
+template <class T>
+void linear(const T* x, const T* smooth, const int8_t* w, const T* ws, T* y, int64_t M, int64_t N,
+            int64_t K, int nthreads) {
+  static thread_local Scratch s;  // reused across calls: no allocation per decode step
+  const int64_t Kp = (K + KB - 1) / KB * KB;
+  s.q.resize(M * Kp);
+  s.scale.resize(M);
+  s.qsum.resize(M);
+  quant_rows(x, smooth, s.q.data(), s.scale.data(), s.qsum.data(), M, K, Kp, nthreads);
+  mm(s.q.data(), s.scale.data(), s.qsum.data(), w, ws, y, M, N, K, Kp, nthreads);
+}
+}  // namespace
+
+// x [M, K] (f32 or bf16), smooth [K] or null, w [N, K] int8, ws [N], y [M, N] in x's dtype.
+extern "C" void w8a8_f32(const void* x, const void* smooth, const int8_t* w, const void* ws,
+                         void* y, int64_t M, int64_t N, int64_t K, int nt) {
+  linear((const float*)x, (const float*)smooth, w, (const float*)ws, (float*)y, M, N, K, nt);
+}
+extern "C" void w8a8_bf16(const void* x, const void* smooth, const int8_t* w, const void* ws,
+                          void* y, int64_t M, int64_t N, int64_t K, int nt) {
+  linear((const uint16_t*)x, (const uint16_t*)smooth, w, (const uint16_t*)ws, (uint16_t*)y, M, N,
+         K, nt);
+}
+// The integer product alone, for tests: q [M, K] int8 (any values), y [M, N] int32 exact.
+extern "C" void s8s8_i32(const int8_t* q, const int8_t* w, int32_t* y, int64_t M, int64_t N,
+                         int64_t K, int nt) {
+  const int64_t Kp = (K + KB - 1) / KB * KB;
+  std::vector<int8_t> qp(M * Kp, 0);
+  std::vector<int32_t> qsum(M, 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) qsum[m] += (qp[m * Kp + k] = q[m * K + k]);
+  mm<int32_t>(qp.data(), nullptr, qsum.data(), w, nullptr, y, M, N, K, Kp, nt);
+}

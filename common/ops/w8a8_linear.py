@@ -1,0 +1,150 @@
+"""int8 x int8 linear with dynamic per-row (per-token) int8 activations, four ways:
+
+    y = (q @ w_int8ᵀ) * (x_scale ⊗ w_scale),  q, x_scale = quantize_rows(x * smooth)
+
+- vnni: int8_vnni.cpp, AVX512-VNNI vpdpbusd with int32 accumulation, activation quantization
+  in the same call; register-blocked for 1-16 rows so batched decode stays on it. Built only
+  where the CPU has VNNI (elsewhere g++ refuses it and the table skips it).
+- int_mm: quantize_rows in torch + torch._int_mm (int32 accumulation; oneDNN on cpu).
+- dequant_mm: the same integers multiplied in fp32 (exact while partial sums stay below 2^24,
+  i.e. any K up to ~1000 at full range): the portable fallback every device runs.
+- npu: torch_npu.npu_dynamic_quant + npu_quant_matmul (unverified: no NPU in CI).
+smooth ([K] or None) multiplies x before quantization: SmoothQuant's 1/s for a linear whose
+input no norm produces (common/quant/w8a8.py). Every implementation quantizes the same way,
+so all but dequant_mm agree exactly in int32; the dispatch table measures which is fastest.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from common.ops.build import load_cpp
+from common.ops.dispatch import Impl, Op
+from common.ops.int8_linear import _l3_bytes
+from common.ops.library import kernel_op
+
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_MIN_AMAX = 1e-8  # an all-zero row quantizes to zeros (the C++ kernel uses the same floor)
+_WORKING_SET_CAP = 256 << 20
+
+
+def quantize_rows(x2d: Tensor, smooth: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """x [M, K] -> (q int8 [M, K], scale fp32 [M]) with x * smooth ≈ q * scale per row:
+    symmetric, round half to even, in the float ops and order the C++ kernel uses."""
+    xs = x2d.float()
+    if smooth is not None:
+        xs = xs * smooth.float()
+    amax = xs.abs().amax(dim=1).clamp(min=_MIN_AMAX)
+    full = torch.full_like(amax, 127.0)  # tensor / tensor: torch turns `127 / t` and `t / 127`
+    q = (xs * (full / amax)[:, None]).round().to(torch.int8)  # into products with reciprocals
+    return q, amax / full
+
+
+def _scale(acc: Tensor, x_scale: Tensor, w_scale: Tensor, dtype: torch.dtype) -> Tensor:
+    return (acc.float() * (x_scale[:, None] * w_scale.float())).to(dtype)
+
+
+@functools.cache
+def _kernel(dtype: torch.dtype) -> ctypes._CFuncPtr:
+    fn = getattr(load_cpp("int8_vnni"), f"w8a8_{_SUFFIX[dtype]}")
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    return fn
+
+
+def _out(x2d: Tensor, weight_int8: Tensor, scales: Tensor, smooth: Tensor | None) -> Tensor:
+    (m, k), (n, k_w) = x2d.shape, weight_int8.shape
+    if (
+        k != k_w
+        or weight_int8.dtype != torch.int8
+        or scales.shape != (n,)
+        or (smooth is not None and smooth.shape != (k,))
+    ):
+        raise ValueError(
+            f"w8a8_linear needs x [M, K], int8 [N, K], scales [N], smooth [K] or None; got x "
+            f"{tuple(x2d.shape)}, weight {tuple(weight_int8.shape)} {weight_int8.dtype}, "
+            f"scales {tuple(scales.shape)}, smooth {None if smooth is None else tuple(smooth.shape)}"
+        )
+    return torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
+
+
+@kernel_op("w8a8_vnni", _out)
+def w8a8_vnni(x2d: Tensor, weight_int8: Tensor, scales: Tensor, smooth: Tensor | None) -> Tensor:
+    """x [M, K] f32/bf16 on cpu, contiguous int8 [N, K], scales [N] and smooth [K] (or None)
+    in x's dtype -> [M, N] in x's dtype."""
+    y = _out(x2d, weight_int8, scales, smooth)
+    if not (x2d.is_cpu and weight_int8.is_contiguous() and scales.dtype == x2d.dtype):
+        raise ValueError("w8a8_vnni needs cpu tensors, a contiguous weight, scales in x's dtype")
+    if smooth is not None and smooth.dtype != x2d.dtype:
+        raise ValueError(f"w8a8_vnni needs smooth in x's dtype {x2d.dtype}, got {smooth.dtype}")
+    x2d = x2d.contiguous()
+    (m, k), n = x2d.shape, weight_int8.shape[0]
+    _kernel(x2d.dtype)(
+        x2d.data_ptr(), None if smooth is None else smooth.contiguous().data_ptr(),
+        weight_int8.data_ptr(), scales.contiguous().data_ptr(), y.data_ptr(),
+        m, n, k, torch.get_num_threads(),
+    )  # fmt: skip
+    return y
+
+
+def s8s8_vnni(q: Tensor, weight_int8: Tensor) -> Tensor:
+    """The VNNI kernel's integer product alone: int8 [M, K] @ int8 [N, K]ᵀ -> int32 [M, N]."""
+    fn = load_cpp("int8_vnni").s8s8_i32
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    (m, k), n = q.shape, weight_int8.shape[0]
+    y = torch.empty(m, n, dtype=torch.int32)
+    q, w = q.contiguous(), weight_int8.contiguous()
+    fn(q.data_ptr(), w.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads())
+    return y
+
+
+def int_mm(x2d: Tensor, weight_int8: Tensor, scales: Tensor, smooth: Tensor | None) -> Tensor:
+    q, x_scale = quantize_rows(x2d, smooth)
+    return _scale(torch._int_mm(q, weight_int8.t()), x_scale, scales, x2d.dtype)
+
+
+def dequant_mm(x2d: Tensor, weight_int8: Tensor, scales: Tensor, smooth: Tensor | None) -> Tensor:
+    q, x_scale = quantize_rows(x2d, smooth)
+    return _scale(F.linear(q.float(), weight_int8.float()), x_scale, scales, x2d.dtype)
+
+
+def npu_mm(x2d: Tensor, weight_int8: Tensor, scales: Tensor, smooth: Tensor | None) -> Tensor:
+    import torch_npu  # unverified: no NPU in CI
+
+    q, x_scale = torch_npu.npu_dynamic_quant(x2d, smooth_scales=smooth)
+    return torch_npu.npu_quant_matmul(
+        q, weight_int8.t(), scales, pertoken_scale=x_scale, output_dtype=x2d.dtype
+    )
+
+
+def _bench_args(args: tuple) -> list[tuple]:
+    """Copies of the weight filling twice the L3 (up to 256 MiB), as for int8_linear: timed
+    calls read weights from memory, as a decode step does."""
+    x2d, weight_int8, scales, smooth = args
+    if not x2d.is_cpu:
+        return [args]
+    copies = min(2 * _l3_bytes(), _WORKING_SET_CAP) // max(weight_int8.numel(), 1)
+    return [args] + [(x2d, weight_int8.clone(), scales, smooth) for _ in range(min(copies, 64))]
+
+
+def _int_mm_fits(x2d: Tensor, w: Tensor, s: Tensor, smooth: Tensor | None) -> bool:
+    # cuda's _int_mm needs more than 16 rows and dimensions in multiples of 8 (unverified).
+    return x2d.is_cpu or (x2d.shape[0] > 16 and w.shape[0] % 8 == 0 and w.shape[1] % 8 == 0)
+
+
+w8a8_linear = Op(
+    "w8a8_linear",
+    [
+        Impl("vnni", w8a8_vnni, devices=("cpu",), dtypes=tuple(_SUFFIX), cpp="int8_vnni"),
+        Impl("int_mm", int_mm, devices=("cpu", "cuda"), when=_int_mm_fits),
+        Impl("npu", npu_mm, devices=("npu",), dtypes=(torch.float16, torch.bfloat16)),
+        Impl("dequant_mm", dequant_mm),
+    ],
+    rows=lambda x2d, w, s, smooth: x2d.shape[0],
+    size=lambda x2d, w, s, smooth: w.numel(),  # int8 weight bytes
+    bench_args=_bench_args,
+)
