@@ -77,6 +77,8 @@ def _pass(
         metrics["kv_waste_pct"] = 100.0 * (
             1 - metrics["kv_used_bytes"] / metrics["kv_reserved_bytes"]
         )
+    if "bubble_pct" in stats:  # pipeline parallel: the share of time stages sat idle
+        metrics["bubble_pct"] = stats["bubble_pct"]
     if stats.get("capacity_row_steps"):  # decode slots that ran no sequence (static batches)
         metrics["idle_pct"] = 100.0 * (1 - stats["useful_row_steps"] / stats["capacity_row_steps"])
     for q in (50, 90, 99):

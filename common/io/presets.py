@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from omegaconf import OmegaConf
 from common.core.errors import RecipeError
 from common.io.checkpoint import from_pretrained, from_seed
 from common.nn.causal_lm import CausalLM
+from common.parallel.placement import Placement
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
@@ -42,11 +44,18 @@ def load_tokenizer(path: str | Path):
         ) from e
 
 
-def build_model(mcfg: Any, model_cls: type[CausalLM], device: torch.device, dtype: torch.dtype):
-    """(model, tokenizer or None, description of the weights used)."""
+def build_model(
+    mcfg: Any,
+    model_cls: type[CausalLM],
+    device: torch.device,
+    dtype: torch.dtype,
+    place: Callable[[CausalLM], Placement] | None = None,
+):
+    """(model, tokenizer or None, description of the weights used). place: this rank's
+    share of a parallel run (common/parallel/placement.py)."""
     if mcfg.path:
-        model = from_pretrained(model_cls, mcfg.path, device, dtype, mcfg.allow_pickle)
+        model = from_pretrained(model_cls, mcfg.path, device, dtype, mcfg.allow_pickle, place)
         return model, load_tokenizer(mcfg.path), f"checkpoint {mcfg.path}"
     args = preset_args(mcfg, model_cls)
-    model = from_seed(model_cls, args, mcfg.seed, device, dtype)
+    model = from_seed(model_cls, args, mcfg.seed, device, dtype, place)
     return model, None, f"seeded random weights (seed {mcfg.seed}), scale {mcfg.scale}"

@@ -99,6 +99,8 @@ class CausalLM(nn.Module):
     args_cls: ClassVar[type[ModelArgs]]
     hf_class_name: ClassVar[str]  # the transformers class of this architecture (oracle, peer)
     tied_weights: dict[str, str]
+    # KV heads [h0, h1) this rank computes and stores (set by tensor parallel); None = all
+    kv_head_range: tuple[int, int] | None = None
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
