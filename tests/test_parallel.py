@@ -1,0 +1,83 @@
+"""Tensor and pipeline parallel on CPU: two ranks (gloo, started by torchrun) give the greedy
+tokens of one device and its logits within 1e-4 (fp32), for LLaMA and GLM-4."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from parallel_cases import CASES, MODELS, generate, load, save_checkpoint
+
+from common.bench.spawn import _last_error
+from common.device.select import Device
+from common.parallel.launch import free_port, torchrun_prefix
+
+HERE = Path(__file__).resolve().parent
+
+
+# Kernels the ranks run without measuring first (each implementation is tested against the
+# others elsewhere); keeps the launch short.
+PINS = "rms_norm=torch,int8_linear=dequant_mm,decode_attention=sdpa,paged_attention=gather_sdpa"
+
+
+def _torchrun(script: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [*torchrun_prefix(2, 1, 0, "127.0.0.1", free_port()), str(script), *args]
+    env = {**os.environ, "LLM_RECIPES_KERNELS": PINS, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    """(two ranks' results, one device's), from one torchrun launch for every case."""
+    tmp = tmp_path_factory.mktemp("parallel")
+    ckpts = [save_checkpoint(name, tmp) for name in MODELS]
+    proc = _torchrun(HERE / "parallel_ranks.py", str(tmp), *map(str, ckpts))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = {}
+    for ckpt in ckpts:
+        for case, opts in CASES.items():
+            one[f"{ckpt.name}/{case}"] = generate(load(ckpt, opts), Device("cpu"), opts)
+    return torch.load(tmp / "got.pt"), one
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("case", ["rows", "paged"])
+def test_tensor_parallel_matches_one_device(runs, model: str, case: str) -> None:
+    got, one = runs[0][f"{model}/tp/{case}"], runs[1][f"{model}/{case}"]
+    assert got["tokens"] == one["tokens"]
+    torch.testing.assert_close(got["logits"], one["logits"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_tensor_parallel_int8_stays_close(runs, model: str) -> None:
+    """int8 quantizes each rank's shard per output channel: the row-parallel o_proj and
+    down_proj get scales of their half of the input channels, so logits move a little."""
+    got, one = runs[0][f"{model}/tp/int8"], runs[1][f"{model}/int8"]
+    assert got["tokens"][0][:2] == one["tokens"][0][:2]
+    err = (got["logits"] - one["logits"]).abs().max()
+    assert err < 0.05 * one["logits"].abs().max()
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("micro", [1, 2])
+def test_pipeline_parallel_matches_one_device(runs, model: str, micro: int) -> None:
+    got, one = runs[0][f"{model}/pp/{micro}"], runs[1][f"{model}/rows"]
+    assert got["tokens"] == one["tokens"]
+    torch.testing.assert_close(got["logits"], one["logits"], atol=1e-4, rtol=0)
+
+
+def test_a_failing_rank_ends_the_run(tmp_path: Path) -> None:
+    """Rank 1 fails while rank 0 waits in a collective: torchrun ends rank 0 too, and the
+    failing rank's error line is what the orchestrator reports."""
+    script = tmp_path / "fail.py"
+    script.write_text(
+        "import os, sys, torch.distributed as dist\n"
+        "dist.init_process_group('gloo')\n"
+        "if dist.get_rank() == 1:\n"
+        "    print('error: rank 1 cannot go on', file=sys.stderr); sys.exit(2)\n"
+        "dist.barrier()\n"
+    )
+    proc = _torchrun(script, timeout=120)
+    assert proc.returncode != 0
+    assert _last_error(proc.stderr + proc.stdout, proc.returncode) == "rank 1 cannot go on"
