@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from omegaconf import OmegaConf
+
 import common.attention.paged  # noqa: F401  registers the paged_attention op, so its pin is checked
 from common import ops
 from common.attention.backends import get_backend
@@ -25,6 +27,8 @@ from common.engine.scheduler import KINDS, POLICIES, PREEMPTIONS
 from common.io.checkpoint import args_from_hf
 from common.io.presets import load_tokenizer, preset_args
 from common.nn.causal_lm import CausalLM, ModelArgs
+from common.parallel.offload import MODES as OFFLOAD_MODES
+from common.parallel.support import check_parallel
 from common.quant.scheme import get_scheme
 from common.transforms.registry import check_opts_supported, opt_specs
 
@@ -62,6 +66,11 @@ def _check_choices(cfg: Any, config: RecipeConfig, device: Device) -> None:
     for peer in config.bench.peers:
         _choice("bench.peers entry", peer, PEERS)
     SamplingParams(**cfg.generation)
+    _choice("offload", config.offload, OFFLOAD_MODES)
+    if config.offload_cold and config.offload != "disk":
+        raise RecipeError(
+            "offload_cold=true drops the layer file from the page cache: it needs offload=disk"
+        )
     if config.quant.weights != "none":
         get_scheme(config.quant.weights)
     ops.pin(pinned_kernels(cfg))  # an unknown implementation names the op's choices
@@ -93,4 +102,12 @@ def preflight(cfg: Any, model_cls: type[CausalLM]) -> Checked:
     variants = plan(opts, config.bench.ladder, config.bench.each, config.bench.peers, rows, specs)
     if not config.bench.each:  # the combined variant must be a valid KV choice
         kv_spec(cfg)
+    for v in variants:
+        vcfg = OmegaConf.merge(
+            cfg, *(OmegaConf.load(CONFIG_DIR / "opt" / f"{o}.yaml") for o in v.opts)
+        )
+        check_parallel(
+            vcfg.parallel, args, kv_spec(vcfg).kind, vcfg.offload, v.peer,
+            cfg.workload.kind, config.scheduler.max_batch,
+        )  # fmt: skip
     return Checked(config, device, variants)

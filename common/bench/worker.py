@@ -25,6 +25,7 @@ from common.parallel.capacity import kv_capacity
 from common.parallel.launch import init_distributed, is_writer, share, under_torchrun
 from common.parallel.measured import weight_bytes
 from common.parallel.memory import kv_bytes_per_token
+from common.parallel.offload import offload_layers
 from common.parallel.stages import stage_placement
 from common.parallel.tensor import TensorParallel
 from common.transforms.registry import apply_transforms
@@ -74,6 +75,7 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
         model = apply_transforms(model, cfg)
         if tp:
             model = tp.parallelize(model)
+        model = offload_layers(model, cfg.offload, device.torch, cfg.offload_dir, cfg.offload_cold)
         if par.pp > 1:
             backend = get_backend(cfg.attention.backend, device)
             stage = Pipeline(

@@ -127,9 +127,6 @@ class ParallelConfig:
             )
 
 
-OFFLOADS = ("none", "cpu", "disk")
-
-
 @dataclass
 class GenerationConfig:
     """transformers' names; SamplingParams checks the values."""

@@ -1,0 +1,55 @@
+"""Offload: layers streamed from host memory or from a file on disk give the very logits and
+tokens of the model held in memory."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import TINY_LLAMA
+
+from common.core.errors import RecipeError
+from common.core.request import Request
+from common.device.select import Device
+from common.engine.engine import Engine
+from common.io.checkpoint import from_seed
+from common.parallel.measured import weight_bytes
+from common.parallel.offload import offload_layers
+from common.quant.scheme import get_scheme
+from models.llama import LlamaForCausalLM
+
+ARGS = TINY_LLAMA.__class__(**{**TINY_LLAMA.__dict__, "num_hidden_layers": 3})  # odd: slots rotate
+
+
+def _run(model) -> tuple[list[list[int]], torch.Tensor]:
+    engine = Engine(model, Device("cpu"), "contiguous", "eager")
+    reqs = [Request([1, 2, 3, 4, 5], 6, ignore_eos=True), Request([9, 8], 4, ignore_eos=True)]
+    tokens = [c.tokens for c in engine.generate(reqs)]
+    return tokens, engine.teacher_forced_logits([1, 2, 3, 4, 5], tokens[0])
+
+
+def _model(int8: bool = False):
+    model = from_seed(LlamaForCausalLM, ARGS, seed=0)
+    return get_scheme("int8").quantize(model) if int8 else model
+
+
+@pytest.mark.parametrize(
+    "mode,cold,int8", [("cpu", False, False), ("disk", False, False), ("disk", True, True)]
+)
+def test_offloaded_model_gives_identical_logits(
+    tmp_path: Path, mode: str, cold: bool, int8: bool
+) -> None:
+    want = _run(_model(int8))
+    model = offload_layers(_model(int8), mode, torch.device("cpu"), tmp_path, cold)
+    one_layer = weight_bytes(model.model.layers[0])
+    # the device keeps two layer buffers, not three layers
+    assert weight_bytes(model) == weight_bytes(_model(int8)) - one_layer
+    got = _run(model)
+    assert got[0] == want[0]
+    assert torch.equal(got[1], want[1])
+    assert not list(tmp_path.iterdir())  # the layer file is unlinked once open
+    model.offload.close()
+
+
+def test_cold_needs_disk() -> None:
+    with pytest.raises(RecipeError, match="offload=disk"):
+        offload_layers(_model(), "cpu", torch.device("cpu"), cold=True)
