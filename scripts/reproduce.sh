@@ -53,6 +53,19 @@ python $llama +opt=flash_attn,int8 model.path="$ckpt" workload=file workload.pat
   workload.ignore_eos=true generation.no_repeat_ngram_size=3
 python scripts/fidelity_floor.py --model-path "$ckpt" --no-repeat-ngram-size 3
 
+# Beyond one device (docs/parallelism.md). Tensor parallel: one process vs two ranks under
+# torchrun (gloo over loopback, one thread per rank: the same two cores), batch 1 and batch 8.
+python $llama +opt=flash_attn 'bench.sweep={key: parallel.tp, values: [1, 2]}'
+python $llama +opt=flash_attn workload=throughput workload.num_requests=16 workload.batch_size=8 \
+  'bench.sweep={key: parallel.tp, values: [1, 2]}' bench.rounds=2
+# Pipeline parallel: throughput and bubble vs micro-batch count, two stages vs one device.
+python scripts/pipeline_table.py
+# Offload: decoder layers streamed from host memory, from a file (page cache warm), and from
+# the file dropped from the page cache before every forward, vs the model in memory.
+python $llama 'bench.variants=[[offload_cpu],[offload_disk],[offload_disk,offload_cold]]'
+# ... and on paper for LLaMA-65B on one 64 GiB accelerator.
+python scripts/offload_table.py
+
 # Which opt was measured on which device and dtype, read from the tables above.
 python scripts/support_matrix.py
 python scripts/render_tables.py
