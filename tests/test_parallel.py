@@ -4,14 +4,18 @@ tokens of one device and its logits within 1e-4 (fp32), for LLaMA and GLM-4."""
 import os
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from parallel_cases import CASES, MODELS, generate, load, save_checkpoint
 
 from common.bench.spawn import _last_error
+from common.core.errors import RecipeError
 from common.device.select import Device
 from common.parallel.launch import free_port, torchrun_prefix
+from common.parallel.placement import Part
+from common.parallel.support import check_parallel
 
 HERE = Path(__file__).resolve().parent
 
@@ -81,3 +85,32 @@ def test_a_failing_rank_ends_the_run(tmp_path: Path) -> None:
     proc = _torchrun(script, timeout=120)
     assert proc.returncode != 0
     assert _last_error(proc.stderr + proc.stdout, proc.returncode) == "rank 1 cannot go on"
+
+
+def test_part_slices_pads_and_zeros() -> None:
+    full = torch.arange(12.0).view(6, 2)
+    two_blocks = Part(0, ((0, 2), (4, 5)), 3)  # a fused gate_up shard: a block of each half
+    assert torch.equal(two_blocks.take(full.__getitem__, (6, 2)), full[[0, 1, 4]])
+    padded = Part(0, ((4, 6),), 3)  # the last vocabulary shard, zero-padded
+    assert torch.equal(padded.take(full.__getitem__, (6, 2))[2], torch.zeros(2))
+    zeros = Part(0, (), 6)  # a row-parallel bias on ranks other than 0
+    assert torch.equal(zeros.take(full.__getitem__, (6, 2)), torch.zeros(6, 2))
+    cols = Part(1, ((1, 2),), 1)
+    assert cols.shape((6, 2)) == (6, 1)
+
+
+@pytest.mark.parametrize(
+    "par,kv,peer,workload,match",
+    [
+        (dict(tp=3), "dynamic", None, "latency", "must divide"),
+        (dict(tp=2, pp=2), "dynamic", None, "latency", "together"),
+        (dict(tp=2), "dynamic", "hf", "latency", "bench.peers"),
+        (dict(tp=2), "paged", None, "online", "workload=online"),
+        (dict(pp=2), "paged", None, "latency", "kv_cache.kind=paged"),
+        (dict(pp=2, micro_batches=4), "dynamic", None, "latency", "micro_batches=4"),
+    ],
+)
+def test_what_does_not_compose_is_refused(par, kv, peer, workload, match) -> None:
+    layout = SimpleNamespace(**{"tp": 1, "pp": 1, "micro_batches": 1, **par})
+    with pytest.raises(RecipeError, match=match):
+        check_parallel(layout, MODELS["llama"][1], kv, "none", peer, workload, batch=2)

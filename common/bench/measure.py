@@ -15,6 +15,7 @@ from torch import nn
 
 from common.bench.runners import Runner
 from common.core.request import Request
+from common.parallel.layout import ONE_DEVICE, Layout
 from common.parallel.measured import decode_weight_bytes
 from common.parallel.memory import kv_bytes_per_token
 
@@ -119,13 +120,18 @@ def summarize(runs: list[dict]) -> tuple[dict, dict]:
 
 
 def roofline(
-    model: nn.Module, kv_dtype: torch.dtype, bandwidth: float, kv_int8: bool = False
+    model: nn.Module,
+    kv_dtype: torch.dtype,
+    bandwidth: float,
+    kv_int8: bool = False,
+    layout: Layout = ONE_DEVICE,
+    stage: int = 0,
 ) -> Callable[[dict, float], float]:
     """% of the memory-bandwidth bound achieved in decode: every decode step reads the weights
     once (as this model holds them, whatever transforms ran) plus each row's live KV; bound
     time = bytes / bandwidth, against measured decode time."""
     weights = decode_weight_bytes(model)
-    per_token = kv_bytes_per_token(model.args, kv_dtype, kv_int8)
+    per_token = kv_bytes_per_token(model.args, kv_dtype, kv_int8, layout, stage)  # this rank's
 
     def pct(stats: dict, decode_s: float) -> float:
         if not stats.get("decode_steps") or decode_s <= 0:

@@ -24,10 +24,11 @@ from common.bench.plan import SPEEDUP, Variant, results_name, speedup, workload_
 from common.bench.preflight import Checked, preflight
 from common.bench.report import command_line, environment, print_table, write_results
 from common.bench.spawn import spawn
+from common.core.errors import RecipeError
 from common.device.probe import measure_read_bandwidth
 from common.device.select import Device
 from common.nn.causal_lm import CausalLM
-from common.parallel.launch import free_port, torchrun_prefix
+from common.parallel.launch import free_port, torchrun_prefix, under_torchrun
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,12 @@ def _result(
 
 def run_main(cfg: Any, model_cls: type[CausalLM]) -> dict:
     start = time.perf_counter()
+    if under_torchrun():
+        raise RecipeError(
+            "run.py starts its ranks itself (one torchrun launch per variant): run it with "
+            "python, with parallel.tp / parallel.pp (and parallel.nnodes, node_rank, "
+            "master_addr, master_port on several nodes), not under torchrun"
+        )
     checked = preflight(cfg, model_cls)
     hardware = cfg.hardware.name or checked.device.type
     rows = checked.config.bench.variants

@@ -23,6 +23,7 @@ from common.kv.spec import KVSpec
 from common.nn.causal_lm import CausalLM
 from common.parallel.capacity import kv_capacity
 from common.parallel.launch import init_distributed, is_writer, share, under_torchrun
+from common.parallel.layout import Layout
 from common.parallel.measured import weight_bytes
 from common.parallel.memory import kv_bytes_per_token
 from common.parallel.offload import offload_layers
@@ -92,7 +93,8 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
             runner = engine_runner(engine, arrivals, cfg.bench.seed)
     w = cfg.workload
     slo = (w.slo_ttft_ms, w.slo_tpot_ms) if "slo_ttft_ms" in w else None
-    roof = roofline(model, dtype, float(cfg.bench.bandwidth), spec.int8)
+    layout, stage = Layout(par.tp, par.pp), device.rank if par.pp > 1 else 0
+    roof = roofline(model, dtype, float(cfg.bench.bandwidth), spec.int8, layout, stage)
     runs, outputs = measure(
         runner,
         requests,
@@ -108,7 +110,7 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
     writer = is_writer()
     capacity = kv_capacity(
         [len(r.prompt) + r.max_new_tokens for r in requests],
-        kv_bytes_per_token(model.args, dtype, spec.int8),
+        kv_bytes_per_token(model.args, dtype, spec.int8, layout, stage),
         spec.block_size,
         cfg.scheduler.max_batch,
         spec.max_len,
