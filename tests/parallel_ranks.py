@@ -18,6 +18,7 @@ from common.attention.backends import get_backend  # noqa: E402
 from common.device.select import select_device  # noqa: E402
 from common.engine.pipeline import Pipeline  # noqa: E402
 from common.parallel.launch import init_distributed  # noqa: E402
+from common.parallel.measured import weight_bytes  # noqa: E402
 from common.parallel.stages import stage_placement  # noqa: E402
 from common.parallel.tensor import TensorParallel  # noqa: E402
 
@@ -32,8 +33,10 @@ for ckpt in sys.argv[2:]:
         tp = TensorParallel(device.rank, device.world_size)
         model = tp.parallelize(load(ckpt, opts, tp.shard))
         got[f"{name}/tp/{case}"] = generate(model, device, opts)
+        got[f"{name}/tp/{case}"]["weight_bytes"] = weight_bytes(model)
     for micro in (1, 2):
         model = load(ckpt, {}, stage_placement(device.rank, 2))
+        got[f"{name}/pp/weight_bytes"] = weight_bytes(model)
         backend = get_backend("eager", device)
         pipe = Pipeline(model, device.rank, 2, device.torch, CASES["rows"]["kv"], backend, micro)
         got[f"{name}/pp/{micro}"] = generate(pipe, device, {})

@@ -10,12 +10,16 @@ import pytest
 import torch
 from parallel_cases import CASES, MODELS, generate, load, save_checkpoint
 
+from common.bench.cli import compose_config
+from common.bench.preflight import preflight
 from common.bench.spawn import _last_error
 from common.core.errors import RecipeError
 from common.device.select import Device
 from common.parallel.launch import free_port, torchrun_prefix
+from common.parallel.measured import weight_bytes
 from common.parallel.placement import Part
 from common.parallel.support import check_parallel
+from models.llama import LlamaForCausalLM
 
 HERE = Path(__file__).resolve().parent
 
@@ -32,8 +36,8 @@ def _torchrun(script: Path, *args: str, timeout: float = 240) -> subprocess.Comp
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
-    """(two ranks' results, one device's), from one torchrun launch for every case."""
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, dict]:
+    """(two ranks' results, one device's, the checkpoints), from one torchrun launch."""
     tmp = tmp_path_factory.mktemp("parallel")
     ckpts = [save_checkpoint(name, tmp) for name in MODELS]
     proc = _torchrun(HERE / "parallel_ranks.py", str(tmp), *map(str, ckpts))
@@ -42,7 +46,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
     for ckpt in ckpts:
         for case, opts in CASES.items():
             one[f"{ckpt.name}/{case}"] = generate(load(ckpt, opts), Device("cpu"), opts)
-    return torch.load(tmp / "got.pt"), one
+    return torch.load(tmp / "got.pt"), one, {c.name: c for c in ckpts}
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -51,6 +55,14 @@ def test_tensor_parallel_matches_one_device(runs, model: str, case: str) -> None
     got, one = runs[0][f"{model}/tp/{case}"], runs[1][f"{model}/{case}"]
     assert got["tokens"] == one["tokens"]
     torch.testing.assert_close(got["logits"], one["logits"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_rank_holds_its_share_of_the_weights(runs, model: str) -> None:
+    """Each rank loads only its slices (TP) or its layers (PP): rank 0 holds about half."""
+    full = weight_bytes(load(runs[2][model], {}))
+    assert runs[0][f"{model}/tp/rows"]["weight_bytes"] < 0.6 * full
+    assert runs[0][f"{model}/pp/weight_bytes"] < 0.6 * full
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -114,3 +126,12 @@ def test_what_does_not_compose_is_refused(par, kv, peer, workload, match) -> Non
     layout = SimpleNamespace(**{"tp": 1, "pp": 1, "micro_batches": 1, **par})
     with pytest.raises(RecipeError, match=match):
         check_parallel(layout, MODELS["llama"][1], kv, "none", peer, workload, batch=2)
+
+
+def test_a_row_that_does_not_compose_is_refused_up_front() -> None:
+    """Each row's opts are merged onto the config, as its worker will compose them."""
+    cfg = compose_config(
+        "llama65b", ["model.scale=tiny", "parallel.pp=2", "bench.variants=[[static_kv],[paged_kv]]"]
+    )
+    with pytest.raises(RecipeError, match="kv_cache.kind=paged"):
+        preflight(cfg, LlamaForCausalLM)

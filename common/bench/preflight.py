@@ -102,10 +102,9 @@ def preflight(cfg: Any, model_cls: type[CausalLM]) -> Checked:
     variants = plan(opts, config.bench.ladder, config.bench.each, config.bench.peers, rows, specs)
     if not config.bench.each:  # the combined variant must be a valid KV choice
         kv_spec(cfg)
-    for v in variants:
-        vcfg = OmegaConf.merge(
-            cfg, *(OmegaConf.load(CONFIG_DIR / "opt" / f"{o}.yaml") for o in v.opts)
-        )
+    for v in variants:  # each row's config as its worker composes it (opts add keys)
+        opt_files = (OmegaConf.load(CONFIG_DIR / "opt" / f"{o}.yaml") for o in v.opts)
+        vcfg = OmegaConf.merge(OmegaConf.to_container(cfg), *opt_files)
         check_parallel(
             vcfg.parallel, args, kv_spec(vcfg).kind, vcfg.offload, v.peer,
             cfg.workload.kind, config.scheduler.max_batch,
