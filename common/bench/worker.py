@@ -79,10 +79,10 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
         model = offload_layers(model, cfg.offload, device.torch, cfg.offload_dir, cfg.offload_cold)
         if par.pp > 1:
             backend = get_backend(cfg.attention.backend, device)
-            stage = Pipeline(
+            pipe = Pipeline(
                 model, device.rank, par.pp, device.torch, spec, backend, par.micro_batches
             )
-            runner = pipeline_runner(stage, cfg.scheduler.max_batch, cfg.bench.seed)
+            runner = pipeline_runner(pipe, cfg.scheduler.max_batch, cfg.bench.seed)
         else:
             engine = Engine(
                 model, device, spec, cfg.attention.backend, scheduler_config(cfg.scheduler),

@@ -154,9 +154,10 @@ class Pipeline:
         self._settle(pending, keep_last=False)
         self.wall_s, self.busy_s = time.perf_counter() - start, busy
         self._gather_busy()
-        # every rank returns stage 0's view: tokens as they reached it, with their times
+        # every rank returns the last stage's view: each token when it was sampled (times
+        # count from each rank's own start; the previous call's collectives align them)
         box = [[(mb.tokens, mb.times) for mb in mbs]]
-        dist.broadcast_object_list(box, src=self._rank(0), group=self.group)
+        dist.broadcast_object_list(box, src=self._rank(self.stages - 1), group=self.group)
         for mb, (tokens, times) in zip(mbs, box[0]):
             mb.tokens, mb.times = tokens, times
         return [self._completion(r, t, ts, b) for r, t, ts, b in self._rows(mbs, budgets)]
@@ -172,7 +173,7 @@ class Pipeline:
             mb.times[i].append(now)
 
     def _completion(self, req: Request, tokens: list[int], times: list[float], budget: int):
-        """Stage 0's view (it received every token); cut where the stop rule ends it."""
+        """A row's tokens, cut where the stop rule ends it."""
         tokens, reason = self.stop.cut(req, tokens[:budget], budget) if tokens else ([], "length")
         truncated = reason == "length" and len(tokens) < req.max_new_tokens
         return Completion(tokens, reason, times[: len(tokens)], 0, truncated)
