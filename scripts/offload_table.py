@@ -1,7 +1,7 @@
 """What offload means on paper for LLaMA-65B on one 64 GB accelerator (no model is built).
 
     python scripts/offload_table.py [--device-gib 64] [--hbm-gbs 1600] [--link-gbs 25]
-                                    [--disk-gbs 7] [--tflops 300] [--context 2048]
+                                    [--disk-gbs 7] [--tflops 300] [--context 2048] [--batches 1 8]
 
 From the memory model (common/parallel/memory.py): the weights, what stays on the device
 when the decoder layers are offloaded (embedding, final norm and head, two layer buffers,
@@ -47,19 +47,19 @@ def llama65b() -> LlamaArgs:
     return LlamaArgs(**{**cfg.common, **cfg.presets.full})
 
 
-def table(a: argparse.Namespace) -> list[dict]:
+def table(a: argparse.Namespace, batch: int) -> list[dict]:
     args, dtype, budget = llama65b(), torch.bfloat16, a.device_gib * GIB
     params = parameter_count(args)
     rows = []
     for label, scheme in SCHEMES.items():
-        (mem,) = device_memory(args, dtype, ONE_DEVICE, scheme, batch=a.batch, seq_len=1,
+        (mem,) = device_memory(args, dtype, ONE_DEVICE, scheme, batch=batch, seq_len=1,
                                context=a.context, eager_attention=False)  # fmt: skip
         layer = layer_weight_bytes(args, dtype, scheme, shard(args, ONE_DEVICE))
         layers = args.num_hidden_layers * layer
         w = mem.weights
         per_token_kv = kv_bytes_per_token(args, dtype)
         step_overhead = mem.activations + mem.workspace
-        compute_s = 2 * params * a.batch / (a.tflops * 1e12)
+        compute_s = 2 * params * batch / (a.tflops * 1e12)
         for where in ("device", "cpu", "disk"):
             resident = w.total if where == "device" else w.total - layers + 2 * layer
             free = budget - resident - step_overhead
@@ -74,12 +74,13 @@ def table(a: argparse.Namespace) -> list[dict]:
                     ],  # fmt: skip
                     "weights_gib": w.total / GIB,
                     "on_device_gib": resident / GIB,
-                    "fits": free >= a.batch * a.context * per_token_kv,
+                    "batch": batch,
+                    "fits": free >= batch * a.context * per_token_kv,
                     "kv_tokens": max(0, int(free // per_token_kv)),
                     "max_batch": max(0, int(free // per_token_kv) // a.context),
                     "bytes_streamed_per_step_gib": streamed / GIB,
                     "step_ms": 1e3 * step_s,
-                    "tokens_per_s": a.batch / step_s,
+                    "tokens_per_s": batch / step_s,
                 }
             )
     return rows
@@ -88,20 +89,20 @@ def table(a: argparse.Namespace) -> list[dict]:
 def markdown(rows: list[dict], a: argparse.Namespace) -> str:
     lines = [
         f"LLaMA-65B (bf16 activations, KV bf16) on one {a.device_gib} GiB accelerator, on "
-        f"paper: decode of batch {a.batch} at {a.context} tokens of context. Assumed: HBM "
+        f"paper: decode at {a.context} tokens of context. Assumed: HBM "
         f"{a.hbm_gbs} GB/s, host link {a.link_gbs} GB/s, SSD {a.disk_gbs} GB/s, "
         f"{a.tflops} TFLOP/s.",
         "",
         "| weights | decoder layers in | weights GiB | on device GiB | KV tokens left "
-        f"| max batch at {a.context} | fits | streamed / step GiB | step ms | tok/s |",
-        "|---|---|---:|---:|---:|---:|:---:|---:|---:|---:|",
+        f"| max batch at {a.context} | batch | fits | streamed / step GiB | step ms | tok/s |",
+        "|---|---|---:|---:|---:|---:|---:|:---:|---:|---:|---:|",
     ]
     for r in rows:
         ms, tps = (f"{r['step_ms']:.0f}", f"{r['tokens_per_s']:.2f}") if r["fits"] else ("—", "—")
         lines.append(
             f"| {r['weights']} | {r['layers_on']} | {r['weights_gib']:.1f} | "
             f"{r['on_device_gib']:.1f} | {r['kv_tokens']:,} | {r['max_batch']} | "
-            f"{'yes' if r['fits'] else 'no'} | "
+            f"{r['batch']} | {'yes' if r['fits'] else 'no'} | "
             f"{r['bytes_streamed_per_step_gib']:.1f} | {ms} | {tps} |"
         )
     return "\n".join([*lines, "", f"Command: `{command_line()}`", ""])
@@ -114,11 +115,11 @@ def main() -> None:
     parser.add_argument("--link-gbs", type=float, default=25)
     parser.add_argument("--disk-gbs", type=float, default=7)
     parser.add_argument("--tflops", type=float, default=300)
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--results-dir", type=Path, default=ROOT / "results")
     a = parser.parse_args()
-    rows = table(a)
+    rows = [r for batch in a.batches for r in table(a, batch)]
     md = markdown(rows, a)
     print(md)
     write_table(a.results_dir / "llama65b" / "offload_paper", {"args": vars(a) | {
