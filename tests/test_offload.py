@@ -57,7 +57,7 @@ def test_cold_needs_disk() -> None:
 
 def test_offload_on_paper_for_65b() -> None:
     """bf16 LLaMA-65B does not fit 64 GiB; offloaded, the device keeps embedding, head and
-    two layers, and a decode step streams every layer over the link."""
+    two layers, and the rest is KV room."""
     import importlib.util
     from argparse import Namespace
 
@@ -71,7 +71,4 @@ def test_offload_on_paper_for_65b() -> None:
     assert not in_memory["fits"] and host["fits"]
     per_layer = (in_memory["weights_gib"] - host["on_device_gib"]) / (80 - 2)
     assert host["on_device_gib"] < 3 * per_layer + 2  # embedding + head ~1 GiB each
-    assert (
-        host["step_ms"]
-        > rows["bf16", "host memory"]["bytes_streamed_per_step_gib"] * 2**30 / 25e9 * 1e3 * 0.99
-    )
+    assert host["kv_tokens"] > 20_000  # the room the offloaded layers leave for KV
