@@ -58,8 +58,9 @@ python scripts/fidelity_floor.py --model-path "$ckpt" --no-repeat-ngram-size 3
 python $llama +opt=flash_attn 'bench.sweep={key: parallel.tp, values: [1, 2]}'
 python $llama +opt=flash_attn workload=throughput workload.num_requests=16 workload.batch_size=8 \
   'bench.sweep={key: parallel.tp, values: [1, 2]}' bench.rounds=2
-# Pipeline parallel: throughput and bubble vs micro-batch count, two stages vs one device.
-python scripts/pipeline_table.py
+# Pipeline parallel: throughput and bubble vs micro-batch count, two stages vs one device, on
+# the real SmolLM2-135M (30 layers, tied head: the last stage holds its own copy of the table).
+python scripts/pipeline_table.py model.path="$HOME/.cache/llm-recipes/SmolLM2-135M-Instruct"
 # Offload: decoder layers streamed from host memory, from a file (page cache warm), and from
 # the file dropped from the page cache before every forward, vs the model in memory.
 python $llama 'bench.variants=[[offload_cpu],[offload_disk],[offload_disk,offload_cold]]'
