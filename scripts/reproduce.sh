@@ -80,6 +80,20 @@ python $qwen model=qwen2_5_vl 'bench.variants=[[vision_cache],[vision_cache,flas
 python $qwen workload.batch_size=4 workload.num_requests=12 bench.rounds=2 \
   'bench.variants=[[cont_batch],[cont_batch,vision_overlap],[vision_cache,cont_batch,vision_overlap]]'
 
+# Beyond one device (docs/parallelism.md). Tensor parallel: one process vs two ranks under
+# torchrun (gloo over loopback, one thread per rank: the same two cores), batch 1 and batch 8.
+python $llama +opt=flash_attn 'bench.sweep={key: parallel.tp, values: [1, 2]}'
+python $llama +opt=flash_attn workload=throughput workload.num_requests=16 workload.batch_size=8 \
+  'bench.sweep={key: parallel.tp, values: [1, 2]}' bench.rounds=2
+# Pipeline parallel: throughput and bubble vs micro-batch count, two stages vs one device, on
+# the real SmolLM2-135M (30 layers, tied head: the last stage holds its own copy of the table).
+python scripts/pipeline_table.py model.path="$HOME/.cache/llm-recipes/SmolLM2-135M-Instruct"
+# Offload: decoder layers streamed from host memory, from a file (page cache warm), and from
+# the file dropped from the page cache before every forward, vs the model in memory.
+python $llama 'bench.variants=[[offload_cpu],[offload_disk],[offload_disk,offload_cold]]'
+# ... and on paper for LLaMA-65B on one 64 GiB accelerator.
+python scripts/offload_table.py
+
 # Which opt was measured on which device and dtype, read from the tables above.
 python scripts/support_matrix.py
 python scripts/render_tables.py

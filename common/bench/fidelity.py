@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from common.bench.runners import Runner
 from common.core.request import Request
+from common.parallel.launch import share
 
 
 def fidelity(
@@ -18,25 +19,28 @@ def fidelity(
     reference: Path,
     is_baseline: bool,
     outputs: list[list[int]],
+    writer: bool = True,
 ) -> dict:
     """Teacher-force the baseline's output through this variant; compare logits with the
-    baseline's teacher-forced logits. The baseline writes the reference."""
+    baseline's teacher-forced logits. The baseline writes the reference. In a parallel run
+    every rank runs the same forwards; only rank 0 (the writer) reads and writes files."""
     if is_baseline:
         logits = {
             f"r{i}": _teacher_forced(runner, r, o).contiguous()
             for i, (r, o) in enumerate(zip(requests, outputs))
         }
-        save_file(logits, str(reference / "logits.safetensors"))
-        torch.save(outputs, reference / "outputs.pt")
+        if writer:
+            save_file(logits, str(reference / "logits.safetensors"))
+            torch.save(outputs, reference / "outputs.pt")
         pairs = [(t, t) for t in logits.values()]  # against itself: only non-finite counts
         ref_outputs = outputs
     else:
-        ref_logits = load_file(str(reference / "logits.safetensors"))
-        ref_outputs = torch.load(reference / "outputs.pt", weights_only=True)
-        pairs = [
-            (_teacher_forced(runner, r, o), ref_logits[f"r{i}"])
-            for i, (r, o) in enumerate(zip(requests, ref_outputs))
-        ]
+        ref_outputs = share(
+            torch.load(reference / "outputs.pt", weights_only=True) if writer else None
+        )
+        got = [_teacher_forced(runner, r, o) for r, o in zip(requests, ref_outputs)]
+        ref = load_file(str(reference / "logits.safetensors")) if writer else None
+        pairs = [(g, ref[f"r{i}"] if ref else g) for i, g in enumerate(got)]
     same = sum(list(o) == list(r) for o, r in zip(outputs, ref_outputs)) / len(ref_outputs)
     return {**compare_logits(pairs), "same_outputs": same}
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from common.bench.runners import Runner
 from common.core.request import Request
+from common.parallel.layout import ONE_DEVICE, Layout
 from common.parallel.measured import decode_weight_bytes
 from common.parallel.memory import kv_bytes_per_token
 
@@ -77,6 +78,8 @@ def _pass(
         metrics["kv_waste_pct"] = 100.0 * (
             1 - metrics["kv_used_bytes"] / metrics["kv_reserved_bytes"]
         )
+    if "bubble_pct" in stats:  # pipeline parallel: the share of time stages sat idle
+        metrics["bubble_pct"] = stats["bubble_pct"]
     if stats.get("capacity_row_steps"):  # decode slots that ran no sequence (static batches)
         metrics["idle_pct"] = 100.0 * (1 - stats["useful_row_steps"] / stats["capacity_row_steps"])
     metrics.update(_encoder_metrics(stats, [r for g in groups for r in g], ttfts))
@@ -148,13 +151,18 @@ def summarize(runs: list[dict]) -> tuple[dict, dict]:
 
 
 def roofline(
-    model: nn.Module, kv_dtype: torch.dtype, bandwidth: float, kv_int8: bool = False
+    model: nn.Module,
+    kv_dtype: torch.dtype,
+    bandwidth: float,
+    kv_int8: bool = False,
+    layout: Layout = ONE_DEVICE,
+    stage: int = 0,
 ) -> Callable[[dict, float], float]:
     """% of the memory-bandwidth bound achieved in decode: every decode step reads the weights
     once (as this model holds them, whatever transforms ran) plus each row's live KV; bound
     time = bytes / bandwidth, against measured decode time."""
     weights = decode_weight_bytes(model)
-    per_token = kv_bytes_per_token(model.args, kv_dtype, kv_int8)
+    per_token = kv_bytes_per_token(model.args, kv_dtype, kv_int8, layout, stage)  # this rank's
 
     def pct(stats: dict, decode_s: float) -> float:
         if not stats.get("decode_steps") or decode_s <= 0:

@@ -24,9 +24,11 @@ from common.bench.plan import SPEEDUP, Variant, results_name, speedup, workload_
 from common.bench.preflight import Checked, preflight
 from common.bench.report import command_line, environment, print_table, write_results
 from common.bench.spawn import spawn
+from common.core.errors import RecipeError
 from common.device.probe import measure_read_bandwidth
 from common.device.select import Device
 from common.nn.causal_lm import CausalLM
+from common.parallel.launch import free_port, torchrun_prefix, under_torchrun
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,16 @@ def _jobs(cfg: Any, variants: list[Variant]) -> list[Job]:
     ]
 
 
+def launcher(cfg: Any) -> list[str] | None:
+    """torchrun's command for a variant over several ranks; None for one process."""
+    par = cfg.parallel
+    world = par.tp * par.pp
+    if world == 1:
+        return None
+    port = par.master_port or free_port()
+    return torchrun_prefix(world // par.nnodes, par.nnodes, par.node_rank, par.master_addr, port)
+
+
 def _run_jobs(cfg: Any, jobs: list[Job], bandwidth: float) -> dict[str, dict]:
     """Every job in every round; rounds interleave the variants, so drift on a shared
     machine hits all of them alike. Returns each row's worker output, runs concatenated."""
@@ -79,7 +91,16 @@ def _run_jobs(cfg: Any, jobs: list[Job], bandwidth: float) -> dict[str, dict]:
             for job in jobs:
                 progress.update(task, description=f"round {r + 1}/{rounds}: {job.row.name}")
                 args = [*overrides, *job.point]
-                out = spawn(sys.argv[0], args, job.variant, [*extra, f"bench.round={r}"])
+                out = spawn(
+                    sys.argv[0],
+                    args,
+                    job.variant,
+                    [*extra, f"bench.round={r}"],
+                    launcher(OmegaConf.merge(cfg, OmegaConf.from_dotlist(job.point))),
+                )
+                if out is None:  # rank 0, which reports, ran on node 0
+                    progress.advance(task)
+                    continue
                 if r == 0:
                     collected[job.row.name] = {**out, "variant": job.row}
                 else:
@@ -142,6 +163,12 @@ def _result(
 
 def run_main(cfg: Any, model_cls: type[CausalLM]) -> dict:
     start = time.perf_counter()
+    if under_torchrun():
+        raise RecipeError(
+            "run.py starts its ranks itself (one torchrun launch per variant): run it with "
+            "python, with parallel.tp / parallel.pp (and parallel.nnodes, node_rank, "
+            "master_addr, master_port on several nodes), not under torchrun"
+        )
     checked = preflight(cfg, model_cls)
     hardware = cfg.hardware.name or checked.device.type
     rows = checked.config.bench.variants
@@ -151,6 +178,11 @@ def run_main(cfg: Any, model_cls: type[CausalLM]) -> dict:
         / hardware
         / results_name(cfg, list(cfg.opts), rows)
     )
+    if cfg.parallel.node_rank > 0:  # this node's ranks join node 0's; node 0 reports
+        bandwidth = _bandwidth(cfg, checked.device)
+        _run_jobs(cfg, _jobs(cfg, checked.variants), bandwidth[0])
+        print(f"node {cfg.parallel.node_rank}: ranks done; node 0 writes the results")
+        return {}
     with claim(stem, run_identity(cfg), command_line(), cfg.bench.replace) as dest:
         bandwidth = _bandwidth(cfg, checked.device)
         collected = _run_jobs(cfg, _jobs(cfg, checked.variants), bandwidth[0])

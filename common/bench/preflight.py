@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from omegaconf import OmegaConf
+
 import common.attention.paged  # noqa: F401  registers the paged_attention op, so its pin is checked
 from common import ops
 from common.attention.backends import get_backend
@@ -26,6 +28,8 @@ from common.io.checkpoint import args_from_hf, build_empty
 from common.io.presets import load_tokenizer, preset_args
 from common.io.quantized import FUSED, quantization_config
 from common.nn.causal_lm import CausalLM, ModelArgs
+from common.parallel.offload import MODES as OFFLOAD_MODES
+from common.parallel.support import check_parallel
 from common.quant.scheme import configured_scheme
 from common.transforms.registry import (
     check_opts_supported,
@@ -67,6 +71,11 @@ def _check_choices(cfg: Any, config: RecipeConfig, device: Device) -> None:
     for peer in config.bench.peers:
         _choice("bench.peers entry", peer, PEERS)
     SamplingParams(**cfg.generation)
+    _choice("offload", config.offload, OFFLOAD_MODES)
+    if config.offload_cold and config.offload != "disk":
+        raise RecipeError(
+            "offload_cold=true drops the layer file from the page cache: it needs offload=disk"
+        )
     if config.quant.weights != "none":
         configured_scheme(config.quant)
     if config.model.path and (saved := quantized_with(config.model.path)) is not None:
@@ -112,6 +121,13 @@ def preflight(cfg: Any, model_cls: type[CausalLM]) -> Checked:
     variants = plan(opts, config.bench.ladder, config.bench.each, config.bench.peers, rows, specs)
     if not config.bench.each:  # the combined variant must be a valid KV choice
         kv_spec(cfg)
+    for v in variants:  # each row's config as its worker composes it (opts add keys)
+        opt_files = (OmegaConf.load(CONFIG_DIR / "opt" / f"{o}.yaml") for o in v.opts)
+        vcfg = OmegaConf.merge(OmegaConf.to_container(cfg), *opt_files)
+        check_parallel(
+            vcfg.parallel, args, kv_spec(vcfg).kind, vcfg.offload, v.peer,
+            cfg.workload.kind, config.scheduler.max_batch,
+        )  # fmt: skip
     return Checked(config, device, variants)
 
 

@@ -11,6 +11,7 @@ from torch import Tensor
 from common.bench.workload import batches
 from common.core.request import Completion, Request
 from common.engine.engine import Engine
+from common.engine.pipeline import Pipeline
 from common.engine.scheduler import SchedulerConfig
 
 
@@ -52,4 +53,15 @@ def engine_runner(engine: Engine, arrivals: list[float] | None, seed: int) -> Ru
         else (lambda reqs: [reqs]),
         lambda: dict(engine.stats),
         engine.reset,
+    )
+
+
+def pipeline_runner(pipe: Pipeline, max_batch: int, seed: int) -> Runner:
+    """A pipeline-parallel stage: static batches of max_batch, each split into micro-batches."""
+    return Runner(
+        lambda reqs: pipe.generate(reqs, seed),
+        pipe.teacher_forced_logits,
+        lambda: pipe.peak_kv_bytes,
+        lambda reqs: batches(reqs, max_batch),
+        pipe.stats,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,13 @@ from common.bench.plan import Variant
 from common.core.errors import RecipeError
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent_now() -> None:
+    """In a rank torchrun started: die with the launcher too (Linux), so killing the
+    orchestrator ends every rank, not only the launcher."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _die_with_parent() -> Callable[[], None] | None:
@@ -38,12 +46,32 @@ def _die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
-def spawn(script: str, overrides: list[str], variant: Variant, extra: list[str]) -> dict:
+_RANK_PREFIX = re.compile(r"^\[(?:rank|default)\d+\]:\s*")
+
+
+def _last_error(output: str, returncode: int) -> str:
+    """The failing rank's own `error: ...` line when there is one (torchrun prints its
+    summary after it), else the last line."""
+    lines = [_RANK_PREFIX.sub("", ln).strip() for ln in output.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    last = (errors or lines or [f"exit code {returncode}"])[-1]
+    return last.removeprefix("error: ")
+
+
+def spawn(
+    script: str,
+    overrides: list[str],
+    variant: Variant,
+    extra: list[str],
+    launcher: list[str] | None = None,
+) -> dict | None:
+    """Run the variant's worker (under `launcher`, e.g. torchrun's command, when it has
+    several ranks); its result, or None when rank 0 ran on another node."""
     opt_arg = [f"+opt=[{','.join(variant.opts)}]"] if variant.opts else []
     peer_arg = [f"bench.peer={variant.peer}"] if variant.peer else []
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [
-            sys.executable,
+            *(launcher or [sys.executable]),
             script,
             *overrides,
             *opt_arg,
@@ -53,7 +81,7 @@ def spawn(script: str, overrides: list[str], variant: Variant, extra: list[str])
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_die_with_parent())
         if proc.returncode != 0:
-            lines = [ln for ln in (proc.stderr + proc.stdout).strip().splitlines() if ln.strip()]
-            last = lines[-1].removeprefix("error: ") if lines else f"exit code {proc.returncode}"
+            last = _last_error(proc.stderr + proc.stdout, proc.returncode)
             raise RecipeError(f"variant {variant.name!r} failed: {last}")
-        return json.loads(Path(out.name).read_text())
+        text = Path(out.name).read_text()
+        return json.loads(text) if text else None

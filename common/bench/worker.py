@@ -9,18 +9,26 @@ from typing import Any
 import torch
 
 from common import ops
+from common.attention.backends import get_backend
 from common.bench.fidelity import fidelity, same_as_alone
 from common.bench.measure import measure, roofline
-from common.bench.runners import engine_runner, scheduler_config
+from common.bench.runners import engine_runner, pipeline_runner, scheduler_config
+from common.bench.spawn import die_with_parent_now
 from common.bench.workload import arrival_times, build_requests
 from common.core.request import SamplingParams
 from common.device.select import resolve_dtype, select_device
 from common.engine.engine import Engine
+from common.engine.pipeline import Pipeline
 from common.kv.spec import KVSpec
 from common.nn.causal_lm import CausalLM
 from common.parallel.capacity import kv_capacity
+from common.parallel.launch import init_distributed, is_writer, share, under_torchrun
+from common.parallel.layout import Layout
 from common.parallel.measured import weight_bytes
 from common.parallel.memory import kv_bytes_per_token
+from common.parallel.offload import offload_layers
+from common.parallel.stages import stage_placement
+from common.parallel.tensor import TensorParallel
 from common.transforms.registry import apply_transforms
 
 QUEUED = ("throughput", "online")
@@ -47,9 +55,15 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
     if cfg.bench.threads:
         torch.set_num_threads(int(cfg.bench.threads))
     ops.pin(pinned_kernels(cfg))
-    device = select_device(cfg.hardware.device)
+    par = cfg.parallel
+    if under_torchrun():
+        die_with_parent_now()
+    init_distributed(select_device(cfg.hardware.device).type, par.tp * par.pp, par.timeout_s)
+    device = select_device(cfg.hardware.device)  # now with its rank and group
     dtype = resolve_dtype(cfg.model.dtype, device)
-    model, tokenizer, weights_desc = build_model(cfg.model, model_cls, device.torch, dtype)
+    tp = TensorParallel(device.rank, par.tp, device.group) if par.tp > 1 else None
+    place = tp.shard if tp else stage_placement(device.rank, par.pp) if par.pp > 1 else None
+    model, tokenizer, weights_desc = build_model(cfg.model, model_cls, device.torch, dtype, place)
     requests = build_requests(cfg.workload, model.args.vocab_size, tokenizer, model, cfg.model.path)
     arrivals = arrival_times(cfg.workload, len(requests))
     sampling = SamplingParams(**cfg.generation)
@@ -60,17 +74,28 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
         runner = peer_runner(cfg.bench.peer, model, cfg.scheduler.max_batch)
     else:
         model = apply_transforms(model, cfg)
-        cache_mb = cfg.encoder.cache_mb
-        engine = Engine(
-            model, device, spec, cfg.attention.backend, scheduler_config(cfg.scheduler),
-            tokenizer, int(cache_mb * 2**20) if cache_mb else None, cfg.encoder.overlap,
-        )  # fmt: skip
-        for r in requests:
-            engine.check(r)
-        runner = engine_runner(engine, arrivals, cfg.bench.seed)
+        if tp:
+            model = tp.parallelize(model)
+        model = offload_layers(model, cfg.offload, device.torch, cfg.offload_dir, cfg.offload_cold)
+        if par.pp > 1:
+            backend = get_backend(cfg.attention.backend, device)
+            pipe = Pipeline(
+                model, device.rank, par.pp, device.torch, spec, backend, par.micro_batches
+            )
+            runner = pipeline_runner(pipe, cfg.scheduler.max_batch, cfg.bench.seed)
+        else:
+            cache_mb = cfg.encoder.cache_mb
+            engine = Engine(
+                model, device, spec, cfg.attention.backend, scheduler_config(cfg.scheduler),
+                tokenizer, int(cache_mb * 2**20) if cache_mb else None, cfg.encoder.overlap,
+            )  # fmt: skip
+            for r in requests:
+                engine.check(r)
+            runner = engine_runner(engine, arrivals, cfg.bench.seed)
     w = cfg.workload
     slo = (w.slo_ttft_ms, w.slo_tpot_ms) if "slo_ttft_ms" in w else None
-    roof = roofline(model, dtype, float(cfg.bench.bandwidth), spec.int8)
+    layout, stage = Layout(par.tp, par.pp), device.rank if par.pp > 1 else 0
+    roof = roofline(model, dtype, float(cfg.bench.bandwidth), spec.int8, layout, stage)
     runs, outputs = measure(
         runner,
         requests,
@@ -82,9 +107,11 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
         online=arrivals is not None,
     )
     reference = Path(cfg.bench.reference)
+    is_baseline = share(not (reference / "outputs.pt").exists())  # every rank alike
+    writer = is_writer()
     capacity = kv_capacity(
         [len(r.prompt) + r.max_new_tokens for r in requests],
-        kv_bytes_per_token(model.args, dtype, spec.int8),
+        kv_bytes_per_token(model.args, dtype, spec.int8, layout, stage),
         spec.block_size,
         cfg.scheduler.max_batch,
         spec.max_len,
@@ -102,9 +129,7 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
             "peak_mem_bytes": device.peak_memory_bytes(),
         },
         "fidelity": {
-            **fidelity(
-                runner, requests, reference, not (reference / "outputs.pt").exists(), outputs
-            ),
+            **fidelity(runner, requests, reference, is_baseline, outputs, writer),
             **(same_as_alone(runner, requests, outputs) if cfg.bench.check_alone else {}),
         }
         if first_round
@@ -115,5 +140,7 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
         "model": f"{cfg.model.name}, {weights_desc}, {str(dtype).removeprefix('torch.')}",
         "device": device.describe(),
         "threads": torch.get_num_threads(),
+        "ranks": device.world_size,
     }
-    Path(cfg.bench.worker_out).write_text(json.dumps(result))
+    if writer:
+        Path(cfg.bench.worker_out).write_text(json.dumps(result))

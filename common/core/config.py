@@ -114,6 +114,41 @@ class EncoderConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Ranks of one run (common/parallel/): tensor-parallel ranks x pipeline stages, and how
+    torchrun starts them over one node or several."""
+
+    tp: int = 1
+    pp: int = 1
+    micro_batches: int = 1  # pipeline: a static batch splits into this many in flight
+    nnodes: int = 1
+    node_rank: int = 0  # this node; node 0 hosts the rendezvous and rank 0 (the results)
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None  # null: a free port (one node only)
+    timeout_s: float = 300.0  # a collective waiting longer fails the run instead of hanging
+
+    def check(self) -> None:
+        for key in ("tp", "pp", "micro_batches", "nnodes"):
+            _require(getattr(self, key) >= 1, f"parallel.{key}", getattr(self, key), ">= 1")
+        _require(self.timeout_s > 0, "parallel.timeout_s", self.timeout_s, "> 0")
+        _require(
+            0 <= self.node_rank < self.nnodes, "parallel.node_rank", self.node_rank,
+            f"in [0, {self.nnodes})",
+        )  # fmt: skip
+        world = self.tp * self.pp
+        if world % self.nnodes:
+            raise RecipeError(
+                f"parallel.tp x parallel.pp = {world} ranks do not split evenly over "
+                f"parallel.nnodes={self.nnodes} nodes"
+            )
+        if self.nnodes > 1 and self.master_port is None:
+            raise RecipeError(
+                "a run over several nodes needs parallel.master_addr=HOST and "
+                "parallel.master_port=PORT of node 0, the same on every node"
+            )
+
+
+@dataclass
 class GenerationConfig:
     """transformers' names; SamplingParams checks the values."""
 
@@ -282,6 +317,10 @@ class RecipeConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    offload: str = "none"  # none | cpu | disk: decoder layers streamed in ahead of use
+    offload_dir: str | None = None  # disk: where the layer file goes (null: a temp dir)
+    offload_cold: bool = False  # disk: drop the file's page cache before each forward
     kernels: dict[str, str | None] = field(default_factory=dict)  # op -> pinned implementation
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)

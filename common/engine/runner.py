@@ -71,7 +71,10 @@ class ModelRunner:
         self.backend = get_backend(attention, device, paged=spec.paged)
         self.dtype = next(model.parameters()).dtype  # the activation dtype, K/V's too
         a = model.args
-        self.dims = (a.num_hidden_layers, a.num_key_value_heads, a.kv_head_dim)
+        # a tensor-parallel rank stores only its KV heads
+        self.kv_heads = model.kv_head_range or (0, a.num_key_value_heads)
+        kv_heads = self.kv_heads[1] - self.kv_heads[0]
+        self.dims = (a.num_hidden_layers, kv_heads, a.kv_head_dim)
         self.storage: RowStorage | PagedStorage | None = None
         self.history: list[list[int] | None] = []  # row storage: each row's tokens so far
         self.peak_kv_bytes = 0  # reserved at the fullest moment
@@ -87,9 +90,9 @@ class ModelRunner:
         )
 
     def new_paged(self, num_blocks: int) -> PagedStorage:
-        layers, kv_heads, dim = self.dims
+        layers, _, dim = self.dims
         return PagedStorage(
-            layers, (0, kv_heads), dim, num_blocks, self.spec.block_size,
+            layers, self.kv_heads, dim, num_blocks, self.spec.block_size,
             self.dtype, self.device.torch, self.spec.int8,
         )  # fmt: skip
 

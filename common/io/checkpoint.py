@@ -24,6 +24,7 @@ from torch import nn
 
 from common.core.errors import RecipeError
 from common.nn.causal_lm import CausalLM, ModelArgs
+from common.parallel.placement import Part, Placement
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -71,13 +72,17 @@ def load_weights(
     device: Device,
     dtype: torch.dtype,
     allow_pickle: bool = False,
+    placement: Placement | None = None,
 ) -> nn.Module:
     """Fill `model` (typically from `build_empty`) with the checkpoint in directory `path`.
 
     Floating tensors are cast to `dtype`; every tensor lands on `device`. The checkpoint must match
-    the model exactly (names and shapes), except tied dependents, which may be absent.
+    the model exactly (names and shapes), except tied dependents, which may be absent. A
+    placement (common/parallel/placement.py) makes this rank read only its slice of each
+    sharded tensor and, for a pipeline stage, only the tensors its stage holds.
     """
     path = _require_dir(path)
+    placement = placement or Placement()
     files, is_pickle = _find_weight_files(path)
     if is_pickle and not allow_pickle:
         names = ", ".join(f.name for f in files[:3]) + (" ..." if len(files) > 3 else "")
@@ -89,14 +94,20 @@ def load_weights(
     expected = model.state_dict(keep_vars=True)
     with _open_checkpoint(files, is_pickle) as found:
         found = _renamed(found, getattr(model, "checkpoint_renames", ()))
+        for name, source in placement.aliases.items():
+            if name not in found and source in found:
+                found[name] = found[source]
+        if placement.subset:  # a pipeline stage: the other stages' tensors stay unread
+            found = {n: e for n, e in found.items() if n in expected}
         # Check everything from headers first: a mismatch should fail before minutes of reading.
         _check_names(path, expected, found, optional=set(tied))
-        _check_shapes(expected, found)
+        _check_shapes(expected, found, placement.parts)
         for name, entry in found.items():
             if name in tied:  # replaced by the source parameter below, as HF does
                 continue
+            part = placement.parts.get(name)
             try:
-                value = entry.read()
+                value = part.take(entry.read_part, entry.shape) if part else entry.read()
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise RecipeError(
                     f"{entry.file}: cannot read tensor {name}: {_first_line(e)}"
@@ -107,13 +118,11 @@ def load_weights(
     return model.to(device).eval()  # moves the non-persistent buffers too
 
 
-def init_random(model: nn.Module, device: Device, dtype: torch.dtype, seed: int) -> nn.Module:
-    """Materialize `model` with seeded random weights, identical for a seed on every device.
+def _draws(model: nn.Module, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter's seeded float32 value in a fixed order (tied dependents excluded).
 
     nn.Linear / nn.Embedding weights ~ N(0, 0.02) and biases zero; any other module owning
-    parameters must have `reset_parameters()`. Values are drawn on CPU in float32, then cast and
-    moved, so neither the device nor the dtype changes the draw. Buffers keep their values.
-    """
+    parameters must have `reset_parameters()`, run on float32 parameters of its own."""
     tied = _tied_weights(model)
     generator = torch.Generator().manual_seed(seed)
     # reset_parameters() may draw from the global CPU RNG; seed it without leaking state.
@@ -134,7 +143,7 @@ def init_random(model: nn.Module, device: Device, dtype: torch.dtype, seed: int)
                         value.normal_(0.0, INIT_STD, generator=generator)
                         if isinstance(module, nn.Embedding) and module.padding_idx is not None:
                             value[module.padding_idx].zero_()
-                    _replace_param(module, leaf, value.to(device=device, dtype=dtype))
+                    yield _join(module_name, leaf), value
             elif callable(getattr(module, "reset_parameters", None)):
                 for leaf, param in own.items():
                     module._parameters[leaf] = nn.Parameter(
@@ -142,14 +151,44 @@ def init_random(model: nn.Module, device: Device, dtype: torch.dtype, seed: int)
                     )
                 with torch.no_grad():
                     module.reset_parameters()
-                for leaf, param in module.named_parameters(recurse=False):
-                    _replace_param(module, leaf, param.detach().to(device=device, dtype=dtype))
+                for leaf, param in list(module.named_parameters(recurse=False)):
+                    yield _join(module_name, leaf), param.detach()
             else:
                 names = ", ".join(_join(module_name, leaf) for leaf in own)
                 raise RecipeError(
                     f"init_random: no rule to initialize {names}: {type(module).__name__} is not "
                     "nn.Linear/nn.Embedding and has no reset_parameters()"
                 )
+
+
+def init_random(
+    model: nn.Module,
+    device: Device,
+    dtype: torch.dtype,
+    seed: int,
+    placement: Placement | None = None,
+    full: nn.Module | None = None,
+) -> nn.Module:
+    """Materialize `model` with seeded random weights, identical for a seed on every device.
+
+    Values are drawn on CPU in float32, then cast and moved, so neither the device nor the
+    dtype changes the draw. Buffers keep their values. With a placement, the draws run over
+    `full` (the whole model, on meta) so every rank draws what one device would, and each
+    rank keeps its slice of each tensor (one full tensor at a time).
+    """
+    placement = placement or Placement()
+    tied = _tied_weights(model)
+    readers: dict[str, list[str]] = {}  # drawn name -> the parameters that take it
+    for name, _ in model.named_parameters():
+        if name not in tied:
+            readers.setdefault(placement.aliases.get(name, name), []).append(name)
+    for name, value in _draws(full if full is not None else model, seed):
+        for target in readers.get(name, []):
+            part = placement.parts.get(target)
+            local = part.take(value.__getitem__, tuple(value.shape)) if part else value
+            module_name, _, leaf = target.rpartition(".")
+            module = model.get_submodule(module_name)
+            _replace_param(module, leaf, local.to(device=device, dtype=dtype))
     _tie(model, tied)
     return model.to(device).eval()
 
@@ -203,6 +242,7 @@ class _Entry:
     file: Path
     shape: tuple[int, ...]
     read: Callable[[], torch.Tensor]
+    read_part: Callable[[tuple[slice, ...]], torch.Tensor]  # only that slice is read
 
 
 def _require_dir(path: str | Path) -> Path:
@@ -264,23 +304,30 @@ def _open_checkpoint(files: list[Path], is_pickle: bool) -> Iterator[dict[str, _
             if is_pickle:
                 state = _torch_load(file)
                 # Clone so the loaded model does not stay backed by the mapped file.
-                found = {n: (tuple(t.shape), partial(t.clone)) for n, t in state.items()}
+                found = {
+                    n: (tuple(t.shape), t.clone, lambda i, t=t: t[i].clone())
+                    for n, t in state.items()
+                }
             else:
                 try:
                     handle = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
                     names = handle.keys()  # the handle is not iterable itself
                     found = {
-                        n: (tuple(handle.get_slice(n).get_shape()), partial(handle.get_tensor, n))
+                        n: (
+                            tuple(handle.get_slice(n).get_shape()),
+                            partial(handle.get_tensor, n),
+                            lambda i, n=n, h=handle: h.get_slice(n)[i],
+                        )
                         for n in names
                     }
                 except (SafetensorError, OSError) as e:
                     raise RecipeError(
                         f"{file}: corrupt or unreadable safetensors file ({_first_line(e)})"
                     ) from e
-            for name, (shape, read) in found.items():
+            for name, (shape, read, read_part) in found.items():
                 if name in entries:
                     raise RecipeError(f"tensor {name} is in both {entries[name].file} and {file}")
-                entries[name] = _Entry(file, shape, read)
+                entries[name] = _Entry(file, shape, read, read_part)
         yield entries
 
 
@@ -332,13 +379,21 @@ def _check_names(
         raise RecipeError(f"checkpoint {path} does not match the model: " + "; ".join(problems))
 
 
-def _check_shapes(expected: dict[str, torch.Tensor], found: dict[str, _Entry]) -> None:
-    bad = [n for n, e in found.items() if e.shape != tuple(expected[n].shape)]
+def _check_shapes(
+    expected: dict[str, torch.Tensor], found: dict[str, _Entry], parts: dict[str, Part]
+) -> None:
+    """A sharded tensor's slice must have the rank-local shape of the model's parameter."""
+
+    def local(n: str) -> tuple[int, ...]:
+        return parts[n].shape(found[n].shape) if n in parts else found[n].shape
+
+    bad = [n for n in found if local(n) != tuple(expected[n].shape)]
     if bad:
         name = bad[0]
         more = f" (and {len(bad) - 1} more mismatched tensor(s))" if len(bad) > 1 else ""
+        shard = f" (this rank: {local(name)})" if name in parts else ""
         raise RecipeError(
-            f"{name}: checkpoint shape {found[name].shape} != model shape "
+            f"{name}: checkpoint shape {found[name].shape}{shard} != model shape "
             f"{tuple(expected[name].shape)} in {found[name].file}{more}"
         )
 
@@ -491,14 +546,28 @@ def from_pretrained(
     device: Device = "cpu",
     dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
+    place: Callable[[CausalLM], Placement] | None = None,
 ) -> CausalLM:
-    """Build on the meta device, then load an HF checkpoint with strict name/shape checks."""
+    """Build on the meta device, then load an HF checkpoint with strict name/shape checks.
+    place(model): shapes the meta model to this rank's share and says what it reads."""
     args = args_from_hf(cls, path)
-    return load_weights(build_empty(lambda: cls(args)), path, device, dtype, allow_pickle)
+    model = build_empty(lambda: cls(args))
+    placement = place(model) if place else None
+    return load_weights(model, path, device, dtype, allow_pickle, placement)
 
 
 def from_seed(
-    cls: type[CausalLM], args: ModelArgs, seed: int, device: Device = "cpu", dtype=torch.float32
+    cls: type[CausalLM],
+    args: ModelArgs,
+    seed: int,
+    device: Device = "cpu",
+    dtype=torch.float32,
+    place: Callable[[CausalLM], Placement] | None = None,
 ) -> CausalLM:
-    """The same architecture with seeded random weights (no checkpoint)."""
-    return init_random(build_empty(lambda: cls(args)), device, dtype, seed).eval()
+    """The same architecture with seeded random weights (no checkpoint); with `place`, this
+    rank's share of the very weights one device would draw."""
+    model = build_empty(lambda: cls(args))
+    if place is None:
+        return init_random(model, device, dtype, seed).eval()
+    placement = place(model)
+    return init_random(model, device, dtype, seed, placement, build_empty(lambda: cls(args)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from common.core.errors import RecipeError
 from common.io.checkpoint import from_pretrained, from_seed
 from common.io.quantized import load_quantized, quantization_config
 from common.nn.causal_lm import CausalLM
+from common.parallel.placement import Placement
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
@@ -43,15 +45,27 @@ def load_tokenizer(path: str | Path):
         ) from e
 
 
-def build_model(mcfg: Any, model_cls: type[CausalLM], device: torch.device, dtype: torch.dtype):
-    """(model, tokenizer or None, description of the weights used)."""
+def build_model(
+    mcfg: Any,
+    model_cls: type[CausalLM],
+    device: torch.device,
+    dtype: torch.dtype,
+    place: Callable[[CausalLM], Placement] | None = None,
+):
+    """(model, tokenizer or None, description of the weights used). place: this rank's
+    share of a parallel run (common/parallel/placement.py)."""
     if mcfg.path and quantization_config(mcfg.path) is not None:
+        if place is not None:
+            raise RecipeError(
+                f"{mcfg.path} is a quantized checkpoint, which loads on one device only; "
+                "parallel.tp/pp need the float checkpoint (the opt quantizes each rank's shard)"
+            )
         model = load_quantized(model_cls, mcfg.path, device, dtype)
         scheme = model.quantization_config["scheme"]
         return model, load_tokenizer(mcfg.path), f"{scheme} checkpoint {mcfg.path}"
     if mcfg.path:
-        model = from_pretrained(model_cls, mcfg.path, device, dtype, mcfg.allow_pickle)
+        model = from_pretrained(model_cls, mcfg.path, device, dtype, mcfg.allow_pickle, place)
         return model, load_tokenizer(mcfg.path), f"checkpoint {mcfg.path}"
     args = preset_args(mcfg, model_cls)
-    model = from_seed(model_cls, args, mcfg.seed, device, dtype)
+    model = from_seed(model_cls, args, mcfg.seed, device, dtype, place)
     return model, None, f"seeded random weights (seed {mcfg.seed}), scale {mcfg.scale}"

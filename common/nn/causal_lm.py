@@ -104,6 +104,8 @@ class CausalLM(nn.Module):
     # submodules that encode content (a vision tower): the language-model opts leave them be
     encoder_modules: ClassVar[tuple[str, ...]] = ()
     tied_weights: dict[str, str]
+    # KV heads [h0, h1) this rank computes and stores (set by tensor parallel); None = all
+    kv_head_range: tuple[int, int] | None = None
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()

@@ -1,0 +1,44 @@
+"""One rank of tests/test_parallel.py's distributed run (started by torchrun, 2 ranks, gloo).
+
+argv: OUT_DIR CHECKPOINT... ; for each checkpoint, tensor parallel (several KV layouts and
+opts) and pipeline parallel (several micro-batch counts); rank 0 saves what it got.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from parallel_cases import CASES, generate, load  # noqa: E402
+
+from common import ops  # noqa: E402
+from common.attention.backends import get_backend  # noqa: E402
+from common.device.select import select_device  # noqa: E402
+from common.engine.pipeline import Pipeline  # noqa: E402
+from common.parallel.launch import init_distributed  # noqa: E402
+from common.parallel.measured import weight_bytes  # noqa: E402
+from common.parallel.stages import stage_placement  # noqa: E402
+from common.parallel.tensor import TensorParallel  # noqa: E402
+
+init_distributed("cpu", 2, 60)
+device = select_device("cpu")
+out_dir = Path(sys.argv[1])
+ops.reset(out_dir / f"kernel_choices_{device.rank}.json")  # not the user's rankings
+got = {}
+for ckpt in sys.argv[2:]:
+    name = Path(ckpt).name
+    for case, opts in CASES.items():
+        tp = TensorParallel(device.rank, device.world_size)
+        model = tp.parallelize(load(ckpt, opts, tp.shard))
+        got[f"{name}/tp/{case}"] = generate(model, device, opts)
+        got[f"{name}/tp/{case}"]["weight_bytes"] = weight_bytes(model)
+    for micro in (1, 2):
+        model = load(ckpt, {}, stage_placement(device.rank, 2))
+        got[f"{name}/pp/weight_bytes"] = weight_bytes(model)
+        backend = get_backend("eager", device)
+        pipe = Pipeline(model, device.rank, 2, device.torch, CASES["rows"]["kv"], backend, micro)
+        got[f"{name}/pp/{micro}"] = generate(pipe, device, {})
+if device.rank == 0:
+    torch.save(got, out_dir / "got.pt")
