@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
+from common.bench.auto_parallel import resolve_auto_tp
+from common.bench.cli import compose_config
 from common.core.errors import RecipeError
 from common.io.checkpoint import from_seed
 from common.kv.rows import make_rows
@@ -237,3 +239,28 @@ def test_plan_script_memory_from_config_json_and_strategy(tmp_path: Path, capsys
         script.main(["strategy", "--model", "nope"])
     with pytest.raises(SystemExit, match="no spec to plan with; choose one of a100_80g_x8"):
         script.main(["strategy", "--model", "llama65b", "--hardware", "cpu"])
+
+
+# --- parallel.tp=auto ------------------------------------------------------------------------
+
+
+def _auto_cfg(*overrides: str):
+    cfg = compose_config("llama65b", list(overrides))
+    with open_dict(cfg):  # the runtime's parallel section (the tensor-parallel branch adds it)
+        cfg.parallel = {"tp": "auto", "pp": 1}
+    return cfg
+
+
+def test_tp_auto_resolves_to_the_planners_choice() -> None:
+    cfg = _auto_cfg("model.scale=full", "hardware=a100_80g_x8", "workload.batch_size=4")
+    resolve_auto_tp(cfg, LlamaForCausalLM)
+    # What choose_tp picks for the same inputs; 130 GB of bf16 weights need >= 2 devices.
+    w = Workload(4, cfg.workload.prompt_len, cfg.workload.max_new_tokens)
+    assert cfg.parallel.tp == choose_tp(LLAMA, torch.bfloat16, A100, w, FLOAT, False) >= 2
+    # Without a hardware spec: the fewest ranks that hold it (one CPU: 1 for the tiny preset).
+    cfg = _auto_cfg("model.scale=tiny", "hardware=cpu")
+    resolve_auto_tp(cfg, LlamaForCausalLM)
+    assert cfg.parallel.tp == 1
+    untouched = compose_config("llama65b", ["model.scale=tiny"])
+    resolve_auto_tp(untouched, LlamaForCausalLM)  # no parallel.tp=auto: nothing changes
+    assert OmegaConf.select(untouched, "parallel.tp") in (None, 1)

@@ -187,6 +187,7 @@ def run_recipe(config_name: str, model_cls: type) -> None:
     """Parse the command line with Hydra and run the benchmark (or one worker)."""
     import hydra
 
+    from common.bench.auto_parallel import resolve_auto_tp
     from common.bench.orchestrate import run_main
     from common.bench.report import set_command_line
     from common.bench.worker import run_worker
@@ -206,6 +207,7 @@ def run_recipe(config_name: str, model_cls: type) -> None:
 
     def main(cfg: Any) -> None:
         try:
+            resolve_auto_tp(cfg, model_cls)  # parallel.tp=auto: the planner's choice, everywhere
             if cfg.bench.role == "worker":
                 run_worker(cfg, model_cls)
             else:

@@ -3,7 +3,7 @@
 A run of W ranks on one CPU gives each rank cores / W threads, and the ranks share the memory
 bus, so W processes measure at once, each with its share of the threads:
 - memory bandwidth as decode sees it: a batch-1 matmul over weight matrices of the model's
-  shapes, together larger than the caches (bytes / time);
+  shapes, together larger than the caches (bytes / time, less the same calls' dispatch time);
 - compute: the same matmuls on `rows` rows (FLOPs / time);
 - the link: gloo all-reduces of a small message (latency: 2(W - 1) hops) and a large one
   (bandwidth, by the ring formula of simulate.py).
@@ -50,12 +50,16 @@ def measure_matmuls(
     k_in = {w.shape[1]: None for w in weights}
     xs = {k: torch.randn(1, k).to(dtype) for k in k_in}
     xr = {k: torch.randn(rows, k).to(dtype) for k in k_in}
+    # The same number of calls on 8-row weights: the per-call dispatch cost, which the
+    # caller's per-layer overhead already holds, comes off the reading time.
+    stubs = [torch.randn(8, w.shape[1]).to(dtype) for w in weights]
     with torch.no_grad():
         t_read = _best(lambda: [F.linear(xs[w.shape[1]], w) for w in weights], repeats)
+        t_calls = _best(lambda: [F.linear(xs[w.shape[1]], w) for w in stubs], repeats)
         few = weights[: len(shapes)]  # compute-bound: one set is enough
         t_rows = _best(lambda: [F.linear(xr[w.shape[1]], w) for w in few], repeats)
     flops = 2 * rows * sum(n * k for n, k in shapes)
-    return copies * per_set / t_read, flops / t_rows
+    return copies * per_set / max(t_read - t_calls, 1e-9), flops / t_rows
 
 
 def measure_link(world: int, repeats: int = 20) -> tuple[float, float]:

@@ -145,15 +145,36 @@ def choose_tp(
     scheme: WeightFormat,
     kv_int8: bool,
     pp: int = 1,
+    simulate_speed: bool = True,
 ) -> int:
     """parallel.tp=auto: the tensor-parallel size of the best plan that serves the whole
-    workload batch in one replica of `pp` stages with the run's scheme and KV dtype."""
-    plans, _ = plan(args, dtype, hw, w, [scheme], [kv_int8], pp=[pp])
-    whole = [p for p in plans if p.sim.strategy.dp == 1 and p.sim.strategy.batch == w.batch]
+    workload batch in one replica of `pp` stages with the run's scheme and KV dtype; without
+    performance figures (simulate_speed=False), the fewest ranks that hold it."""
+    if simulate_speed:
+        plans, _ = plan(args, dtype, hw, w, [scheme], [kv_int8], pp=[pp])
+        whole = [
+            p.sim.strategy.tp
+            for p in plans
+            if p.sim.strategy.dp == 1 and p.sim.strategy.batch == w.batch
+        ]
+    else:
+        budget = hw.memory * hw.usable_memory
+        whole = [
+            t
+            for t in _powers_of_two(hw.devices // pp)
+            if _valid_layout(args, t, pp)
+            and peak_bytes(
+                args,
+                Serving(dtype, scheme, kv_int8, Layout(t, pp)),
+                w.batch,
+                w.prompt_len + w.output_len,
+            )
+            <= budget
+        ]
     if not whole:
         raise RecipeError(
-            f"parallel.tp=auto: no tensor-parallel size up to {hw.devices} devices of "
+            f"parallel.tp=auto: no tensor-parallel size up to {hw.devices // pp} devices of "
             f"{hw.name} holds batch {w.batch} at {w.prompt_len}+{w.output_len} tokens; "
             "lower the batch or quantize (quant.weights, kv_cache.int8)"
         )
-    return whole[0].sim.strategy.tp
+    return whole[0]
