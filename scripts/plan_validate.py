@@ -70,13 +70,18 @@ def shard_shapes(args: ModelArgs, tp: int) -> list[tuple[int, int]]:
             (s.intermediate, h), (s.intermediate, h), (h, s.intermediate), (s.vocab, h)]  # fmt: skip
 
 
-def run_recipe(overrides: list[str], rounds: int) -> dict:
-    """One recipe run into a fresh results dir; the measured metrics of its one variant."""
+def run_recipe(overrides: list[str], rounds: int) -> dict | str:
+    """One recipe run into a fresh results dir: the measured metrics of its one variant, or
+    the run's last error line if it failed (the other runs still go ahead)."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, RECIPE, *overrides, f"bench.rounds={rounds}",
                f"bench.results_dir={out}"]  # fmt: skip
         print("$", " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        run = subprocess.run(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        sys.stderr.write(run.stderr)
+        if run.returncode:
+            return (run.stderr.strip().splitlines() or ["no output"])[-1][:200]
         (path,) = glob.glob(f"{out}/**/*.json", recursive=True)
         return json.loads(Path(path).read_text())["variants"][0]["metrics"]
 
@@ -105,6 +110,8 @@ def main() -> None:
         m = run_recipe(
             [*base, *narrow, f"workload.num_prompts={b}", f"workload.batch_size={b}"], a.rounds
         )
+        if isinstance(m, str):
+            sys.exit(f"error: the narrowed run at batch {b} failed: {m}")
         overhead[b] = 1e-3 * m["tpot_ms"] / (preset["num_hidden_layers"] + 1)
     rows, skipped, calibrations = [], [], {}
     for tp in a.tp:
@@ -127,6 +134,9 @@ def main() -> None:
                     [*base, *par_b, f"workload.num_prompts={b}", f"workload.batch_size={b}"],
                     a.rounds,
                 )
+                if isinstance(measured, str):
+                    skipped.append(f"tp={tp} pp={pp} batch={b}: the run failed: {measured}")
+                    continue
                 sim = simulate(
                     args,
                     dtype,
