@@ -94,7 +94,7 @@ def test_int4_and_w8a8_formats_match_the_tensors_their_kernels_take() -> None:
     assert torch._weight_int4pack_mm_for_cpu(x, packed, g, scales_zeros).shape == (3, n)
     assert int4(g).matrix_bytes(n, k, torch.bfloat16) == packed.nbytes + scales_zeros.nbytes
     w8 = torch.randint(-127, 128, (k, n), dtype=torch.int8)  # _int_mm takes [K, N]
-    scales = torch.ones(n, dtype=torch.float32)
+    scales = torch.ones(n, dtype=torch.bfloat16)  # per output channel, in the model dtype
     assert torch._int_mm(torch.ones(32, k, dtype=torch.int8), w8).shape == (32, n)
     assert W8A8.matrix_bytes(n, k, torch.bfloat16) == w8.nbytes + scales.nbytes
     assert INT8.matrix_bytes(n, k, torch.bfloat16) == n * k + 2 * n

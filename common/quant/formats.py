@@ -2,17 +2,18 @@
 
 The memory model (common/parallel/memory.py) and the planner size weights from these formats;
 each QuantScheme returns its own from `weight_format()`, and tests compare the bytes with
-the tensors a quantized model holds. Formats of schemes not yet registered here (int4,
-w8a8) describe the layouts their kernels take, so plans can be made before they run:
+the tensors a quantized model holds; int4 and w8a8 are also checked against the tensors
+their kernels take:
 
 - int8 (common/quant/int8.py): int8 [N, K] + one scale per output row in the model dtype;
   embedding tables quantized the same way per row.
 - int4: asymmetric, one scale and one zero per group of `group_size` input channels, both in
-  the model dtype (the bf16 scales-and-zeros tensor of torch._weight_int4pack_mm and of
-  npu_weight_quant_batchmatmul's antiquant scale/offset); embeddings stay float.
-- w8a8 (SmoothQuant): int8 weights with an fp32 scale per output row; activations are
-  quantized per token on the fly (the smoothing factors fold into the preceding norm);
-  embeddings and the LM head stay float, as SmoothQuant deployments keep them.
+  the model dtype (the scales-and-zeros tensor of torch._weight_int4pack_mm and the antiquant
+  scale/offset of npu_weight_quant_batchmatmul); embedding tables quantized the same way
+  (rows padded to the kernel's alignment are not counted).
+- w8a8 (SmoothQuant): the int8 layout (weights and a scale per output row in the model dtype,
+  embeddings weight-only int8); activations are quantized per token on the fly. Explicit
+  smoothing vectors ([K] where a linear's input is not a norm's output) are not counted.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class WeightFormat:
 
 FLOAT = WeightFormat("none")
 INT8 = WeightFormat("int8", bits=8, embeddings=True, dequantizes=True)
-W8A8 = WeightFormat("w8a8", bits=8, scale_bytes=4, head=False)
+W8A8 = WeightFormat("w8a8", bits=8, embeddings=True)
 INT4_GROUP_SIZES = (32, 64, 128)
 
 
@@ -62,7 +63,7 @@ def int4(group_size: int = 128) -> WeightFormat:
         raise RecipeError(
             f"int4 group size {group_size}; choose one of {', '.join(map(str, INT4_GROUP_SIZES))}"
         )
-    return WeightFormat("int4", bits=4, group_size=group_size, zero_point=True)
+    return WeightFormat("int4", bits=4, group_size=group_size, zero_point=True, embeddings=True)
 
 
 SCHEME_NAMES = ("none", "int8", "int4", "w8a8")
