@@ -94,6 +94,16 @@ python $llama 'bench.variants=[[offload_cpu],[offload_disk],[offload_disk,offloa
 # ... and on paper for LLaMA-65B on one 64 GiB accelerator.
 python scripts/offload_table.py
 
+# Planning (docs/planning.md): memory per device of the three full-size models (arithmetic,
+# seconds), the planner's top strategies for LLaMA-65B on the two accelerator nodes
+# (arithmetic, seconds), and its predictions against measured recipe runs on this machine
+# (TP 1-2 x PP 1-2 x batch 1/4/16 plus three narrowed runs: ~15-25 min).
+for model in llama65b glm4_9b qwen2_vl_7b; do python scripts/plan.py memory --model $model; done
+for hw in ascend910b_x8 a100_80g_x8; do
+  python scripts/plan.py strategy --model llama65b --hardware $hw --ttft-slo-ms 2000 --tpot-slo-ms 50
+done
+python scripts/plan_validate.py
+
 # Which opt was measured on which device and dtype, read from the tables above.
 python scripts/support_matrix.py
 python scripts/render_tables.py

@@ -424,7 +424,9 @@ BAD = {
     "unknown_single_opt": [f"unknown opt 'bogus'; available: {ALL_OPTS}"],
     "unknown_key": ["unknown config key 'model.bogus'"],
     "unsupported_opt": ["opt 'fake' cannot run on cpu; it supports npu"],
-    "unknown_hardware": ["unknown hardware 'tpu'; available: auto, cpu, cuda, npu"],
+    "unknown_hardware": [
+        "unknown hardware 'tpu'; available: a100_80g_x8, ascend910b_x8, auto, cpu, cuda, npu"
+    ],
     "unknown_device": ["unknown device 'tpu'; choose one of auto, npu, cuda, cpu"],
     "absent_device": ["device 'npu' is not available on this machine"],
     "file_without_path": ["workload.path must be set"],

@@ -145,7 +145,7 @@ def test_device_memory_breakdown() -> None:
             args, torch.bfloat16, True, Layout(tp=2, pp=2), d.stage
         )
     with pytest.raises(RecipeError, match="weight scheme"):
-        device_memory(args, torch.bfloat16, scheme="int4")
+        device_memory(args, torch.bfloat16, scheme="int3")
 
 
 def test_activation_and_workspace_formula() -> None:

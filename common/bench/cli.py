@@ -188,6 +188,7 @@ def run_recipe(config_name: str, *model_classes: type) -> None:
     run several architectures: model.architecture picks the class."""
     import hydra
 
+    from common.bench.auto_parallel import resolve_auto_tp
     from common.bench.orchestrate import run_main
     from common.bench.report import set_command_line
     from common.bench.worker import run_worker
@@ -209,6 +210,7 @@ def run_recipe(config_name: str, *model_classes: type) -> None:
         archs = {cls.hf_class_name: cls for cls in model_classes}
         model_cls = archs.get(cfg.model.architecture, model_classes[0])  # else preflight says
         try:
+            resolve_auto_tp(cfg, model_cls)  # parallel.tp=auto: the planner's choice, everywhere
             if cfg.bench.role == "worker":
                 run_worker(cfg, model_cls)
             else:

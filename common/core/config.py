@@ -218,6 +218,9 @@ class HardwareConfig:
     device: str = "auto"
     name: str | None = None
     mem_bw_gbs: float | None = None
+    spec: dict[str, Any] = field(
+        default_factory=dict
+    )  # the planner's model (common/parallel/hardware.py)
 
     def check(self) -> None:
         _positive_or_none("hardware.mem_bw_gbs", self.mem_bw_gbs, "probe")

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from common import ops
 from common.core.errors import RecipeError
+from common.quant.formats import INT8, WeightFormat
 
 _MIN_SCALE = 1e-8  # keeps all-zero rows from dividing by zero
 _QUANT_ROWS = 1024  # rows quantized at a time
@@ -153,6 +154,9 @@ class Int8WeightOnly:
 
     name = "int8"
     kernels = ("int8_linear",)  # Int8Embedding is a row lookup, no kernel
+
+    def weight_format(self) -> WeightFormat:
+        return INT8
 
     def quantize(self, model: nn.Module, calibration: object = None) -> nn.Module:
         return quantize_int8(model)  # absmax per channel: no calibration data needed

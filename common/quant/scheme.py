@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from torch import Tensor, nn
 
 from common.core.errors import RecipeError
+from common.quant.formats import WeightFormat
 from common.quant.int8 import Int8WeightOnly
 from common.quant.w8a8 import W8A8
 
@@ -24,6 +25,10 @@ class QuantScheme(Protocol):
 
     def quantize(self, model: nn.Module, calibration: Iterable[Any] | None = None) -> nn.Module:
         """Replace modules by quantized ones, in place; returns the model."""
+        ...
+
+    def weight_format(self) -> WeightFormat:
+        """How it stores a weight matrix (common/quant/formats.py): what the memory model counts."""
         ...
 
     def quantization_config(self) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from torch import Tensor, nn
 
 from common import ops
 from common.core.errors import RecipeError
+from common.quant.formats import W8A8 as W8A8_FORMAT
+from common.quant.formats import WeightFormat
 from common.quant.int8 import (
     Int8WeightOnly,
     Int8WeightOnlyLinear,
@@ -102,6 +104,9 @@ class W8A8:
     def configured(self, quant: Any) -> W8A8:
         """This scheme with quant.alpha and quant.smooth."""
         return W8A8(getattr(quant, "alpha", self.alpha), getattr(quant, "smooth", self.smooth))
+
+    def weight_format(self) -> WeightFormat:
+        return W8A8_FORMAT
 
     def quantization_config(self) -> dict[str, Any]:
         return {

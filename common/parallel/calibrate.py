@@ -1,0 +1,157 @@
+"""This machine as the planner's hardware, measured: what a CPU rank achieves, not its peaks.
+
+A run of W ranks on one CPU gives each rank cores / W threads, and the ranks share the memory
+bus, so W processes measure at once, each with its share of the threads:
+- memory bandwidth as decode sees it: a batch-1 matmul over weight matrices of the model's
+  shapes, together larger than the caches (bytes / time, less the same calls' dispatch time);
+- compute: the same matmuls on `rows` rows (FLOPs / time);
+- the link: gloo all-reduces of a small message (latency: 2(W - 1) hops) and a large one
+  (bandwidth, by the ring formula of simulate.py).
+The per-layer overhead (what a forward costs beyond its math) depends on the model code,
+so the caller measures it (scripts/plan_validate.py times a narrow copy of the model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from common.parallel.hardware import DTYPE_NAMES, Hardware, Link
+
+SMALL, LARGE = 4 << 10, 4 << 20  # all-reduce message bytes: latency-bound, bandwidth-bound
+
+
+def _best(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_matmuls(
+    shapes: list[tuple[int, int]], dtype: torch.dtype, rows: int, min_bytes: int, repeats: int = 5
+) -> tuple[float, float]:
+    """(bytes/s at one row, FLOP/s at `rows` rows) of F.linear over weights of `shapes`
+    ([out, in]), repeated until they hold min_bytes, so a pass reads memory, not cache."""
+    per_set = sum(n * k for n, k in shapes) * dtype.itemsize
+    copies = max(1, -(-min_bytes // per_set))
+    weights = [torch.randn(n, k).to(dtype) for _ in range(copies) for n, k in shapes]
+    k_in = {w.shape[1]: None for w in weights}
+    xs = {k: torch.randn(1, k).to(dtype) for k in k_in}
+    xr = {k: torch.randn(rows, k).to(dtype) for k in k_in}
+    # The same number of calls on 8-row weights: the per-call dispatch cost, which the
+    # caller's per-layer overhead already holds, comes off the reading time.
+    stubs = [torch.randn(8, w.shape[1]).to(dtype) for w in weights]
+    with torch.no_grad():
+        t_read = _best(lambda: [F.linear(xs[w.shape[1]], w) for w in weights], repeats)
+        t_calls = _best(lambda: [F.linear(xs[w.shape[1]], w) for w in stubs], repeats)
+        few = weights[: len(shapes)]  # compute-bound: one set is enough
+        t_rows = _best(lambda: [F.linear(xr[w.shape[1]], w) for w in few], repeats)
+    flops = 2 * rows * sum(n * k for n, k in shapes)
+    return copies * per_set / max(t_read - t_calls, 1e-9), flops / t_rows
+
+
+def measure_link(world: int, repeats: int = 20) -> tuple[float, float]:
+    """(bandwidth bytes/s, latency s) of this process group's ring all-reduce."""
+    small = torch.zeros(SMALL // 4)
+    large = torch.zeros(LARGE // 4)
+    dist.barrier()
+    t_small = _best(lambda: dist.all_reduce(small), repeats)
+    t_large = _best(lambda: dist.all_reduce(large), repeats // 4 or 1)
+    hops = 2 * (world - 1)
+    latency = t_small / hops
+    bandwidth = (world - 1) / world * 2 * LARGE / max(t_large - hops * latency, 1e-9)
+    return bandwidth, latency
+
+
+def _rank(rank: int, world: int, port: int, job: dict, out: str) -> None:
+    torch.set_num_threads(job["threads"])
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        dist.barrier()  # every rank measures at once: they share the memory bus
+        bw, flops = measure_matmuls(
+            [tuple(s) for s in job["shapes"]],
+            getattr(torch, job["dtype"]),
+            job["rows"],
+            job["min_bytes"],
+        )
+        link = measure_link(world)
+        if rank == 0:
+            Path(out).write_text(json.dumps({"mem_bw": bw, "flops": flops, "link": link}))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def calibrate(
+    world: int,
+    shapes: list[tuple[int, int]],
+    dtype: torch.dtype,
+    layer_overhead: float,
+    rows: int = 256,
+    min_bytes: int = 256 << 20,
+    cores: int | None = None,
+) -> Hardware:
+    """This CPU as `world` devices of cores / world threads each, measured."""
+    cores = cores or os.cpu_count() or 1
+    threads = max(1, cores // world)
+    job = dict(
+        shapes=shapes,
+        dtype=str(dtype).removeprefix("torch."),
+        rows=rows,
+        min_bytes=min_bytes,
+        threads=threads,
+    )
+    if world == 1:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            bw, flops = measure_matmuls(shapes, dtype, rows, min_bytes)
+        finally:
+            torch.set_num_threads(previous)
+        link = (float("inf"), 0.0)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = str(Path(tmp) / "calibration.json")
+            mp.spawn(_rank, args=(world, _free_port(), job, out), nprocs=world, join=True)
+            result = json.loads(Path(out).read_text())
+        bw, flops, link = result["mem_bw"], result["flops"], tuple(result["link"])
+    return Hardware(
+        name=f"this cpu as {world} rank{'s' * (world > 1)} x {threads} thread{'s' * (threads > 1)}",
+        devices_per_node=world,
+        nodes=1,
+        memory=_host_memory() // world,
+        flops={DTYPE_NAMES[dtype]: flops},
+        mem_bw=bw,
+        intra=Link(*link),
+        inter=Link(*link),
+        layer_overhead=layer_overhead,
+        notes=[
+            f"measured: {bw / 1e9:.1f} GB/s batch-1 matmul reads, {flops / 1e9:.0f} GFLOP/s at "
+            f"{rows} rows, all-reduce {link[0] / 1e9:.2f} GB/s + {1e6 * link[1]:.0f} us per hop, "
+            f"{1e6 * layer_overhead:.0f} us per layer"
+        ],
+    )
+
+
+def _host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

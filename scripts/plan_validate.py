@@ -1,0 +1,212 @@
+"""The planner's predictions against measured runs on this machine (CPU ranks over gloo).
+
+    python scripts/plan_validate.py [--tp 1 2] [--pp 1 2] [--batches 1 4 16] [--rounds 2]
+
+Each (TP, PP, batch) runs as an ordinary recipe run,
+`python recipes/llama65b/run.py model.scale=small workload=latency workload.num_prompts=B
+workload.batch_size=B parallel.tp=T parallel.pp=P ...`, into a temporary results dir,
+and its JSON gives the measured TTFT, TPOT and output tok/s. Next to it the simulation
+(common/parallel/simulate.py) predicts the same for this machine, calibrated by measurement,
+never a constant:
+- bandwidth and FLOP/s: common/parallel/calibrate.py times the model's own matmul shapes
+  (one rank's shard) with T x P processes at once, each with cores / (T x P) threads, and a
+  gloo all-reduce for the link;
+- the overhead per layer: the same recipe run with the model narrowed to width 64 (same
+  layers, vocabulary and runtime; its math is negligible) at each batch, TPOT / (layers + 1).
+Keys the runtime does not have yet (parallel.tp, parallel.pp) are skipped with a note.
+Writes results/planning/validate.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from common.bench.report import command_line, write_table  # noqa: E402
+from common.device.probe import cpu_info  # noqa: E402
+from common.device.select import resolve_dtype, select_device  # noqa: E402
+from common.nn.causal_lm import ModelArgs  # noqa: E402
+from common.parallel.calibrate import calibrate  # noqa: E402
+from common.parallel.layout import Layout, shard  # noqa: E402
+from common.parallel.simulate import Strategy, Workload, simulate  # noqa: E402
+from common.quant.formats import FLOAT  # noqa: E402
+
+RECIPE = "recipes/llama65b/run.py"
+NARROW = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+          "num_key_value_heads": 4}  # fmt: skip
+KV_PASSES = 3  # the baseline's dynamic cache: torch.cat reads and writes the KV, attention reads it
+
+
+def runtime_keys() -> set[str]:
+    """The parallel.* keys the recipes accept today."""
+    defaults = OmegaConf.load(ROOT / "configs/recipe_defaults.yaml")
+    return {f"parallel.{k}" for k in (defaults.get("parallel") or {})}
+
+
+def model_args(scale: str) -> tuple[ModelArgs, dict]:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from plan import load_model  # noqa: PLC0415  (the planner's model loader)
+
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/model/llama65b.yaml"))
+    return load_model("llama65b", scale).args, cfg["presets"][scale]
+
+
+def shard_shapes(args: ModelArgs, tp: int) -> list[tuple[int, int]]:
+    """[out, in] of one tensor-parallel rank's matmuls in a layer, and the LM head's."""
+    s, h, d = shard(args, Layout(tp)), args.hidden_size, args.kv_head_dim
+    return [(s.heads * d, h), (s.kv_heads * d, h), (s.kv_heads * d, h), (h, s.heads * d),
+            (s.intermediate, h), (s.intermediate, h), (h, s.intermediate), (s.vocab, h)]  # fmt: skip
+
+
+def run_recipe(overrides: list[str], rounds: int) -> dict | str:
+    """One recipe run into a fresh results dir: the measured metrics of its one variant, or
+    the run's last error line if it failed (the other runs still go ahead)."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, RECIPE, *overrides, f"bench.rounds={rounds}",
+               f"bench.results_dir={out}"]  # fmt: skip
+        print("$", " ".join(cmd[1:]), flush=True)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        run = subprocess.run(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        sys.stderr.write(run.stderr)
+        if run.returncode:
+            return (run.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        (path,) = glob.glob(f"{out}/**/*.json", recursive=True)
+        return json.loads(Path(path).read_text())["variants"][0]["metrics"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--pp", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--scale", default="small")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", type=Path, default=ROOT / "results/planning/validate")
+    a = p.parse_args()
+    if min(a.tp + a.pp + a.batches) < 1 or min(a.prompt_len, a.output_len, a.rounds) < 1:
+        p.error("sizes, lengths and rounds must be >= 1")
+    args, preset = model_args(a.scale)
+    dtype = resolve_dtype("auto", select_device("cpu"))
+    have = runtime_keys()
+    base = [f"model.scale={a.scale}", "workload=latency", "hardware=auto",
+            f"workload.prompt_len={a.prompt_len}", f"workload.max_new_tokens={a.output_len}"]  # fmt: skip
+    narrow = [f"model.presets.{a.scale}.{k}={v}" for k, v in NARROW.items()]
+    overhead = {}  # batch -> seconds per layer beyond the math, from the narrowed model
+    for b in a.batches:
+        m = run_recipe(
+            [*base, *narrow, f"workload.num_prompts={b}", f"workload.batch_size={b}"], a.rounds
+        )
+        if isinstance(m, str):
+            sys.exit(f"error: the narrowed run at batch {b} failed: {m}")
+        overhead[b] = 1e-3 * m["tpot_ms"] / (preset["num_hidden_layers"] + 1)
+    rows, skipped, calibrations = [], [], {}
+    for tp in a.tp:
+        for pp in a.pp:
+            keys = [k for k, n in (("parallel.tp", tp), ("parallel.pp", pp)) if n > 1]
+            if missing := [k for k in keys if k not in have]:
+                skipped.append(f"tp={tp} pp={pp}: the runtime has no {', '.join(missing)} yet")
+                continue
+            world = tp * pp
+            hw = calibrate(world, shard_shapes(args, tp), dtype, layer_overhead=0.0)
+            calibrations[f"tp{tp} pp{pp}"] = hw.notes
+            par = [f"{k}={n}" for k, n in (("parallel.tp", tp), ("parallel.pp", pp)) if n > 1]
+            for b in a.batches:
+                mb = min(pp, b)
+                if pp > 1 and "parallel.micro_batches" in have:
+                    par_b = [*par, f"parallel.micro_batches={mb}"]
+                else:
+                    par_b = par
+                measured = run_recipe(
+                    [*base, *par_b, f"workload.num_prompts={b}", f"workload.batch_size={b}"],
+                    a.rounds,
+                )
+                if isinstance(measured, str):
+                    skipped.append(f"tp={tp} pp={pp} batch={b}: the run failed: {measured}")
+                    continue
+                sim = simulate(
+                    args,
+                    dtype,
+                    Strategy(tp, pp, 1, b, FLOAT, micro_batches=mb),
+                    Workload(b, a.prompt_len, a.output_len),
+                    dataclasses.replace(hw, layer_overhead=overhead[b]),
+                    kv_passes=KV_PASSES,
+                )
+                rows.append(
+                    {
+                        "tp": tp,
+                        "pp": pp,
+                        "batch": b,
+                        "ttft_ms": (1e3 * sim.ttft, measured["ttft_ms"]),
+                        "tpot_ms": (1e3 * sim.tpot, measured["tpot_ms"]),
+                        "tokens_per_s": (sim.throughput, measured["tokens_per_s"]),
+                    }  # fmt: skip
+                )
+    write(a, rows, skipped, calibrations, overhead, dtype)
+
+
+def _err(pair: tuple[float, float]) -> float:
+    predicted, measured = pair
+    return 100 * (predicted - measured) / measured
+
+
+def write(
+    a, rows: list[dict], skipped: list[str], calibrations: dict, overhead: dict, dtype
+) -> None:
+    header = ["TP", "PP", "batch", "TTFT ms pred / meas", "TPOT ms pred / meas", "TPOT err",
+              "output tok/s pred / meas", "tok/s err", "within 20%"]  # fmt: skip
+    body = []
+    for r in rows:
+        ok = abs(_err(r["tpot_ms"])) <= 20 and abs(_err(r["tokens_per_s"])) <= 20
+        body.append([str(r["tp"]), str(r["pp"]), str(r["batch"]),
+                     "{:.0f} / {:.0f}".format(*r["ttft_ms"]), "{:.1f} / {:.1f}".format(*r["tpot_ms"]),
+                     f"{_err(r['tpot_ms']):+.0f}%", "{:.1f} / {:.1f}".format(*r["tokens_per_s"]),
+                     f"{_err(r['tokens_per_s']):+.0f}%", "yes" if ok else "no"])  # fmt: skip
+    notes = [
+        f"command: `{command_line()}`",
+        f"machine: {cpu_info()}, {os.cpu_count()} cores, {str(dtype).removeprefix('torch.')}",
+        f"runs: `{RECIPE} model.scale={a.scale} workload=latency` with num_prompts = batch_size "
+        f"= batch, prompt {a.prompt_len}, {a.output_len} new tokens, {a.rounds} rounds "
+        "(baseline opts: dynamic KV cache, eager attention)",
+        "predicted: common/parallel/simulate.py with this machine measured "
+        "(common/parallel/calibrate.py); per-layer overhead from the same runs narrowed to "
+        "width 64: " + ", ".join(f"batch {b}: {1e6 * s:.0f} us" for b, s in overhead.items()),
+        *(f"calibration {k}: {'; '.join(v)}" for k, v in calibrations.items()),
+        *(f"skipped {s}" for s in skipped),
+        "err = (predicted - measured) / measured; target: TPOT and throughput within 20%",
+    ]
+    md = "\n".join(["# Planner: predicted vs measured on this machine", "",
+                    *(f"- {n}" for n in notes), "", "| " + " | ".join(header) + " |",
+                    "|" + "|".join("---" for _ in header) + "|",
+                    *("| " + " | ".join(r) + " |" for r in body), ""])  # fmt: skip
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="Planner: predicted vs measured")
+    for h in header:
+        t.add_column(h)
+    for r in body:
+        t.add_row(*r)
+    Console().print(t)
+    for s in skipped:
+        print("skipped", s)
+    write_table(a.out, {"command": command_line(), "cpu": cpu_info(), "rows": rows,
+                        "skipped": skipped, "calibration": calibrations,
+                        "layer_overhead_s": overhead}, md)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
