@@ -93,4 +93,10 @@ def preflight(cfg: Any, model_cls: type[CausalLM]) -> Checked:
     variants = plan(opts, config.bench.ladder, config.bench.each, config.bench.peers, rows, specs)
     if not config.bench.each:  # the combined variant must be a valid KV choice
         kv_spec(cfg)
+    compiled = config.compile.enabled or any("compile" in v.opts for v in variants)
+    if compiled and config.bench.warmup < 1:
+        raise RecipeError(
+            "compile needs bench.warmup >= 1: the warm-up pass compiles, so TPOT never "
+            "includes compile time"
+        )
     return Checked(config, device, variants)

@@ -90,6 +90,19 @@ class QuantConfig:
 @dataclass
 class FusionConfig:
     projections: bool = False
+    add_norm: bool = False
+    rotary: bool = False
+
+
+@dataclass
+class CompileConfig:
+    """torch.compile of the decode step (common/transforms/compile.py)."""
+
+    enabled: bool = False
+    backend: str = "inductor"  # a torch.compile backend (aot_eager: trace only); npu: torchair
+    mode: str | None = None  # null: reduce-overhead (CUDA graphs) on cuda, default elsewhere
+    cpp_wrapper: bool = False  # inductor on cpu: C++ wrapper code instead of Python
+    freezing: bool = False  # inductor: weights as constants (folded, prepacked)
 
 
 @dataclass
@@ -237,6 +250,7 @@ class RecipeConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
     kernels: dict[str, str | None] = field(default_factory=dict)  # op -> pinned implementation
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)

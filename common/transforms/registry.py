@@ -18,7 +18,8 @@ from common.core.config import OptSpec
 from common.core.errors import RecipeError
 from common.device.select import Device
 from common.quant.scheme import get_scheme
-from common.transforms.fusion import fuse_projections
+from common.transforms.compile import compile_decode
+from common.transforms.fusion import fuse_kernels, fuse_projections
 
 
 def available_opts(config_dir: Path) -> list[str]:
@@ -65,7 +66,10 @@ def check_opts_supported(opts: Any, device: Device) -> None:
 
 
 def _fuse(model: nn.Module, cfg: Any) -> nn.Module:
-    return fuse_projections(model) if cfg.fusion.projections else model
+    fusion = cfg.fusion
+    if fusion.projections:
+        fuse_projections(model)
+    return fuse_kernels(model, fusion.add_norm, fusion.rotary)
 
 
 def _quantize(model: nn.Module, cfg: Any) -> nn.Module:
@@ -73,7 +77,11 @@ def _quantize(model: nn.Module, cfg: Any) -> nn.Module:
     return model if kind == "none" else get_scheme(kind).quantize(model)
 
 
-TRANSFORMS: list[Callable[[nn.Module, Any], nn.Module]] = [_fuse, _quantize]
+def _compile(model: nn.Module, cfg: Any) -> nn.Module:
+    return compile_decode(model, cfg.compile) if cfg.compile.enabled else model
+
+
+TRANSFORMS: list[Callable[[nn.Module, Any], nn.Module]] = [_fuse, _quantize, _compile]
 
 
 def apply_transforms(model: nn.Module, cfg: Any) -> nn.Module:
