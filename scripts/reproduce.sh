@@ -64,6 +64,9 @@ python $llama bench.peers=[llama_cpp] \
 # What inductor's C++ wrapper and freezing (weights as constants) do to the compiled step.
 python $llama +opt=fuse,compile bench.rounds=2 'bench.sweep={key: compile.cpp_wrapper, values: [false, true]}'
 python $llama +opt=fuse,compile bench.rounds=2 'bench.sweep={key: compile.freezing, values: [false, true]}'
+# The compiled step under continuous batching on paged KV (64 requests, max batch 16: one graph
+# padded to 16 rows), bf16 and int8 (~15 min).
+python $llama workload=throughput bench.rounds=2 'bench.variants=[[paged_kv,cont_batch,flash_attn],[paged_kv,cont_batch,flash_attn,fuse,compile],[paged_kv,cont_batch,flash_attn,int8,fuse,compile]]'
 # Token agreement of each optimized row with the baseline on real weights (SmolLM2-135M-Instruct).
 python $llama model.path="$HOME/.cache/llm-recipes/SmolLM2-135M-Instruct" bench.rounds=1 \
   'bench.variants=[[fuse],[fuse,compile],[flash_attn,int8],[flash_attn,int8,fuse,compile]]'

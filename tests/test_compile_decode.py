@@ -1,6 +1,7 @@
 """The compile opt: a compiled decode step (fullgraph, so any graph break fails) gives the
 same greedy tokens as eager (fp32 tiny LLaMA), compiles one graph per batch size and never
-recompiles across decode steps or runs, and composes with flash_attn, int8 and fuse.
+recompiles across decode steps or runs, composes with flash_attn, int8 and fuse, and decodes
+continuous batches on paged KV in one graph.
 aot_eager traces exactly what inductor gets; one case runs inductor itself."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from common import ops
 from common.core.request import Request
 from common.device.select import Device
 from common.engine.engine import Engine
+from common.engine.scheduler import SchedulerConfig
 from common.io.checkpoint import from_seed
 from common.kv.spec import KVSpec
 from common.quant.scheme import get_scheme
@@ -72,6 +74,23 @@ def test_compiled_decode_gives_eager_tokens_without_recompiles(attn: str, int8: 
     assert _generate(model, attn, static=True) == want  # a second run: same graph, no recompile
     assert counters["stats"]["unique_graphs"] == graphs
     assert sum(counters["graph_break"].values()) == breaks == 0
+    assert compile_stats(model).graphs == 1
+
+
+def test_paged_continuous_batching_decodes_in_one_graph():
+    """Continuous batching on paged KV: the number of running sequences changes from step to
+    step (different prompt and output lengths, max batch 3), yet every decode step runs the
+    one graph padded to three rows."""
+    reqs = [([5, 17, 33, 8, 61, 22, 9], 7), ([40, 3], 3), ([12, 70, 44, 19, 88], 5), ([77], 6)]
+    sched = SchedulerConfig(kind="continuous", max_batch=3)
+
+    def run(model, static: bool) -> list[list[int]]:
+        eng = Engine(model, CPU, KVSpec("paged", block_size=4, static=static), "flash", sched)
+        return [c.tokens for c in eng.generate([Request(list(p), n) for p, n in reqs])]
+
+    want = run(_model(False, True), static=False)
+    model = compile_decode(_model(False, True), _settings())
+    assert run(model, static=True) == want
     assert compile_stats(model).graphs == 1
 
 

@@ -27,12 +27,14 @@ class AttnMeta:
     mask None + causal: plain causal prefill (Tq == S); mask None + not causal: see all keys.
     lens [B]: one query per row, which sees its row's first lens[b] keys (a decode step
     with static shapes: K/V are read at full length, the lengths are data, not shapes).
-    paged: set when K/V are block pools read through block tables."""
+    paged: set when K/V are block pools read through block tables.
+    static: a decode step whose shapes are the same every step (a compiled step may run it)."""
 
     mask: Tensor | None = None
     causal: bool = False
     paged: PagedMeta | None = None
     lens: Tensor | None = None
+    static: bool = False
 
     def dense_mask(self, tq: int, s: int, device: torch.device) -> Tensor | None:
         if self.lens is not None:

@@ -145,7 +145,7 @@ class ContiguousCache(RowStorage):
         self.lengths = torch.maximum(self.lengths, written)
         if self.static and positions.shape[1] == 1:
             self.start, self.end = None, self.max_len  # scatter by position, read it all
-            return AttnMeta(lens=positions[:, 0] + 1)
+            return AttnMeta(lens=positions[:, 0] + 1, static=True)
         return attn_meta(torch.arange(self.end, device=positions.device)[None], positions)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

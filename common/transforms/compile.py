@@ -1,10 +1,12 @@
 """A compiled decode step (the compile opt): torch.compile of the model's forward for decode
 steps with static shapes; prefill and anything else stays eager.
 
-Static shapes come from the storage (kv_cache static, common/kv/rows.py): a decode step
-reads the whole preallocated cache and gets each row's length as a tensor (AttnMeta.lens),
-and the static batch keeps its row count while it decodes, so one graph serves every step
-of every batch of that size. Custom kernels (common/ops) are registered torch ops: the graph
+Static shapes come from the storage (kv_cache static, common/kv): a contiguous cache's
+decode step reads the whole preallocated cache and gets each row's length as a tensor
+(AttnMeta.lens), and a static batch keeps its row count while it decodes; a paged decode
+step is padded to the scheduler's max batch (padding rows write a scratch block and see no
+keys) and its block tables to the model's max length. So one graph serves every decode
+step of a run, whatever the number of running sequences. Custom kernels (common/ops) are registered torch ops: the graph
 holds them as opaque calls shaped by their fake implementations, and the dispatch choice is
 made at trace time (fullgraph=True: a graph break is an error, not a silent slowdown).
 
@@ -34,7 +36,7 @@ from common.ops.build import cache_dir
 @dataclass
 class CompileStats:
     seconds: float = 0.0  # wall time of the calls that compiled a graph
-    graphs: int = 0  # graphs compiled (1 per batch size for a static-shape decode)
+    graphs: int = 0  # graphs compiled (one per decode batch shape)
 
 
 def _graphs() -> int:
@@ -60,9 +62,20 @@ def compile_kwargs(settings: Any, device_type: str) -> dict[str, Any]:
     return kwargs
 
 
+def _use_cache_dir() -> None:
+    """Inductor's on-disk caches under ~/.cache/llm-recipes/inductor unless the user chose a
+    directory (TORCHINDUCTOR_CACHE_DIR); an earlier inductor import may already have set the
+    variable to its per-boot /tmp default, which is replaced."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
+
+
 def compile_decode(model: nn.Module, settings: Any) -> nn.Module:
     """Route the model's static-shape decode steps through torch.compile, in place."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    _use_cache_dir()
     device_type = next(model.parameters()).device.type
     eager = model.forward
     compiled = torch.compile(eager, **compile_kwargs(settings, device_type))
@@ -71,7 +84,7 @@ def compile_decode(model: nn.Module, settings: Any) -> nn.Module:
 
     def forward(input_ids, positions, ctx, **extra):
         meta = getattr(ctx, "meta", None)
-        if extra or input_ids.shape[1] != 1 or meta is None or meta.lens is None:
+        if extra or meta is None or not meta.static:
             return eager(input_ids, positions, ctx, **extra)
         if device_type == "cuda" and ctx.cache is not marked[0]:  # unverified: no GPU in CI
             for store in (*ctx.cache.k, *ctx.cache.v):  # written in place by the graph
