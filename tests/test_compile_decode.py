@@ -56,12 +56,7 @@ def _settings(backend: str = "aot_eager", **kw) -> SimpleNamespace:
 
 @pytest.mark.parametrize(
     "attn,int8,fuse",
-    [
-        ("eager", False, False),
-        ("flash", False, False),
-        ("flash", True, True),
-        ("sdpa", False, True),
-    ],
+    [("eager", False, False), ("flash", True, True)],
 )
 def test_compiled_decode_gives_eager_tokens_without_recompiles(attn: str, int8: bool, fuse: bool):
     want = _generate(_model(int8, fuse), attn, static=False)
