@@ -104,6 +104,24 @@ for hw in ascend910b_x8 a100_80g_x8; do
 done
 python scripts/plan_validate.py
 
+# Speed against the engines users would pick instead (docs/performance.md), small scale, batch 1.
+# Where the decode step's time goes: kernel calls per step, step time and tok/s, time inside
+# vs outside ops, and the per-op breakdown, unfused / fused / compiled (~10 min).
+python scripts/decode_profile.py model.scale=small
+# The numbers, every row in one run, with the llama.cpp peer (bf16 against baseline
+# rows, q8_0 against int8 rows); compile time has its own column (~25 min).
+python $llama bench.peers=[llama_cpp] \
+  'bench.variants=[[fuse],[fuse,compile],[flash_attn,int8],[flash_attn,int8,fuse,compile]]'
+# What inductor's C++ wrapper and freezing (weights as constants) do to the compiled step.
+python $llama +opt=fuse,compile bench.rounds=2 'bench.sweep={key: compile.cpp_wrapper, values: [false, true]}'
+python $llama +opt=fuse,compile bench.rounds=2 'bench.sweep={key: compile.freezing, values: [false, true]}'
+# The compiled step under continuous batching on paged KV (64 requests, max batch 16: one graph
+# padded to 16 rows), bf16 and int8 (~15 min).
+python $llama workload=throughput bench.rounds=2 'bench.variants=[[paged_kv,cont_batch,flash_attn],[paged_kv,cont_batch,flash_attn,fuse,compile],[paged_kv,cont_batch,flash_attn,int8,fuse,compile]]'
+# Token agreement of each optimized row with the baseline on real weights (SmolLM2-135M-Instruct).
+python $llama model.path="$HOME/.cache/llm-recipes/SmolLM2-135M-Instruct" bench.rounds=1 \
+  'bench.variants=[[fuse],[fuse,compile],[flash_attn,int8],[flash_attn,int8,fuse,compile]]'
+
 # Which opt was measured on which device and dtype, read from the tables above.
 python scripts/support_matrix.py
 python scripts/render_tables.py

@@ -8,7 +8,8 @@ import torch
 from common import ops
 from common.ops.attention import attention_cpp, dense_decode_cpp
 from common.ops.int8_linear import int8_matvec_cpp
-from common.ops.rms_norm import rms_norm_cpp
+from common.ops.rms_norm import add_rms_norm_cpp, rms_norm_cpp
+from common.ops.rotary import rotary_cpp
 
 
 @pytest.fixture(autouse=True)
@@ -43,6 +44,20 @@ CASES = {
         rms_norm_cpp,
         lambda: (torch.randn(3, 32).bfloat16(), torch.randn(32).bfloat16(), 1e-5),
     ),
+    "add_rms_norm_cpp_bf16": (
+        add_rms_norm_cpp,
+        lambda: (*torch.randn(2, 3, 32).bfloat16(), torch.randn(32).bfloat16(), 1e-5),
+    ),
+    "rotary_cpp": (
+        rotary_cpp,
+        lambda: (
+            torch.randn(2, 3, 4, 16).transpose(1, 2),  # q [B, H, T, D], strided as projected
+            torch.randn(2, 3, 2, 16).transpose(1, 2),
+            torch.randn(2, 3, 8),
+            torch.randn(2, 3, 8),
+            True,
+        ),
+    ),
     "int8_matvec_cpp": (int8_matvec_cpp, _int8_args),
     "int8_matvec_cpp_fp32": (int8_matvec_cpp, lambda: _int8_args(torch.float32)),
     "attention_cpp": (attention_cpp, lambda: _attention_args(False)),
@@ -56,12 +71,26 @@ def test_opcheck(case):
     torch.library.opcheck(fn.op, args())
 
 
-@pytest.mark.parametrize("case", ["rms_norm_cpp", "int8_matvec_cpp", "attention_cpp_int8"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "rms_norm_cpp",
+        "add_rms_norm_cpp_bf16",
+        "rotary_cpp",
+        "int8_matvec_cpp",
+        "attention_cpp_int8",
+    ],
+)
 def test_compile_traces_through_each_op(case):
     fn, make = CASES[case]
     args = make()
-    compiled = torch.compile(lambda *a: fn(*a) * 2, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(*args), fn(*args) * 2, rtol=0, atol=0)
+    compiled = torch.compile(lambda *a: _twice(fn(*a)), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*args), _twice(fn(*args)), rtol=0, atol=0)
+
+
+def _twice(out):
+    """The op's output(s) used by another op in the graph."""
+    return tuple(t * 2 for t in out) if isinstance(out, tuple) else out * 2
 
 
 @pytest.mark.parametrize("pins", ["", "rms_norm=cpp,int8_linear=cpp_matvec,decode_attention=cpp"])

@@ -1,6 +1,7 @@
 """Scripts behind committed results, run at tiny scale: they work and write what they claim."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,23 @@ def test_support_matrix_reads_committed_results(tmp_path: Path) -> None:
     assert rows["paged_kv"]["cpu float32"] == "not measured"
     assert rows["int8"]["cpu bfloat16"] == "not measured"
     assert rows["int8"]["npu bfloat16"] == "unverified"
+
+
+def test_decode_profile_counts_fewer_kernel_calls_when_fused(tmp_path: Path) -> None:
+    """Counts, not speed: the fuse opt replaces separate add/norm, rotary and projection
+    calls, so a fused step calls fewer ops; the C++ kernels show by their op names."""
+    out = tmp_path / "decode_profile"
+    cmd = [sys.executable, "scripts/decode_profile.py", "--variants", "baseline;fuse",
+           "--steps", "2", "--out", str(out), "model.scale=tiny",
+           "kernels.add_rms_norm=cpp", "kernels.rotary=cpp"]  # fmt: skip
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}  # kernel choices: not ours
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300, env=env)
+    base, fused = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert (base["variant"], fused["variant"]) == ("baseline", "fuse")
+    assert 0 < fused["kernel_calls"] < base["kernel_calls"]
+    assert (
+        "llm_recipes::add_rms_norm_cpp" in fused["ops"]
+        and "llm_recipes::rotary_cpp" in fused["ops"]
+    )
+    assert all(r["step_ms"] > 0 and r["in_ops_ms"] > 0 for r in (base, fused))
+    assert "| fuse |" in out.with_suffix(".md").read_text()

@@ -35,8 +35,9 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta) -> Tensor:
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta) -> Tensor:
     """torch's fused scaled_dot_product_attention (flash / memory-efficient kernels)."""
+    mask = meta.mask if meta.lens is None else meta.dense_mask(q.shape[2], k.shape[2], q.device)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=meta.mask, is_causal=meta.causal, enable_gqa=k.shape[1] != q.shape[1]
+        q, k, v, attn_mask=mask, is_causal=meta.causal, enable_gqa=k.shape[1] != q.shape[1]
     )
 
 
@@ -46,6 +47,8 @@ def cpu_flash_attention(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta) -> Tens
     padding mask), so those go to the decode_attention op, which measures the C++
     online-softmax kernel over the cache in place against SDPA."""
     if q.shape[2] == 1:
+        if meta.lens is not None:  # static shapes: each row's first lens[b] keys
+            return decode_attention(q, k, v, meta.lens)
         if meta.mask is None and not (meta.causal and k.shape[2] > 1):  # every key visible
             return decode_attention(q, k, v, None)
         if meta.mask is not None and meta.prefix_lens is not None:

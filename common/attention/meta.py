@@ -25,13 +25,20 @@ class PagedMeta:
 class AttnMeta:
     """Which keys each query may see. mask: bool [B, 1, Tq, S], True = attend.
     mask None + causal: plain causal prefill (Tq == S); mask None + not causal: see all keys.
-    paged: set when K/V are block pools read through block tables."""
+    lens [B]: one query per row, which sees its row's first lens[b] keys (a decode step
+    with static shapes: K/V are read at full length, the lengths are data, not shapes).
+    paged: set when K/V are block pools read through block tables.
+    static: a decode step whose shapes are the same every step (a compiled step may run it)."""
 
     mask: Tensor | None = None
     causal: bool = False
     paged: PagedMeta | None = None
+    lens: Tensor | None = None
+    static: bool = False
 
     def dense_mask(self, tq: int, s: int, device: torch.device) -> Tensor | None:
+        if self.lens is not None:
+            return (torch.arange(s, device=device) < self.lens[:, None])[:, None, None]
         if self.mask is not None or not self.causal:
             return self.mask
         return torch.ones(tq, s, dtype=torch.bool, device=device).tril(s - tq)
@@ -41,6 +48,8 @@ class AttnMeta:
         """With a mask for one query per row: how many leading keys each row sees (CPU
         int64 [B]), or None when a row's visible keys have holes. Cached, so the layers of
         one forward share it."""
+        if self.lens is not None:
+            return self.lens
         seen = self.mask[:, 0, 0]  # [B, S]
         lens = seen.sum(-1)
         prefix = torch.arange(seen.shape[-1], device=seen.device) < lens[:, None]

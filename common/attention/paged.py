@@ -112,10 +112,12 @@ def paged_attention_cpp(
     if not all(t.is_contiguous() for t in (k, ks, v, vs) if t is not None):
         raise ValueError("pools must be contiguous")  # never copy a pool
     n, bs = k.shape[:2]
-    # The kernel trusts the tables: check the reads it will do stay inside the pool.
-    lo, hi = torch.aminmax(block_tables)
-    if int(seq_lens.max()) > block_tables.shape[1] * bs or int(lo) < 0 or int(hi) >= n:
-        raise ValueError("block_tables too short for seq_lens, or a block id outside the pool")
+    # The kernel trusts the tables: check the reads it will do stay inside the pool (eager
+    # only: a compiled step cannot read tensor values while tracing; its eager runs checked).
+    if not torch.compiler.is_compiling():
+        lo, hi = torch.aminmax(block_tables)
+        if int(seq_lens.max()) > block_tables.shape[1] * bs or int(lo) < 0 or int(hi) >= n:
+            raise ValueError("block_tables too short for seq_lens, or a block id outside the pool")
     return attention_cpp(q, k, v, ks, vs, block_tables, q_pos, seq_lens, bs, [0, 1, 2])
 
 

@@ -126,8 +126,14 @@ def preflight(cfg: Any, model_cls: type[CausalLM]) -> Checked:
         vcfg = OmegaConf.merge(OmegaConf.to_container(cfg), *opt_files)
         check_parallel(
             vcfg.parallel, args, kv_spec(vcfg).kind, vcfg.offload, v.peer,
-            cfg.workload.kind, config.scheduler.max_batch,
+            cfg.workload.kind, config.scheduler.max_batch, vcfg.compile.enabled,
         )  # fmt: skip
+    compiled = config.compile.enabled or any("compile" in v.opts for v in variants)
+    if compiled and config.bench.warmup < 1:
+        raise RecipeError(
+            "compile needs bench.warmup >= 1: the warm-up pass compiles, so TPOT never "
+            "includes compile time"
+        )
     return Checked(config, device, variants)
 
 

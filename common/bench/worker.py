@@ -29,6 +29,7 @@ from common.parallel.memory import kv_bytes_per_token
 from common.parallel.offload import offload_layers
 from common.parallel.stages import stage_placement
 from common.parallel.tensor import TensorParallel
+from common.transforms.compile import compile_stats
 from common.transforms.registry import apply_transforms
 
 QUEUED = ("throughput", "online")
@@ -40,12 +41,20 @@ def pinned_kernels(cfg: Any) -> dict[str, str]:
 
 def kv_spec(cfg: Any) -> KVSpec:
     kv = cfg.kv_cache
-    # int8 needs preallocated storage: on the default growing cache it takes the contiguous one,
-    # so +opt=kv_int8 works alone and composes with static_kv / paged_kv in any order.
-    kind = "contiguous" if kv.int8 and kv.kind == "dynamic" else kv.kind
+    # int8 KV and a compiled decode step (static shapes) need preallocated storage: on the
+    # default growing cache they take the contiguous one, so +opt=kv_int8 and +opt=compile
+    # work alone and compose with static_kv / paged_kv in any order.
+    static = bool(cfg.compile.enabled)
+    kind = "contiguous" if (kv.int8 or static) and kv.kind == "dynamic" else kv.kind
     return KVSpec(
-        kind, kv.int8, kv.block_size, cfg.scheduler.kv_budget, kv.prefix_cache, kv.max_len
+        kind, kv.int8, kv.block_size, cfg.scheduler.kv_budget, kv.prefix_cache, kv.max_len, static
     )
+
+
+def compile_metrics(model: CausalLM) -> dict[str, float]:
+    """Seconds spent compiling (in the warm-up pass, never in TPOT), for compiled rows."""
+    stats = compile_stats(model)
+    return {} if stats is None else {"compile_s": stats.seconds, "compiled_graphs": stats.graphs}
 
 
 def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
@@ -127,6 +136,7 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
             "max_concurrent_contiguous": capacity.contiguous,
             "max_concurrent_paged": capacity.paged,
             "peak_mem_bytes": device.peak_memory_bytes(),
+            **compile_metrics(model),
         },
         "fidelity": {
             **fidelity(runner, requests, reference, is_baseline, outputs, writer),

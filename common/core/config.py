@@ -100,6 +100,19 @@ class QuantConfig:
 @dataclass
 class FusionConfig:
     projections: bool = False
+    add_norm: bool = False
+    rotary: bool = False
+
+
+@dataclass
+class CompileConfig:
+    """torch.compile of the decode step (common/transforms/compile.py)."""
+
+    enabled: bool = False
+    backend: str = "inductor"  # a torch.compile backend (aot_eager: trace only); npu: torchair
+    mode: str | None = None  # null: reduce-overhead (CUDA graphs) on cuda, default elsewhere
+    cpp_wrapper: bool = False  # inductor on cpu: C++ wrapper code instead of Python
+    freezing: bool = False  # inductor: weights as constants (folded, prepacked)
 
 
 @dataclass
@@ -324,6 +337,7 @@ class RecipeConfig:
     offload: str = "none"  # none | cpu | disk: decoder layers streamed in ahead of use
     offload_dir: str | None = None  # disk: where the layer file goes (null: a temp dir)
     offload_cold: bool = False  # disk: drop the file's page cache before each forward
+    compile: CompileConfig = field(default_factory=CompileConfig)
     kernels: dict[str, str | None] = field(default_factory=dict)  # op -> pinned implementation
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)

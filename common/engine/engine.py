@@ -103,6 +103,7 @@ class Engine:
     def _kv_manager(self, max_batch: int, longest: int) -> KVManager:
         if not self.kv.paged:
             return RowKVManager(stores_kv=self.kv.kind != "none")
+        self.runner.decode_slots = max_batch
         if self._paged_shape is None or self._paged_shape < (max_batch, longest):
             # The pool outlives a call, as a server's does: cached prefix blocks serve later calls.
             n = num_blocks_for(self.kv, *self.runner.dims, self.runner.dtype, max_batch, longest)

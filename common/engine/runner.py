@@ -13,6 +13,7 @@ from collections import Counter
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from common.attention.backends import get_backend
@@ -76,6 +77,7 @@ class ModelRunner:
         kv_heads = self.kv_heads[1] - self.kv_heads[0]
         self.dims = (a.num_hidden_layers, kv_heads, a.kv_head_dim)
         self.storage: RowStorage | PagedStorage | None = None
+        self.decode_slots = 1  # paged, static: rows of every decode forward (the max batch)
         self.history: list[list[int] | None] = []  # row storage: each row's tokens so far
         self.peak_kv_bytes = 0  # reserved at the fullest moment
         # decode_steps, decode_ctx_tokens (KV read), useful_row_steps / capacity_row_steps,
@@ -93,7 +95,7 @@ class ModelRunner:
         layers, _, dim = self.dims
         return PagedStorage(
             layers, self.kv_heads, dim, num_blocks, self.spec.block_size,
-            self.dtype, self.device.torch, self.spec.int8,
+            self.dtype, self.device.torch, self.spec.int8, self.spec.static,
         )  # fmt: skip
 
     # -- forward
@@ -135,6 +137,21 @@ class ModelRunner:
         )
         seq_lens = torch.tensor([e.start + len(e.tokens) for e in group])
         return tables.to(dev), torch.tensor(slots, device=dev), seq_lens.to(dev)
+
+    def _static_decode(
+        self, ids: Tensor, positions: Tensor, paged: tuple[Tensor, Tensor, Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """A decode forward in the same shapes every step: rows padded to decode_slots (a
+        padding row writes the scratch slot and sees no keys), block tables to the blocks
+        of the model's longest sequence."""
+        tables, slots, lens = paged
+        extra = self.decode_slots - ids.shape[0]
+        width = -(-self.model.args.max_position_embeddings // self.spec.block_size)
+        tables = F.pad(tables, (0, width - tables.shape[1], 0, extra))
+        slots = F.pad(slots, (0, extra), value=self.storage.scratch_slot)
+        ids, positions = F.pad(ids, (0, 0, 0, extra)), F.pad(positions, (0, 0, 0, extra))
+        valid = torch.ones_like(ids, dtype=torch.bool)
+        return ids, positions, valid, (tables, slots, F.pad(lens, (0, extra)))
 
     def _logits(self, hidden: Tensor, last: list[tuple[int, int]]) -> Tensor | None:
         """One LM-head matmul for all sampled rows: it reads the whole head once, not per row."""
@@ -190,6 +207,8 @@ class ModelRunner:
             )
             extra = self.extras([(e.extras, e.start, len(e.tokens)) for e in group], positions)
             paged = self._paged_inputs(group)
+            if group is decodes and self.spec.static:
+                ids, positions, valid, paged = self._static_decode(ids, positions, paged)
             hidden = self.forward(self.storage, ids, positions, valid, paged, extra)
             last = [(i, len(e.tokens) - 1) for i, e in enumerate(group) if e.sample]
             if last:

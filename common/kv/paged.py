@@ -60,9 +60,14 @@ class PagedStorage:
         dtype: torch.dtype,
         device: torch.device,
         int8: bool = False,
+        static: bool = False,
     ) -> None:
+        """static: decode steps keep their shapes (common/kv/spec.py); one more block, which
+        no sequence owns, takes the writes of the rows that pad a decode batch."""
         self.heads, self.block_size, self.dtype = heads, block_size, dtype
-        shape = (num_blocks * block_size, heads[1] - heads[0], head_dim)
+        self.static, self.dense_write = static, False
+        self.scratch_slot = num_blocks * block_size
+        shape = ((num_blocks + static) * block_size, heads[1] - heads[0], head_dim)
         self.k: list[KVTensor] = [kv_zeros(shape, dtype, int8, device) for _ in range(num_layers)]
         self.v: list[KVTensor] = [kv_zeros(shape, dtype, int8, device) for _ in range(num_layers)]
         self.bytes_per_token = sum(map(kv_nbytes, self.k + self.v)) // shape[0]
@@ -97,13 +102,19 @@ class PagedStorage:
         slots: Tensor,
         seq_lens: Tensor,
     ) -> AttnMeta:
-        """One forward: where its valid tokens go (slots, flat), and each row's blocks."""
+        """One forward: where its valid tokens go (slots, flat), and each row's blocks. A
+        static decode step writes every row (padding rows to the scratch slot)."""
         self.slots, self.valid = slots, valid
-        return AttnMeta(paged=PagedMeta(block_tables, positions, seq_lens))
+        self.dense_write = self.static and positions.shape[1] == 1
+        meta = PagedMeta(block_tables, positions, seq_lens)
+        return AttnMeta(paged=meta, static=self.dense_write)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[KVTensor, KVTensor]:
         for store, new in ((self.k[layer], k), (self.v[layer], v)):
-            kv_write(store, (self.slots,), new.transpose(1, 2)[self.valid])
+            rows = new.transpose(1, 2)  # [B, T, Hkv, D]
+            kv_write(
+                store, (self.slots,), rows.flatten(0, 1) if self.dense_write else rows[self.valid]
+            )
         return self.pool(self.k[layer]), self.pool(self.v[layer])
 
     def pool(self, store: KVTensor) -> KVTensor:

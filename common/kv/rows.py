@@ -98,7 +98,11 @@ class DynamicCache(RowStorage):
 
 class ContiguousCache(RowStorage):
     """Slot = position: a token at position p of row b lives at [b, :, p]. Padding slots
-    are overwritten by that row's later tokens before any query can see them."""
+    are overwritten by that row's later tokens before any query can see them.
+
+    static: a decode step's shapes do not change from step to step (what a compiled step
+    needs): K/V are written by position tensors and read whole, and each row sees its first
+    position + 1 slots (AttnMeta.lens), so the step's graph holds no step-dependent size."""
 
     def __init__(
         self,
@@ -110,8 +114,10 @@ class ContiguousCache(RowStorage):
         dtype: torch.dtype,
         device: torch.device,
         int8: bool = False,
+        static: bool = False,
     ) -> None:
         shape = (rows, kv_heads, max_len, head_dim)
+        self.static = static
         self.dtype = dtype
         self.k: list[KVTensor] = [kv_zeros(shape, dtype, int8, device) for _ in range(num_layers)]
         self.v: list[KVTensor] = [kv_zeros(shape, dtype, int8, device) for _ in range(num_layers)]
@@ -137,6 +143,9 @@ class ContiguousCache(RowStorage):
         self.positions = positions
         written = (positions.masked_fill(~valid, -1).amax(1) + 1).cpu()
         self.lengths = torch.maximum(self.lengths, written)
+        if self.static and positions.shape[1] == 1:
+            self.start, self.end = None, self.max_len  # scatter by position, read it all
+            return AttnMeta(lens=positions[:, 0] + 1, static=True)
         return attn_meta(torch.arange(self.end, device=positions.device)[None], positions)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -180,4 +189,6 @@ def make_rows(
             f"a sequence needs {max_len} KV slots but kv_cache.max_len is {spec.max_len}"
         )
     slots = spec.max_len or max_len
-    return ContiguousCache(num_layers, rows, kv_heads, head_dim, slots, dtype, device, spec.int8)
+    return ContiguousCache(
+        num_layers, rows, kv_heads, head_dim, slots, dtype, device, spec.int8, spec.static
+    )

@@ -21,6 +21,10 @@ class KVSpec:
     # contiguous: slots reserved per sequence, as a server sized for its longest accepted
     # request (vLLM's max_model_len); None = the batch's own longest sequence
     max_len: int | None = None
+    # decode steps keep static shapes (a compiled decode step). contiguous: every step reads
+    # the whole preallocated cache with each row's length as data and writes by position;
+    # paged: decode rows padded to the batch's slots, block tables to the model's max length
+    static: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KV_KINDS:
@@ -33,6 +37,10 @@ class KVSpec:
             )
         if self.prefix_cache and self.kind != "paged":
             raise RecipeError("prefix_cache needs kv_cache.kind=paged (+opt=paged_kv)")
+        if self.static and self.kind not in ("contiguous", "paged"):
+            raise RecipeError(
+                f"static decode shapes need kv_cache.kind contiguous or paged, not {self.kind}"
+            )
         if self.block_size <= 0:
             raise RecipeError(f"kv_cache.block_size must be > 0, got {self.block_size}")
         if self.max_len is not None and self.max_len <= 0:

@@ -66,7 +66,6 @@ class SelfAttention(nn.Module):
         q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        rotary = self.rotary[0]
-        q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
+        q, k = self.rotary[0].apply_qk(q, k, cos, sin)
         out = ctx.attend(self.layer, q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))

@@ -10,7 +10,12 @@ from common.nn.rotary import RotaryEmbedding
 
 
 class PreNormDecoderLayer(nn.Module):
-    """h += attn(norm(h)); h += mlp(norm(h)): the LLaMA-family layer, with HF names."""
+    """h += attn(norm(h)); h += mlp(norm(h)): the LLaMA-family layer, with HF names.
+
+    The residual stream is carried apart from each block's output (vLLM's layout), so the add
+    before each norm happens inside the norm's `add`, where the fuse opt makes add + norm one
+    kernel: forward(out, residual) takes the previous block's output not yet added to the
+    stream and returns its own, with the stream so far."""
 
     def __init__(self, self_attn: SelfAttention, mlp: nn.Module, hidden: int, eps: float) -> None:
         super().__init__()
@@ -18,9 +23,12 @@ class PreNormDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(hidden, eps)
         self.post_attention_layernorm = RMSNorm(hidden, eps)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, ctx: AttentionContext) -> Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, ctx)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(
+        self, out: Tensor, residual: Tensor | None, cos: Tensor, sin: Tensor, ctx: AttentionContext
+    ) -> tuple[Tensor, Tensor]:
+        x, residual = self.input_layernorm.add(out, residual)
+        x, residual = self.post_attention_layernorm.add(self.self_attn(x, cos, sin, ctx), residual)
+        return self.mlp(x), residual
 
 
 class DecoderModel(nn.Module):
@@ -57,6 +65,7 @@ class DecoderModel(nn.Module):
             index, rows = embeds
             h = h.view(-1, h.shape[-1]).index_copy(0, index, rows.to(h.dtype)).view(h.shape)
         cos, sin = self.rotary_emb(positions if rope_positions is None else rope_positions, h.dtype)
+        residual = None
         for layer in self.layers:
-            h = layer(h, cos, sin, ctx)
-        return self.norm(h)
+            h, residual = layer(h, residual, cos, sin, ctx)
+        return self.norm.add(h, residual)[0]

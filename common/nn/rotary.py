@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from common import ops
 
 
 def rope_inv_freq(dim: int, theta: float, scaling: dict | None = None) -> Tensor:
@@ -28,7 +31,11 @@ def rope_inv_freq(dim: int, theta: float, scaling: dict | None = None) -> Tensor
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for given positions; `apply` rotates with the rotate-half convention."""
+    """cos/sin tables for given positions; `apply` rotates with the rotate-half convention.
+    `fused` (set by the fuse opt): q and k rotate in one kernel call (ops.rotary)."""
+
+    interleaved: ClassVar[bool] = False  # the channel layout ops.rotary is told
+    fused = False
 
     def __init__(self, rot_dim: int, theta: float, scaling: dict | None = None) -> None:
         super().__init__()
@@ -43,31 +50,27 @@ class RotaryEmbedding(nn.Module):
     def layout(freqs: Tensor) -> Tensor:
         return torch.cat((freqs, freqs), dim=-1)
 
-    @staticmethod
-    def rotate(x: Tensor) -> Tensor:
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((-x2, x1), dim=-1)
-
     def apply(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """x [B, H, T, D]; cos/sin [B, T, rot_dim] rotate the first rot_dim channels."""
-        cos, sin = cos[:, None], sin[:, None]
-        rot = cos.shape[-1]
-        x_rot, x_pass = x[..., :rot], x[..., rot:]
-        out = x_rot * cos + self.rotate(x_rot) * sin
-        return out if x_pass.shape[-1] == 0 else torch.cat((out, x_pass), dim=-1)
+        return ops.apply_rotary(x, cos, sin, self.interleaved)
+
+    def apply_qk(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Both of attention's rotated inputs: one kernel call when fused, else each alone
+        (the same math, the same roundings)."""
+        if self.fused:
+            return ops.rotary(q, k, cos, sin, self.interleaved)
+        return self.apply(q, cos, sin), self.apply(k, cos, sin)
 
 
 class InterleavedRotaryEmbedding(RotaryEmbedding):
     """Rotary on adjacent channel pairs (2i, 2i+1) instead of the two halves: the GPT-J /
     GLM layout. Checkpoints trained with it need it; the two layouts are not interchangeable."""
 
+    interleaved = True
+
     @staticmethod
     def layout(freqs: Tensor) -> Tensor:
         return freqs.repeat_interleave(2, dim=-1)
-
-    @staticmethod
-    def rotate(x: Tensor) -> Tensor:
-        return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
 
 
 class MultiAxisRotaryEmbedding(RotaryEmbedding):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.nn.rotary import AxialRotaryEmbedding
+from common.ops.rotary import rotate_half
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
@@ -130,7 +131,7 @@ class VisionAttention(nn.Module):
         q, k, v = self.qkv(x).view(n, 3, self.heads, -1).unbind(1)  # [N, heads, head_dim]
         # rotary in fp32 as transformers does: low-precision angles would move every patch
         cos, sin = cos[:, None].float(), sin[:, None].float()
-        rot = AxialRotaryEmbedding.rotate
+        rot = rotate_half
         q = (q.float() * cos + rot(q.float()) * sin).to(x.dtype)
         k = (k.float() * cos + rot(k.float()) * sin).to(x.dtype)
         return self.proj(segment_attention(q, k, v, bounds).reshape(n, -1))

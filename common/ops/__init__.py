@@ -4,7 +4,19 @@ machine by a short measurement (dispatch.py). Model code calls these entry point
 from common.ops.attention import decode_attention
 from common.ops.dispatch import chosen, pin, reset
 from common.ops.int8_linear import int8_linear
-from common.ops.rms_norm import rms_norm
+from common.ops.rms_norm import add_rms_norm, rms_norm
+from common.ops.rotary import apply_rotary, rotary
 from common.ops.w8a8_linear import w8a8_linear
 
-__all__ = ["chosen", "decode_attention", "int8_linear", "pin", "reset", "rms_norm", "w8a8_linear"]
+__all__ = [
+    "add_rms_norm",
+    "apply_rotary",
+    "chosen",
+    "decode_attention",
+    "int8_linear",
+    "pin",
+    "reset",
+    "rms_norm",
+    "rotary",
+    "w8a8_linear",
+]

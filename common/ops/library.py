@@ -3,7 +3,8 @@
 Eager calls skip the dispatcher and run the Python function directly: going through
 torch.ops costs ~10 us per call, and a decode step makes ~120 kernel calls of a few us each.
 Under torch.compile the registered op is called, so the graph holds it as one opaque node
-whose output shape comes from the fake implementation.
+whose output shape comes from the fake implementation. profile_kernels(True) names eager
+calls in torch.profiler traces too (scripts/decode_profile.py), as the dispatcher would.
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ import torch
 
 NAMESPACE = "llm_recipes"
 F = TypeVar("F", bound=Callable[..., torch.Tensor])
+_profiled = [False]
+
+
+def profile_kernels(on: bool) -> None:
+    """Wrap each eager kernel call in a profiler range named like the op (off: no cost)."""
+    _profiled[0] = on
 
 
 def kernel_op(name: str, fake: Callable[..., torch.Tensor]) -> Callable[[F], F]:
@@ -26,10 +33,15 @@ def kernel_op(name: str, fake: Callable[..., torch.Tensor]) -> Callable[[F], F]:
         op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=())
         op.register_fake(fake)
 
+        label = f"{NAMESPACE}::{name}"
+
         @functools.wraps(fn)
         def call(*args):
             if torch.compiler.is_compiling():
                 return op(*args)
+            if _profiled[0]:
+                with torch.profiler.record_function(label):
+                    return fn(*args)
             return fn(*args)
 
         call.op = op  # for torch.library.opcheck

@@ -22,9 +22,15 @@ def check_parallel(
     peer: str | None,
     workload_kind: str,
     batch: int,
+    compiled: bool = False,
 ) -> None:
     """One variant's settings against its parallel layout; a clear line for what does not
     compose."""
+    if compiled and (par.tp * par.pp > 1 or offload != "none"):
+        raise RecipeError(
+            "compile traces one device's whole decode step; it does not compose with "
+            "parallel.tp/pp or offload yet: drop one of them"
+        )
     if par.tp > 1 and par.pp > 1:
         raise RecipeError(
             "parallel.tp and parallel.pp together are not supported yet; use one of them"

@@ -18,8 +18,9 @@ from common.core.config import OptSpec
 from common.core.errors import RecipeError
 from common.device.select import Device
 from common.quant.scheme import configured_scheme
+from common.transforms.compile import compile_decode
 from common.transforms.forwards import forwards, random_batches
-from common.transforms.fusion import fuse_projections
+from common.transforms.fusion import fuse_kernels, fuse_projections
 
 
 def available_opts(config_dir: Path) -> list[str]:
@@ -66,9 +67,12 @@ def check_opts_supported(opts: Any, device: Device) -> None:
 
 
 def _fuse(model: nn.Module, cfg: Any) -> nn.Module:
+    fusion = cfg.fusion
     # A quantized checkpoint was loaded in the layout it was saved in (common/io/quantized.py).
     loaded_quantized = getattr(model, "quantization_config", None) is not None
-    return fuse_projections(model) if cfg.fusion.projections and not loaded_quantized else model
+    if fusion.projections and not loaded_quantized:
+        fuse_projections(model)
+    return fuse_kernels(model, fusion.add_norm, fusion.rotary)
 
 
 def _quantize(model: nn.Module, cfg: Any) -> nn.Module:
@@ -108,7 +112,11 @@ def _describe(config: dict) -> str:
     return f"{config.get('scheme')} ({', '.join(f'{k}={v}' for k, v in extra.items())})"
 
 
-TRANSFORMS: list[Callable[[nn.Module, Any], nn.Module]] = [_fuse, _quantize]
+def _compile(model: nn.Module, cfg: Any) -> nn.Module:
+    return compile_decode(model, cfg.compile) if cfg.compile.enabled else model
+
+
+TRANSFORMS: list[Callable[[nn.Module, Any], nn.Module]] = [_fuse, _quantize, _compile]
 
 
 def apply_transforms(model: nn.Module, cfg: Any) -> nn.Module:
