@@ -87,7 +87,7 @@ def main() -> None:
             t0 = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - t0)
-    stream = measure_read_bandwidth(Device("cpu"))
+    stream = measure_read_bandwidth(Device("cpu"), nbytes["bf16"])  # what one decode step reads
 
     rows = []
     for name, (kind, _) in kernels.items():

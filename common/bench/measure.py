@@ -15,6 +15,8 @@ from torch import nn
 
 from common.bench.runners import Runner
 from common.core.request import Request
+from common.io.checkpoint import build_empty
+from common.nn.causal_lm import CausalLM, ModelArgs
 from common.parallel.measured import decode_weight_bytes
 from common.parallel.memory import kv_bytes_per_token
 
@@ -117,12 +119,17 @@ def summarize(runs: list[dict]) -> tuple[dict, dict]:
 
 
 def roofline(
-    model: nn.Module, kv_dtype: torch.dtype, bandwidth: float, kv_int8: bool = False
+    model: nn.Module,
+    kv_dtype: torch.dtype,
+    bandwidth: float,
+    kv_int8: bool = False,
+    weights: int | None = None,
 ) -> Callable[[dict, float], float]:
     """% of the memory-bandwidth bound achieved in decode: every decode step reads the weights
-    once (as this model holds them, whatever transforms ran) plus each row's live KV; bound
-    time = bytes / bandwidth, against measured decode time."""
-    weights = decode_weight_bytes(model)
+    once (as this model holds them, whatever transforms ran, or `weights` bytes as a peer
+    holds them) plus each row's live KV; bound time = bytes / bandwidth, against measured
+    decode time."""
+    weights = weights or decode_weight_bytes(model)
     per_token = kv_bytes_per_token(model.args, kv_dtype, kv_int8)
 
     def pct(stats: dict, decode_s: float) -> float:
@@ -132,3 +139,20 @@ def roofline(
         return 100.0 * total / bandwidth / decode_s
 
     return pct
+
+
+def decode_step_bytes(
+    model_cls: type[CausalLM],
+    args: ModelArgs,
+    dtype: torch.dtype,
+    requests: list[Request],
+    max_batch: int,
+) -> tuple[int, int]:
+    """(weight bytes, KV bytes) one decode step of the unoptimized model reads on this
+    workload: every weight but the embedding table, and the live KV of a full batch at the
+    requests' mean context over their decode (prompt + half the new tokens). The bandwidth
+    probe reads a buffer of this size. Built on the meta device: nothing is allocated."""
+    weights = decode_weight_bytes(build_empty(lambda: model_cls(args)).to(dtype))
+    rows = min(max_batch, len(requests))
+    ctx = statistics.mean(len(r.prompt) + r.max_new_tokens / 2 for r in requests)
+    return weights, round(rows * ctx * kv_bytes_per_token(args, dtype))

@@ -56,8 +56,11 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
     for r in requests:
         r.sampling = sampling
     spec = kv_spec(cfg)
+    w = cfg.workload
     if cfg.bench.peer:
-        runner = peer_runner(cfg.bench.peer, model, cfg.scheduler.max_batch)
+        runner = peer_runner(
+            cfg.bench.peer, model, cfg, requests, arrivals, w.kind in QUEUED, tokenizer
+        )
     else:
         model = apply_transforms(model, cfg)
         engine = Engine(
@@ -66,9 +69,8 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
         for r in requests:
             engine.check(r)
         runner = engine_runner(engine, arrivals, cfg.bench.seed)
-    w = cfg.workload
     slo = (w.slo_ttft_ms, w.slo_tpot_ms) if "slo_ttft_ms" in w else None
-    roof = roofline(model, dtype, float(cfg.bench.bandwidth), spec.int8)
+    roof = roofline(model, dtype, float(cfg.bench.bandwidth), spec.int8, runner.decode_weight_bytes)
     runs, outputs = measure(
         runner,
         requests,
@@ -92,12 +94,14 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
     result = {
         "runs": runs,
         "metrics": {
-            "weight_bytes": weight_bytes(model),
+            "weight_bytes": runner.weight_bytes or weight_bytes(model),
             "kv_bytes": runner.peak_kv(),
             "kv_budget_bytes": capacity.budget_bytes,
             "max_concurrent_contiguous": capacity.contiguous,
             "max_concurrent_paged": capacity.paged,
-            "peak_mem_bytes": device.peak_memory_bytes(),
+            "peak_mem_bytes": runner.peak_memory()
+            if runner.peak_memory
+            else device.peak_memory_bytes(),
         },
         "fidelity": {
             **fidelity(
