@@ -42,7 +42,7 @@ case "$PEER" in
     export CMAKE_ARGS=${CMAKE_ARGS:-$(llama_cpp_cmake_args)}
     echo "building llama-cpp-python $LLAMA_CPP_VERSION with CMAKE_ARGS=\"$CMAKE_ARGS\"" >&2
     nice -n 10 "$py" -m pip install --no-binary llama-cpp-python --no-cache-dir \
-      "llama-cpp-python==$LLAMA_CPP_VERSION"
+      "llama-cpp-python==$LLAMA_CPP_VERSION" "gguf>=0.17"
     "$py" -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__)"
     ;;
   vllm)

@@ -242,14 +242,16 @@ def vllm_runner(
         server_runner,
         teacher_argmax,
     )
+    from common.io.checkpoint import read_hf_config
     from common.io.export import hf_checkpoint
     from common.parallel.measured import decode_weight_bytes, weight_bytes
     from common.parallel.memory import kv_bytes_per_token
 
     dtype = next(model.parameters()).dtype
-    path = cfg.model.path
-    if not path or not any(Path(path).glob("*.safetensors")):
-        path = hf_checkpoint(model)  # seeded weights (or a pickle checkpoint) saved for vLLM
+    path = cfg.model.path and Path(cfg.model.path).expanduser()
+    loadable = path and any(path.glob("*.safetensors")) and read_hf_config(path).get("architectures")  # fmt: skip
+    if not loadable:  # seeded weights, a pickle checkpoint or a config naming no class
+        path = hf_checkpoint(model)
     max_len = max(len(r.prompt) + r.max_new_tokens for r in requests)
     max_batch = cfg.scheduler.max_batch
     # KV space for max_batch sequences at the longest length (what our preallocated KV
