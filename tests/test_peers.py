@@ -18,7 +18,7 @@ import torch
 from common.bench.cli import compose_config, rewrite_opt_args
 from common.bench.fidelity import compare_logits
 from common.bench.peer_process import PeerProcess
-from common.bench.peers import gguf_format
+from common.bench.peers import gguf_format, opt_quant
 from common.bench.plan import plan
 from common.bench.preflight import preflight
 from common.core.config import CONFIG_DIR
@@ -52,6 +52,12 @@ def test_llama_cpp_rows_follow_each_rows_quantization() -> None:
     ]
     fp32 = plan(["flash_attn"], False, False, ["llama_cpp"], None, specs, "float32")
     assert [v.name for v in fp32] == ["baseline", "flash_attn", "llama.cpp f32"]
+
+
+def test_a_rows_quantization_comes_from_its_opts_or_its_own_override() -> None:
+    assert opt_quant(["flash_attn"]) == "none"
+    assert opt_quant(["flash_attn", "int8"]) == "int8"
+    assert opt_quant(["int8", "quant.weights=int4"]) == "int4"
 
 
 def test_a_scheme_without_a_llama_cpp_format_is_named() -> None:

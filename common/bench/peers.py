@@ -134,14 +134,20 @@ def gguf_format(quant: str, dtype: str) -> str:
 
 
 def opt_quant(opts: list[str]) -> str:
-    """quant.weights as these opts set it (each opt's yaml), "none" if none does."""
+    """quant.weights as these opts set it (each opt's yaml, or a row's own
+    `quant.weights=...` override), "none" if none does."""
     from omegaconf import OmegaConf
 
     from common.core.config import CONFIG_DIR
 
     quant = "none"
-    for name in opts:
-        quant = OmegaConf.select(OmegaConf.load(CONFIG_DIR / "opt" / f"{name}.yaml"), "quant.weights", default=quant)  # fmt: skip
+    for entry in opts:
+        key, eq, value = entry.partition("=")
+        if eq:
+            quant = value if key.lstrip("+") == "quant.weights" else quant
+            continue
+        opt = OmegaConf.load(CONFIG_DIR / "opt" / f"{entry}.yaml")
+        quant = OmegaConf.select(opt, "quant.weights", default=quant)
     return quant
 
 

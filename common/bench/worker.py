@@ -70,7 +70,8 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
             engine.check(r)
         runner = engine_runner(engine, arrivals, cfg.bench.seed)
     slo = (w.slo_ttft_ms, w.slo_tpot_ms) if "slo_ttft_ms" in w else None
-    roof = roofline(model, dtype, float(cfg.bench.bandwidth), spec.int8, runner.decode_weight_bytes)
+    kv_int8 = spec.int8 and not cfg.bench.peer  # a peer keeps its own (16-bit) KV
+    roof = roofline(model, dtype, float(cfg.bench.bandwidth), kv_int8, runner.decode_weight_bytes)
     runs, outputs = measure(
         runner,
         requests,
