@@ -110,8 +110,9 @@ def main() -> None:
         f"- {len(shapes)} matrices of the llama-65b {args.scale} preset (q/k/v and gate/up "
         f"stacked, LM head included), one row, bf16 activations; {torch.get_num_threads()} "
         f"threads, torch {torch.__version__}",
-        f"- {args.rounds} interleaved rounds, median (min–max); streaming read of a 512 MiB "
-        f"buffer on this machine: {stream / 1e9:.1f} GB/s",
+        f"- {args.rounds} interleaved rounds, median (min–max); streaming read of a "
+        f"{nbytes['bf16'] / 1e6:.0f} MB buffer (the bf16 weights) on this machine: "
+        f"{stream / 1e9:.1f} GB/s",
         "",
         "| kernel | weights MB | ms per step | GB/s | vs bf16 |",
         "|---|---:|---|---:|---:|",
