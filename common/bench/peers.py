@@ -12,6 +12,7 @@ neither is a dependency: a missing one is one line naming its install command.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import sys
 import time
@@ -240,8 +241,6 @@ def vllm_runner(
     arrivals: list[float] | None,
     queued: bool,
 ) -> Runner:
-    import math
-
     from common.bench.peer_process import (
         PeerProcess,
         sampling_message,
