@@ -33,7 +33,7 @@ def test_probe_buffer_is_one_decode_steps_reads_and_follows_the_model() -> None:
         kv = (40 + 64 / 2) * kv_bytes_per_token(checked.args, dtype)
         assert size == decode_weight_bytes(model) + round(kv)
         assert bandwidth > 0
-        assert f"streaming read of a {size / 1e6:.0f} MB buffer" in source
+        assert f"streaming read of a {size / 1e6:.3g} MB buffer" in source
         sizes.append(size)
     assert sizes[1] > sizes[0]
 

@@ -53,8 +53,8 @@ def _bandwidth(cfg: Any, checked: Checked, model_cls: type[CausalLM]) -> tuple[f
         model_cls, checked.args, dtype, checked.requests, cfg.scheduler.max_batch
     )
     source = (
-        f"measured: streaming read of a {(weights + kv) / 1e6:.0f} MB buffer, one baseline "
-        f"decode step (weights {weights / 1e6:.0f} MB + KV {kv / 1e6:.0f} MB)"
+        f"measured: streaming read of a {(weights + kv) / 1e6:.3g} MB buffer, one baseline "
+        f"decode step (weights {weights / 1e6:.3g} MB + KV {kv / 1e6:.3g} MB)"
     )
     return measure_read_bandwidth(checked.device, weights + kv), source, weights + kv
 

@@ -219,7 +219,7 @@ def _read_bandwidth(result: dict) -> str:
     size = result.get("bandwidth_buffer_bytes")
     if not size:
         return ""
-    return f", memory read {result['bandwidth_gbs']:.1f} GB/s over a {size / 1e6:.0f} MB buffer (one decode step)"
+    return f", memory read {result['bandwidth_gbs']:.1f} GB/s over a {size / 1e6:.3g} MB buffer (one decode step)"
 
 
 def markdown(result: dict) -> str:
