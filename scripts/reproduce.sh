@@ -35,6 +35,21 @@ python $llama workload=shared_prefix 'bench.variants=[[paged_kv],[paged_kv,prefi
 python $llama workload=online 'bench.variants=[[paged_kv,flash_attn],[paged_kv,cont_batch,flash_attn]]' \
   'bench.sweep={key: workload.rate, values: [0.25, 0.5, 1, 2, 4]}' workload.num_requests=24 bench.rounds=1
 
+# The engines users would pick instead (docs/peers.md; install once with
+# scripts/install_peers.sh llama_cpp and scripts/install_peers.sh vllm): batch-1 latency with
+# transformers and llama.cpp (bf16 and q8_0, matching the ladder's int8 row), and the
+# throughput workload at max batch 16 against vLLM; then the same on the real SmolLM2 weights.
+python $llama +opt=flash_attn,int8 bench.ladder=true bench.peers=[hf,llama_cpp]
+python $llama workload=throughput bench.peers=[vllm] bench.rounds=2 bench.warmup=0 \
+  'bench.variants=[[paged_kv,cont_batch,flash_attn],[paged_kv,cont_batch,flash_attn,int8]]'
+smollm2=$HOME/.cache/llm-recipes/SmolLM2-135M-Instruct
+python scripts/get_checkpoint.py smollm2-135m-instruct
+python $llama +opt=flash_attn,int8 bench.ladder=true bench.peers=[hf,llama_cpp] model.path="$smollm2" \
+  bench.results_dir=results/smollm2-135m
+python $llama workload=throughput bench.peers=[vllm] bench.rounds=2 bench.warmup=0 model.path="$smollm2" \
+  'bench.variants=[[paged_kv,cont_batch,flash_attn],[paged_kv,cont_batch,flash_attn,int8]]' \
+  bench.results_dir=results/smollm2-135m
+
 # The ChatGLM (GLM-4) recipe and what its 2 KV heads buy.
 python recipes/chatglm/run.py +opt=flash_attn,int8 bench.ladder=true bench.peers=[hf]
 python scripts/gqa_table.py

@@ -192,7 +192,7 @@ RUNS: dict[str, Callable[[Files], list[str]]] = {  # longest first: they start f
     "negative_threads": lambda f: [*FAST[:-1], "bench.threads=-3"],
     "zero_kv_budget": lambda f: [*FAST, "+opt=paged_kv", "scheduler.kv_budget=0"],
     "zero_batch": lambda f: [*FAST, "workload.batch_size=0"],
-    "unknown_peer": lambda f: [*FAST, "bench.peers=[vllm]"],
+    "unknown_peer": lambda f: [*FAST, "bench.peers=[ollama]"],
     "unknown_backend": lambda f: [*FAST, "attention.backend=fast"],
     "help": lambda f: ["--help"],
 }
@@ -445,7 +445,7 @@ UPFRONT = {
     "negative_threads": ["bench.threads must be > 0", "got -3"],
     "zero_kv_budget": ["scheduler.kv_budget must be > 0", "got 0"],
     "zero_batch": ["workload.batch_size must be > 0, got 0"],
-    "unknown_peer": ["unknown bench.peers entry 'vllm'; choose one of hf"],
+    "unknown_peer": ["unknown bench.peers entry 'ollama'; choose one of hf, llama_cpp, vllm"],
     "unknown_backend": ["unknown attention.backend 'fast'; choose one of eager, sdpa, flash"],
 }
 

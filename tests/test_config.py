@@ -38,7 +38,10 @@ def checked(*args: str, recipe: str = "llama65b", model_cls: type = LlamaForCaus
         (["workload=online", "workload.rate=0"], "workload.rate must be > 0"),
         (["workload=file", "workload.path=/nope.jsonl"], "workload.path '/nope.jsonl' is not a"),
         (["workload=file"], "workload.path must be set"),
-        (["bench.peers=[vllm]"], "unknown bench.peers entry 'vllm'; choose one of hf"),
+        (
+            ["bench.peers=[ollama]"],
+            "unknown bench.peers entry 'ollama'; choose one of hf, llama_cpp, vllm",
+        ),
         (["attention.backend=fast"], "unknown attention.backend 'fast'; choose one of eager"),
         (["scheduler.policy=lifo"], "unknown scheduler.policy 'lifo'"),
         (["+model.bogus=1"], "unknown config key 'model.bogus'"),

@@ -54,10 +54,16 @@ def _teacher_forced(runner: Runner, r: Request, continuation: list[int]) -> torc
 def compare_logits(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
     """Greedy agreement and max |difference| over [tokens, vocab] logit pairs. A position with
     a non-finite logit on either side is the worst case, never a match: it disagrees, and
-    makes the error inf (NaN would vanish from max() and read as perfect agreement)."""
+    makes the error inf (NaN would vanish from max() and read as perfect agreement). A peer
+    that gives only greedy token ids ([tokens]) has agreement but no error (NaN: not shown)."""
     agree = total = 0
     err = 0.0
     for got, ref in pairs:
+        if got.dim() == 1:  # a peer's greedy token ids only: agreement, no logit error
+            agree += int((got == ref.argmax(-1)).sum())
+            total += got.numel()
+            err = math.nan
+            continue
         finite = torch.isfinite(got).all(-1) & torch.isfinite(ref).all(-1)
         agree += int(((got.argmax(-1) == ref.argmax(-1)) & finite).sum())
         total += finite.numel()

@@ -15,6 +15,8 @@ from torch import nn
 
 from common.bench.runners import Runner
 from common.core.request import Request
+from common.io.checkpoint import build_empty
+from common.nn.causal_lm import CausalLM, ModelArgs
 from common.parallel.layout import ONE_DEVICE, Layout
 from common.parallel.measured import decode_weight_bytes
 from common.parallel.memory import kv_bytes_per_token
@@ -157,11 +159,13 @@ def roofline(
     kv_int8: bool = False,
     layout: Layout = ONE_DEVICE,
     stage: int = 0,
+    weights: int | None = None,
 ) -> Callable[[dict, float], float]:
     """% of the memory-bandwidth bound achieved in decode: every decode step reads the weights
-    once (as this model holds them, whatever transforms ran) plus each row's live KV; bound
-    time = bytes / bandwidth, against measured decode time."""
-    weights = decode_weight_bytes(model)
+    once (as this model holds them, whatever transforms ran, or `weights` bytes as a peer
+    holds them) plus each row's live KV; bound time = bytes / bandwidth, against measured
+    decode time."""
+    weights = weights or decode_weight_bytes(model)
     per_token = kv_bytes_per_token(model.args, kv_dtype, kv_int8, layout, stage)  # this rank's
 
     def pct(stats: dict, decode_s: float) -> float:
@@ -171,3 +175,20 @@ def roofline(
         return 100.0 * total / bandwidth / decode_s
 
     return pct
+
+
+def decode_step_bytes(
+    model_cls: type[CausalLM],
+    args: ModelArgs,
+    dtype: torch.dtype,
+    requests: list[Request],
+    max_batch: int,
+) -> tuple[int, int]:
+    """(weight bytes, KV bytes) one decode step of the unoptimized model reads on this
+    workload: every weight but the embedding table, and the live KV of a full batch at the
+    requests' mean context over their decode (prompt + half the new tokens). The bandwidth
+    probe reads a buffer of this size. Built on the meta device: nothing is allocated."""
+    weights = decode_weight_bytes(build_empty(lambda: model_cls(args)).to(dtype))
+    rows = min(max_batch, len(requests))
+    ctx = statistics.mean(len(r.prompt) + r.max_new_tokens / 2 for r in requests)
+    return weights, round(rows * ctx * kv_bytes_per_token(args, dtype))

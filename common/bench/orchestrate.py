@@ -19,14 +19,14 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from common.bench.destination import claim, identity_hash, run_identity
-from common.bench.measure import summarize
+from common.bench.measure import decode_step_bytes, summarize
 from common.bench.plan import SPEEDUP, Variant, results_name, speedup, workload_desc
 from common.bench.preflight import Checked, preflight
 from common.bench.report import command_line, environment, print_table, write_results
 from common.bench.spawn import spawn
 from common.core.errors import RecipeError
 from common.device.probe import measure_read_bandwidth
-from common.device.select import Device
+from common.device.select import resolve_dtype
 from common.nn.causal_lm import CausalLM
 from common.parallel.launch import free_port, torchrun_prefix, under_torchrun
 
@@ -45,10 +45,20 @@ def _job_overrides() -> list[str]:
     return [o for o in HydraConfig.get().overrides.task if not re.match(r"^\+{0,2}opt=", o)]
 
 
-def _bandwidth(cfg: Any, device: Device) -> tuple[float, str]:
+def _bandwidth(cfg: Any, checked: Checked, model_cls: type[CausalLM]) -> tuple[float, str, int]:
+    """(bytes/s for the roofline, where it came from, the probe's buffer bytes or 0): a
+    streaming read over a buffer the size of what one baseline decode step reads."""
     if cfg.hardware.mem_bw_gbs:
-        return cfg.hardware.mem_bw_gbs * 1e9, "hardware config"
-    return measure_read_bandwidth(device), "measured streaming read"
+        return cfg.hardware.mem_bw_gbs * 1e9, "hardware config", 0
+    dtype = resolve_dtype(cfg.model.dtype, checked.device)
+    weights, kv = decode_step_bytes(
+        model_cls, checked.args, dtype, checked.requests, cfg.scheduler.max_batch
+    )
+    source = (
+        f"measured: streaming read of a {(weights + kv) / 1e6:.3g} MB buffer, one baseline "
+        f"decode step (weights {weights / 1e6:.3g} MB + KV {kv / 1e6:.3g} MB)"
+    )
+    return measure_read_bandwidth(checked.device, weights + kv), source, weights + kv
 
 
 def _jobs(cfg: Any, variants: list[Variant]) -> list[Job]:
@@ -138,6 +148,7 @@ def _result(
         "sweep": OmegaConf.to_container(cfg.bench.sweep) if cfg.bench.sweep else None,
         "bandwidth_gbs": bandwidth[0] / 1e9,
         "bandwidth_source": bandwidth[1],
+        "bandwidth_buffer_bytes": bandwidth[2],
         "wall_s": time.perf_counter() - start,
         "config": identity,
         "config_hash": identity_hash(identity),
@@ -184,7 +195,7 @@ def run_main(cfg: Any, model_cls: type[CausalLM]) -> dict:
         print(f"node {cfg.parallel.node_rank}: ranks done; node 0 writes the results")
         return {}
     with claim(stem, run_identity(cfg), command_line(), cfg.bench.replace) as dest:
-        bandwidth = _bandwidth(cfg, checked.device)
+        bandwidth = _bandwidth(cfg, checked, model_cls)
         collected = _run_jobs(cfg, _jobs(cfg, checked.variants), bandwidth[0])
         result = _result(cfg, checked, collected, bandwidth, start)
         print_table(result)

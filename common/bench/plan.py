@@ -8,6 +8,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from common.bench.peers import peer_rows
 from common.core.config import OptSpec
 from common.transforms.registry import check_combination
 
@@ -44,10 +45,12 @@ def plan(
     peers: list[str],
     rows: list[list[str]] | None,
     specs: dict[str, OptSpec],
+    dtype: str = "bfloat16",
 ) -> list[Variant]:
     """Rows after the baseline: explicit opt lists (bench.variants), a cumulative ladder, each
-    opt alone (with the opts it requires), or all opts together; then the peers. Every row's
-    opts are checked as a combination before any of them runs."""
+    opt alone (with the opts it requires), or all opts together; then the peers (a peer row
+    carries the opts whose quantization it matches). Every row's opts are checked as a
+    combination before any of them runs."""
     if rows:
         groups = [list(r) for r in rows]
     elif ladder:
@@ -60,7 +63,11 @@ def plan(
         check_combination(group, specs)
     name = (lambda g: "+" + " +".join(g)) if ladder and not rows else "+".join
     variants = [Variant("baseline", []), *(Variant(name(g), g) for g in groups)]
-    return variants + [Variant(f"{p} generate()", [], peer=p) for p in peers]
+    return variants + [
+        Variant(row, row_opts, peer=p)
+        for p in peers
+        for row, row_opts in peer_rows(p, groups, dtype)
+    ]
 
 
 def workload_desc(w: Any) -> str:

@@ -15,13 +15,13 @@ from omegaconf import OmegaConf
 import common.attention.paged  # noqa: F401  registers the paged_attention op, so its pin is checked
 from common import ops
 from common.attention.backends import get_backend
-from common.bench.peers import PEERS
+from common.bench.peers import PEERS, check_peer
 from common.bench.plan import Variant, plan
 from common.bench.worker import kv_spec, pinned_kernels
 from common.bench.workload import arrival_times, build_requests
 from common.core.config import CONFIG_DIR, ModelConfig, RecipeConfig, models_for, typed
 from common.core.errors import RecipeError
-from common.core.request import SamplingParams
+from common.core.request import Request, SamplingParams
 from common.device.select import Device, resolve_dtype, select_device
 from common.engine.scheduler import KINDS, POLICIES, PREEMPTIONS
 from common.io.checkpoint import args_from_hf, build_empty
@@ -43,6 +43,8 @@ class Checked:
     config: RecipeConfig
     device: Device
     variants: list[Variant]
+    args: ModelArgs | None = None  # the model's hyper-parameters, without its weights
+    requests: list[Request] | None = None  # the workload's requests, as the workers build them
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
@@ -90,7 +92,7 @@ def _check_choices(cfg: Any, config: RecipeConfig, device: Device) -> None:
 
 def _check_requests(
     cfg: Any, model: ModelConfig, args: ModelArgs, model_cls: type[CausalLM]
-) -> None:
+) -> list[Request]:
     """Build the workload's requests as the workers will: a bad prompt file line, a zero
     count or length, an unreadable image fails here (the model on the meta device: only
     its config is read)."""
@@ -101,16 +103,19 @@ def _check_requests(
     if cfg.bench.peers and any(r.mm_items for r in requests):
         raise RecipeError("bench.peers run text prompts only; this workload has images")
     arrival_times(cfg.workload, len(requests))
+    return requests
 
 
 def preflight(cfg: Any, model_cls: type[CausalLM]) -> Checked:
     config = typed(cfg)
     device = select_device(config.hardware.device)
     check_opts_supported(cfg.opts, device)
-    resolve_dtype(config.model.dtype, device)
+    dtype = resolve_dtype(config.model.dtype, device)
     _check_choices(cfg, config, device)
     args = _model_args(cfg.model, model_cls)
-    _check_requests(cfg, config.model, args, model_cls)
+    for peer in config.bench.peers:
+        check_peer(peer, cfg, model_cls, args)
+    requests = _check_requests(cfg, config.model, args, model_cls)
     opts = list(config.opts)
     rows = config.bench.variants
     if rows and opts:
@@ -118,7 +123,10 @@ def preflight(cfg: Any, model_cls: type[CausalLM]) -> Checked:
             "give the rows either as +opt=... or as bench.variants=[[...], ...], not both"
         )
     specs = {**opt_specs(CONFIG_DIR), **config.opts}
-    variants = plan(opts, config.bench.ladder, config.bench.each, config.bench.peers, rows, specs)
+    variants = plan(
+        opts, config.bench.ladder, config.bench.each, config.bench.peers, rows, specs,
+        str(dtype).removeprefix("torch."),
+    )  # fmt: skip
     if not config.bench.each:  # the combined variant must be a valid KV choice
         kv_spec(cfg)
     for v in variants:  # each row's config as its worker composes it (opts add keys)
@@ -134,7 +142,7 @@ def preflight(cfg: Any, model_cls: type[CausalLM]) -> Checked:
             "compile needs bench.warmup >= 1: the warm-up pass compiles, so TPOT never "
             "includes compile time"
         )
-    return Checked(config, device, variants)
+    return Checked(config, device, variants, args, requests)
 
 
 def quantized_with(path: str) -> dict | None:

@@ -222,6 +222,15 @@ def _on_cpu(env: dict) -> str:
     return f" on {env['cpu']}" if env.get("cpu") else ""
 
 
+def _read_bandwidth(result: dict) -> str:
+    """The probed read bandwidth and its buffer size (a decode step's bytes): a buffer that
+    fits a cache reads faster, so the size says which bound the roofline column uses."""
+    size = result.get("bandwidth_buffer_bytes")
+    if not size:
+        return ""
+    return f", memory read {result['bandwidth_gbs']:.1f} GB/s over a {size / 1e6:.3g} MB buffer (one decode step)"
+
+
 def markdown(result: dict) -> str:
     header, body = rows(result)
     env = result["env"]
@@ -229,8 +238,9 @@ def markdown(result: dict) -> str:
         f"# {result['recipe']}: {' vs '.join(result['rows'])}",
         "",
         f"- command: `{result['command']}`",
-        f"- hardware: {env['device']} ({result['hardware']}){_on_cpu(env)}, torch {env['torch']}, "
-        f"transformers {env['transformers']}, {env['date']}, git {env['git_revision']}",
+        f"- hardware: {env['device']} ({result['hardware']}){_on_cpu(env)}{_read_bandwidth(result)}, "
+        f"torch {env['torch']}, transformers {env['transformers']}, {env['date']}, "
+        f"git {env['git_revision']}",
         f"- model: {result['model']}",
         f"- workload: {describe_workload(result)}",
         f"- timing: {result['bench']['rounds']} rounds; in each, every variant runs in turn in a "

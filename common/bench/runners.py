@@ -18,7 +18,8 @@ from common.engine.scheduler import SchedulerConfig
 @dataclass
 class Runner:
     """A variant: how to run one group of requests (a static batch, or everything at once
-    under a scheduler), teacher-force a continuation, and report KV bytes at the peak."""
+    under a scheduler), teacher-force a continuation (logits [T, V], or only the greedy
+    token ids [T] from a peer that gives no logits), and report KV bytes at the peak."""
 
     generate: Callable[[list[Request]], list[Completion]]
     teacher_forced_logits: Callable[[list[int], list[int]], Tensor]
@@ -26,6 +27,10 @@ class Runner:
     groups: Callable[[list[Request]], list[list[Request]]]
     stats: Callable[[], dict] = dict  # engine counters since the last reset (decode steps, ...)
     reset: Callable[[], None] = lambda: None
+    # A peer in its own process holds its own weights and memory (None: this process's model)
+    weight_bytes: int | None = None
+    decode_weight_bytes: int | None = None  # bytes a decode step reads, for the roofline
+    peak_memory: Callable[[], int] | None = None
 
 
 def scheduler_config(sched: Any) -> SchedulerConfig:

@@ -17,9 +17,12 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from common.bench.plan import Variant
 from common.core.errors import RecipeError
+
+if TYPE_CHECKING:  # plan -> peers -> peer_process imports this module
+    from common.bench.plan import Variant
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 

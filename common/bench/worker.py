@@ -79,8 +79,11 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
     for r in requests:
         r.sampling = sampling
     spec = kv_spec(cfg)
+    w = cfg.workload
     if cfg.bench.peer:
-        runner = peer_runner(cfg.bench.peer, model, cfg.scheduler.max_batch)
+        runner = peer_runner(
+            cfg.bench.peer, model, cfg, requests, arrivals, w.kind in QUEUED, tokenizer
+        )
     else:
         model = apply_transforms(model, cfg)
         if tp:
@@ -101,10 +104,13 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
             for r in requests:
                 engine.check(r)
             runner = engine_runner(engine, arrivals, cfg.bench.seed)
-    w = cfg.workload
     slo = (w.slo_ttft_ms, w.slo_tpot_ms) if "slo_ttft_ms" in w else None
     layout, stage = Layout(par.tp, par.pp), device.rank if par.pp > 1 else 0
-    roof = roofline(model, dtype, float(cfg.bench.bandwidth), spec.int8, layout, stage)
+    kv_int8 = spec.int8 and not cfg.bench.peer  # a peer keeps its own (16-bit) KV
+    roof = roofline(
+        model, dtype, float(cfg.bench.bandwidth), kv_int8, layout, stage,
+        runner.decode_weight_bytes,
+    )  # fmt: skip
     runs, outputs = measure(
         runner,
         requests,
@@ -130,12 +136,14 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
     result = {
         "runs": runs,
         "metrics": {
-            "weight_bytes": weight_bytes(model),
+            "weight_bytes": runner.weight_bytes or weight_bytes(model),
             "kv_bytes": runner.peak_kv(),
             "kv_budget_bytes": capacity.budget_bytes,
             "max_concurrent_contiguous": capacity.contiguous,
             "max_concurrent_paged": capacity.paged,
-            "peak_mem_bytes": device.peak_memory_bytes(),
+            "peak_mem_bytes": runner.peak_memory()
+            if runner.peak_memory
+            else device.peak_memory_bytes(),
             **compile_metrics(model),
         },
         "fidelity": {

@@ -194,6 +194,7 @@ class BenchConfig:
     threads: int | None = None
     seed: int = 0
     check_alone: bool = False
+    peer_python: str | None = None  # the vllm peer's interpreter (default: its install's venv)
     # set by the orchestrator for its worker subprocesses
     role: str = "main"
     worker_out: str | None = None

@@ -1,5 +1,5 @@
 """What the machine can do, measured or read from the OS: CPU model and caches, native bf16,
-streaming bandwidth."""
+streaming bandwidth over a buffer of a given size."""
 
 from __future__ import annotations
 
@@ -65,14 +65,22 @@ def _kib(size: str) -> str:
     return f"{kib} KiB"
 
 
-def measure_read_bandwidth(device: Device, nbytes: int = 512 << 20, repeats: int = 5) -> float:
-    """Streaming-read bandwidth in bytes/s: the best of a few full reductions over a buffer."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device.torch)
-    best = float("inf")
-    for _ in range(repeats):
+def measure_read_bandwidth(device: Device, nbytes: int, min_seconds: float = 0.2) -> float:
+    """Streaming-read bandwidth in bytes/s over a buffer of `nbytes`: the best of repeated
+    timed samples (at least 5, for at least min_seconds), each a few full reductions so that
+    a small buffer's sample reads ~64 MB and call overhead does not count. Give the size a
+    decode step reads: a buffer that fits a cache level reads at that cache's speed, as the
+    decode step does; a fixed large buffer would understate it (a 268 MB model fits a
+    480 MB L3)."""
+    x = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device.torch)
+    per_sample = max(1, (64 << 20) // x.nbytes)
+    best, spent, n = float("inf"), 0.0, 0
+    while n < 5 or (spent < min_seconds and n < 10_000):
         device.synchronize()
         t0 = time.perf_counter()
-        x.sum()
+        for _ in range(per_sample):
+            x.sum()
         device.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best
+        dt = time.perf_counter() - t0
+        best, spent, n = min(best, dt), spent + dt, n + 1
+    return per_sample * x.nbytes / best
