@@ -16,6 +16,7 @@ from common.bench.workload import arrival_times, build_requests
 from common.core.request import SamplingParams
 from common.device.select import resolve_dtype, select_device
 from common.engine.engine import Engine
+from common.engine.spec import SpecConfig
 from common.kv.spec import KVSpec
 from common.nn.causal_lm import CausalLM
 from common.parallel.capacity import kv_capacity
@@ -40,9 +41,16 @@ def kv_spec(cfg: Any) -> KVSpec:
     )
 
 
+def spec_config(cfg: Any) -> SpecConfig | None:
+    s = cfg.spec
+    if not s.enabled:
+        return None
+    return SpecConfig(s.method, s.k, s.ngram.max, s.ngram.min, s.max_batch)
+
+
 def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
     from common.bench.peers import peer_runner
-    from common.io.presets import build_model
+    from common.io.presets import build_draft, build_model
 
     if cfg.bench.threads:
         torch.set_num_threads(int(cfg.bench.threads))
@@ -52,7 +60,7 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
     model, tokenizer, weights_desc = build_model(cfg.model, model_cls, device.torch, dtype)
     requests = build_requests(cfg.workload, model.args.vocab_size, tokenizer)
     arrivals = arrival_times(cfg.workload, len(requests))
-    sampling = SamplingParams(**cfg.generation)
+    sampling = SamplingParams.from_generation(cfg.generation)
     for r in requests:
         r.sampling = sampling
     spec = kv_spec(cfg)
@@ -60,9 +68,17 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
         runner = peer_runner(cfg.bench.peer, model, cfg.scheduler.max_batch)
     else:
         model = apply_transforms(model, cfg)
+        speculation, draft = spec_config(cfg), None
+        if speculation and speculation.method == "draft":
+            draft, draft_desc = build_draft(
+                cfg.spec.draft, cfg.model, model_cls, device.torch, dtype, model.args.vocab_size
+            )
+            draft = apply_transforms(draft, cfg)  # the same weight format as the target
+            weights_desc += f"; draft model {draft_desc}"
         engine = Engine(
-            model, device, spec, cfg.attention.backend, scheduler_config(cfg.scheduler), tokenizer
-        )
+            model, device, spec, cfg.attention.backend, scheduler_config(cfg.scheduler),
+            tokenizer, speculation, draft,
+        )  # fmt: skip
         for r in requests:
             engine.check(r)
         runner = engine_runner(engine, arrivals, cfg.bench.seed)

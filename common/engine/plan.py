@@ -19,6 +19,7 @@ class ScheduledSeq:
     history: list[int]  # all of the sequence's tokens (the sampler's processors read them)
     sampling: SamplingParams
     where: int | list[int]  # its KV: a row (row storage) or a block table (paged)
+    num_draft: int = 0  # the last num_draft tokens are a speculation to verify
 
 
 @dataclass(slots=True)
