@@ -15,7 +15,7 @@ from common import ops
 from common.attention.backends import get_backend
 from common.bench.peers import PEERS
 from common.bench.plan import Variant, plan
-from common.bench.worker import kv_spec, pinned_kernels, spec_config
+from common.bench.worker import beam_config, kv_spec, pinned_kernels, spec_config
 from common.bench.workload import arrival_times, build_requests
 from common.core.config import CONFIG_DIR, ModelConfig, RecipeConfig, models_for, typed
 from common.core.errors import RecipeError
@@ -62,7 +62,8 @@ def _check_choices(cfg: Any, config: RecipeConfig, device: Device) -> None:
     for peer in config.bench.peers:
         _choice("bench.peers entry", peer, PEERS)
     SamplingParams.from_generation(cfg.generation)
-    spec_config(cfg)
+    if spec_config(cfg) and beam_config(cfg):
+        raise RecipeError("spec_decode and generation.num_beams > 1 do not combine: choose one")
     if config.quant.weights != "none":
         get_scheme(config.quant.weights)
     ops.pin(pinned_kernels(cfg))  # an unknown implementation names the op's choices

@@ -15,6 +15,7 @@ from common.bench.runners import engine_runner, scheduler_config
 from common.bench.workload import arrival_times, build_requests
 from common.core.request import SamplingParams
 from common.device.select import resolve_dtype, select_device
+from common.engine.beam import BeamConfig
 from common.engine.engine import Engine
 from common.engine.spec import SpecConfig
 from common.kv.spec import KVSpec
@@ -48,6 +49,11 @@ def spec_config(cfg: Any) -> SpecConfig | None:
     return SpecConfig(s.method, s.k, s.ngram.max, s.ngram.min, s.max_batch)
 
 
+def beam_config(cfg: Any) -> BeamConfig | None:
+    g = cfg.generation
+    return BeamConfig(g.num_beams, g.length_penalty, g.early_stopping) if g.num_beams > 1 else None
+
+
 def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
     from common.bench.peers import peer_runner
     from common.io.presets import build_draft, build_model
@@ -77,7 +83,7 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
             weights_desc += f"; draft model {draft_desc}"
         engine = Engine(
             model, device, spec, cfg.attention.backend, scheduler_config(cfg.scheduler),
-            tokenizer, speculation, draft,
+            tokenizer, speculation, draft, beam_config(cfg),
         )  # fmt: skip
         for r in requests:
             engine.check(r)
