@@ -57,14 +57,14 @@ def stdlib_stream(tok, max_tokens: int) -> list[int]:
 
 
 def student_from(teacher, hidden: int, layers: int) -> transformers.LlamaForCausalLM:
-    t = teacher.config
-    config = transformers.LlamaConfig(
-        vocab_size=t.vocab_size, hidden_size=hidden, intermediate_size=3 * hidden,
-        num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=2,
-        max_position_embeddings=t.max_position_embeddings, rope_theta=t.rope_theta,
-        rms_norm_eps=t.rms_norm_eps, tie_word_embeddings=True, bos_token_id=t.bos_token_id,
-        eos_token_id=t.eos_token_id, pad_token_id=t.pad_token_id,
+    # the teacher's config (vocabulary, rotary, special tokens) with the student's dims
+    fields = {k: v for k, v in teacher.config.to_dict().items() if not k.startswith("_")}
+    fields.update(
+        hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+        num_attention_heads=hidden // 64, num_key_value_heads=2, head_dim=64,
+        tie_word_embeddings=True,
     )  # fmt: skip
+    config = transformers.LlamaConfig(**fields)
     student = transformers.LlamaForCausalLM(config)
     with torch.no_grad():  # the teacher's embedding, projected on its top principal directions
         emb = teacher.get_input_embeddings().weight.float()
