@@ -83,7 +83,7 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
             weights_desc += f"; draft model {draft_desc}"
         engine = Engine(
             model, device, spec, cfg.attention.backend, scheduler_config(cfg.scheduler),
-            tokenizer, speculation, draft, beam_config(cfg),
+            tokenizer, spec=speculation, draft_model=draft, beams=beam_config(cfg),
         )  # fmt: skip
         for r in requests:
             engine.check(r)

@@ -162,7 +162,7 @@ class Scheduler:
             seq.tokens,
             seq.sampling,
             self.kv.locate(seq.id),
-            len(draft),
+            num_draft=len(draft),
         )
 
     def _drafts(self) -> dict[int, list[int]]:
