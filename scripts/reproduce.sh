@@ -60,7 +60,7 @@ draft=$HOME/.cache/llm-recipes/SmolLM2-draft
 wl=results/workloads
 python scripts/spec_workloads.py --tokenizer "$sm" --out $wl/smollm2
 python scripts/spec_workloads.py --vocab 32000 --out $wl/small
-# A 2-layer drafter with SmolLM2's tokenizer, distilled from it on built-in text (~10 min).
+# A 2-layer drafter with SmolLM2's tokenizer, distilled from it on built-in text (~15 min).
 python scripts/train_draft.py --teacher "$sm" --out "$draft"
 spec_rows='bench.variants=[[static_kv,flash_attn],[static_kv,flash_attn,spec_decode]]'
 k_sweep='bench.sweep={key: spec.k, values: [2, 4, 8]}'

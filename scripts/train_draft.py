@@ -1,7 +1,7 @@
 """Distill a tiny LLaMA drafter from SmolLM2 for speculative decoding (spec.method=draft).
 
     python scripts/train_draft.py --teacher ~/.cache/llm-recipes/SmolLM2-135M-Instruct \
-        --out ~/.cache/llm-recipes/SmolLM2-draft [--steps 300]
+        --out ~/.cache/llm-recipes/SmolLM2-draft [--steps 200]
 
 A drafter must share the target's tokenizer and predict what the target predicts. This one
 is a 2-layer, hidden-256 LLaMA with SmolLM2's vocabulary (tied embeddings, initialized
@@ -79,8 +79,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--answer-tokens", type=int, default=160)
