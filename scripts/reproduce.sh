@@ -137,6 +137,49 @@ python $llama workload=throughput bench.rounds=2 'bench.variants=[[paged_kv,cont
 python $llama model.path="$HOME/.cache/llm-recipes/SmolLM2-135M-Instruct" bench.rounds=1 \
   'bench.variants=[[fuse],[fuse,compile],[flash_attn,int8],[flash_attn,int8,fuse,compile]]'
 
+# Decoding strategies (docs/decoding.md). Prompt files: repeat a passage (copy-heavy) and
+# open-ended stories (free generation), chat-formatted for SmolLM2, token ids for the preset.
+sm=$HOME/.cache/llm-recipes/SmolLM2-135M-Instruct
+draft=$HOME/.cache/llm-recipes/SmolLM2-draft
+wl=results/workloads
+python scripts/spec_workloads.py --tokenizer "$sm" --out $wl/smollm2
+python scripts/spec_workloads.py --vocab 32000 --out $wl/small
+# A 2-layer drafter with SmolLM2's tokenizer, distilled from it on built-in text (~15 min).
+python scripts/train_draft.py --teacher "$sm" --out "$draft"
+spec_rows='bench.variants=[[static_kv,flash_attn],[static_kv,flash_attn,spec_decode]]'
+k_sweep='bench.sweep={key: spec.k, values: [2, 4, 8]}'
+rounds=bench.rounds=2  # each command: 9 rows (baseline, without, with speculation at 3 k) x 2 rounds
+for kind in copy free; do
+  # (a) greedy speculative decoding vs k, per drafter: acceptance, tokens per verification,
+  # TPOT and decode tok/s against the same opts without speculation (identical tokens).
+  python $llama model.path="$sm" workload=file workload.path=$wl/smollm2/$kind.jsonl "$spec_rows" "$k_sweep" $rounds \
+    spec.method=ngram bench.results_dir=results/decoding/smollm2-$kind-ngram
+  python $llama model.path="$sm" workload=file workload.path=$wl/smollm2/$kind.jsonl "$spec_rows" "$k_sweep" $rounds \
+    spec.method=draft spec.draft.path="$draft" bench.results_dir=results/decoding/smollm2-$kind-draft
+  python $llama workload=file workload.path=$wl/small/$kind.jsonl workload.ignore_eos=true "$spec_rows" "$k_sweep" $rounds \
+    spec.method=ngram bench.results_dir=results/decoding/small-$kind-ngram
+  python $llama workload=file workload.path=$wl/small/$kind.jsonl workload.ignore_eos=true "$spec_rows" "$k_sweep" $rounds \
+    spec.method=draft spec.draft.scale=tiny bench.results_dir=results/decoding/small-$kind-draft
+done
+# Where speculation hurts: 32 requests under continuous batching at batch 16 (a verification
+# costs k + 1 tokens of compute per sequence once the batch is compute-bound), and the same
+# with speculation switched off above 4 running sequences (spec.max_batch).
+python $llama model.path="$sm" workload=throughput workload.num_requests=32 workload.batch_size=16 \
+  workload.prompt_len=[64,256] workload.max_new_tokens=[32,128] spec.k=4 bench.rounds=2 \
+  'bench.variants=[[paged_kv,cont_batch,flash_attn],[paged_kv,cont_batch,flash_attn,spec_decode]]' \
+  bench.results_dir=results/decoding/smollm2-load-ngram
+python $llama model.path="$sm" workload=throughput workload.num_requests=32 workload.batch_size=16 \
+  workload.prompt_len=[64,256] workload.max_new_tokens=[32,128] spec.k=4 spec.max_batch=4 bench.rounds=2 \
+  'bench.variants=[[paged_kv,cont_batch,flash_attn],[paged_kv,cont_batch,flash_attn,spec_decode]]' \
+  bench.results_dir=results/decoding/smollm2-load-ngram-max4
+# (b) beam search: tok/s and KV bytes for 1/2/4 beams, paged (beams fork and share the
+# prompt's blocks) vs contiguous rows (every beam a full copy).
+python $llama model.path="$sm" workload=file workload.path=$wl/smollm2/free.jsonl workload.max_new_tokens=64 \
+  'bench.variants=[[static_kv,flash_attn],[paged_kv,flash_attn]]' 'bench.sweep={key: generation.num_beams, values: [1, 2, 4]}' \
+  bench.rounds=2 bench.results_dir=results/decoding/smollm2-beams
+# (c) each logits processor's cost per step at batch 1 and 16, and agreement with transformers'.
+python scripts/sampling_table.py
+
 # Which opt was measured on which device and dtype, read from the tables above.
 python scripts/support_matrix.py
 python scripts/render_tables.py

@@ -19,7 +19,7 @@ from common.quant.scheme import configured_scheme, get_scheme
 from common.transforms.forwards import forwards, random_batches
 from common.transforms.registry import apply_transforms
 from models.llama import LlamaForCausalLM
-from tests.tiny import TINY_LLAMA
+from tests.tiny import TINY_LLAMA, recipe_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = dataclasses.replace(TINY_LLAMA, tie_word_embeddings=True)
@@ -27,7 +27,7 @@ ARGS = dataclasses.replace(TINY_LLAMA, tie_word_embeddings=True)
 
 def _cfg(weights: str, **quant) -> OmegaConf:
     """The keys the transforms read, as the recipe's config has them."""
-    return OmegaConf.create(
+    return recipe_config(
         {
             "quant": {
                 "weights": weights,

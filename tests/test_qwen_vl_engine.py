@@ -170,12 +170,12 @@ def test_qwen2_vl_class_runs_too() -> None:
 def test_language_opts_quantize_the_language_half(model) -> None:
     import copy
 
-    from omegaconf import OmegaConf
+    from tiny import recipe_config
 
     from common.quant.int8 import Int8WeightOnlyLinear
     from common.transforms.registry import apply_transforms
 
-    opts = OmegaConf.create({"fusion": {"projections": True}, "quant": {"weights": "int8"}})
+    opts = recipe_config({"fusion": {"projections": True}, "quant": {"weights": "int8"}})
     m = apply_transforms(copy.deepcopy(model), opts)
     assert not any(isinstance(x, Int8WeightOnlyLinear) for x in m.model.visual.modules())
     assert isinstance(m.lm_head, Int8WeightOnlyLinear)

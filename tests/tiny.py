@@ -1,6 +1,19 @@
 """The tiny LLaMA the engine, serving and KV tests build: small enough for many fp32 runs."""
 
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
 from models.llama import LlamaArgs
+
+DEFAULTS = Path(__file__).resolve().parents[1] / "configs" / "recipe_defaults.yaml"
+
+
+def recipe_config(overrides: dict[str, Any]) -> DictConfig:
+    """The recipes' defaults with `overrides`: every key a transform may read is present."""
+    return OmegaConf.merge(OmegaConf.load(DEFAULTS), overrides)
+
 
 TINY_LLAMA = LlamaArgs(
     vocab_size=96,

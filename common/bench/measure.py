@@ -82,6 +82,10 @@ def _pass(
         )
     if "bubble_pct" in stats:  # pipeline parallel: the share of time stages sat idle
         metrics["bubble_pct"] = stats["bubble_pct"]
+    if stats.get("spec_proposed"):  # speculative decoding
+        metrics["spec_accept_pct"] = 100.0 * stats["spec_accepted"] / stats["spec_proposed"]
+        # tokens each verification emits: the accepted drafts plus the target's own token
+        metrics["spec_tokens_per_step"] = 1 + stats["spec_accepted"] / stats["spec_steps"]
     if stats.get("capacity_row_steps"):  # decode slots that ran no sequence (static batches)
         metrics["idle_pct"] = 100.0 * (1 - stats["useful_row_steps"] / stats["capacity_row_steps"])
     metrics.update(_encoder_metrics(stats, [r for g in groups for r in g], ttfts))

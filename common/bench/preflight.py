@@ -17,7 +17,7 @@ from common import ops
 from common.attention.backends import get_backend
 from common.bench.peers import PEERS, check_peer
 from common.bench.plan import Variant, plan
-from common.bench.worker import kv_spec, pinned_kernels
+from common.bench.worker import beam_config, kv_spec, pinned_kernels, spec_config
 from common.bench.workload import arrival_times, build_requests
 from common.core.config import CONFIG_DIR, ModelConfig, RecipeConfig, models_for, typed
 from common.core.errors import RecipeError
@@ -72,7 +72,9 @@ def _check_choices(cfg: Any, config: RecipeConfig, device: Device) -> None:
     _choice("scheduler.preemption", config.scheduler.preemption, PREEMPTIONS)
     for peer in config.bench.peers:
         _choice("bench.peers entry", peer, PEERS)
-    SamplingParams(**cfg.generation)
+    SamplingParams.from_generation(cfg.generation)
+    if spec_config(cfg) and beam_config(cfg):
+        raise RecipeError("spec_decode and generation.num_beams > 1 do not combine: choose one")
     _choice("offload", config.offload, OFFLOAD_MODES)
     if config.offload_cold and config.offload != "disk":
         raise RecipeError(
@@ -136,6 +138,11 @@ def preflight(cfg: Any, model_cls: type[CausalLM]) -> Checked:
             vcfg.parallel, args, kv_spec(vcfg).kind, vcfg.offload, v.peer,
             cfg.workload.kind, config.scheduler.max_batch, vcfg.compile.enabled,
         )  # fmt: skip
+        ranks = vcfg.parallel.tp * vcfg.parallel.pp
+        if ranks > 1 and (vcfg.spec.enabled or vcfg.generation.num_beams > 1):
+            raise RecipeError(
+                "spec_decode and beam search run on one device; drop them or parallel.tp/pp"
+            )
     compiled = config.compile.enabled or any("compile" in v.opts for v in variants)
     if compiled and config.bench.warmup < 1:
         raise RecipeError(

@@ -40,6 +40,8 @@ COLUMNS = [  # (key, header, format)
     ("max_logit_err", "max logit err", "{:.3g}"),
     ("roofline_pct", "% roofline", "{:.0f}%"),
     ("compile_s", "compile s", "{:.1f}"),  # in the warm-up pass, so never in TPOT
+    ("spec_accept_pct", "draft accept", "{:.0f}%"),  # speculative decoding only
+    ("spec_tokens_per_step", "tokens/verify", "{:.2f}"),
 ]
 # Second table: scheduling and KV memory (throughput, online and KV-cache runs).
 SERVING_COLUMNS = [

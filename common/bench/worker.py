@@ -17,8 +17,10 @@ from common.bench.spawn import die_with_parent_now
 from common.bench.workload import arrival_times, build_requests
 from common.core.request import SamplingParams
 from common.device.select import resolve_dtype, select_device
+from common.engine.beam import BeamConfig
 from common.engine.engine import Engine
 from common.engine.pipeline import Pipeline
+from common.engine.spec import SpecConfig
 from common.kv.spec import KVSpec
 from common.nn.causal_lm import CausalLM
 from common.parallel.capacity import kv_capacity
@@ -57,9 +59,21 @@ def compile_metrics(model: CausalLM) -> dict[str, float]:
     return {} if stats is None else {"compile_s": stats.seconds, "compiled_graphs": stats.graphs}
 
 
+def spec_config(cfg: Any) -> SpecConfig | None:
+    s = cfg.spec
+    if not s.enabled:
+        return None
+    return SpecConfig(s.method, s.k, s.ngram.max, s.ngram.min, s.max_batch)
+
+
+def beam_config(cfg: Any) -> BeamConfig | None:
+    g = cfg.generation
+    return BeamConfig(g.num_beams, g.length_penalty, g.early_stopping) if g.num_beams > 1 else None
+
+
 def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
     from common.bench.peers import peer_runner
-    from common.io.presets import build_model
+    from common.io.presets import build_draft, build_model
 
     if cfg.bench.threads:
         torch.set_num_threads(int(cfg.bench.threads))
@@ -75,7 +89,7 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
     model, tokenizer, weights_desc = build_model(cfg.model, model_cls, device.torch, dtype, place)
     requests = build_requests(cfg.workload, model.args.vocab_size, tokenizer, model, cfg.model.path)
     arrivals = arrival_times(cfg.workload, len(requests))
-    sampling = SamplingParams(**cfg.generation)
+    sampling = SamplingParams.from_generation(cfg.generation)
     for r in requests:
         r.sampling = sampling
     spec = kv_spec(cfg)
@@ -96,10 +110,18 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
             )
             runner = pipeline_runner(pipe, cfg.scheduler.max_batch, cfg.bench.seed)
         else:
+            speculation, draft = spec_config(cfg), None
+            if speculation and speculation.method == "draft":
+                draft, draft_desc = build_draft(
+                    cfg.spec.draft, cfg.model, model_cls, device.torch, dtype, model.args.vocab_size
+                )
+                draft = apply_transforms(draft, cfg)  # the same weight format as the target
+                weights_desc += f"; draft model {draft_desc}"
             cache_mb = cfg.encoder.cache_mb
             engine = Engine(
                 model, device, spec, cfg.attention.backend, scheduler_config(cfg.scheduler),
                 tokenizer, int(cache_mb * 2**20) if cache_mb else None, cfg.encoder.overlap,
+                spec=speculation, draft_model=draft, beams=beam_config(cfg),
             )  # fmt: skip
             for r in requests:
                 engine.check(r)

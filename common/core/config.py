@@ -171,6 +171,42 @@ class GenerationConfig:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    seed: int | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: Any = False  # True | False | "never"
+
+    def check(self) -> None:
+        _require(self.num_beams >= 1, "generation.num_beams", self.num_beams, ">= 1")
+        _require(
+            self.early_stopping in (True, False, "never"),
+            "generation.early_stopping",
+            self.early_stopping,
+            "true, false or never",
+        )
+
+
+@dataclass
+class NgramConfig:
+    max: int = 4
+    min: int = 1
+
+
+@dataclass
+class DraftConfig:
+    path: str | None = None
+    scale: str = "tiny"
+    seed: int = 1
+
+
+@dataclass
+class SpecDecodeConfig:
+    enabled: bool = False
+    method: str = "ngram"
+    k: int = 4
+    ngram: NgramConfig = field(default_factory=NgramConfig)
+    max_batch: int | None = None
+    draft: DraftConfig = field(default_factory=DraftConfig)
 
 
 @dataclass
@@ -341,6 +377,7 @@ class RecipeConfig:
     compile: CompileConfig = field(default_factory=CompileConfig)
     kernels: dict[str, str | None] = field(default_factory=dict)  # op -> pinned implementation
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    spec: SpecDecodeConfig = field(default_factory=SpecDecodeConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from common.core.errors import RecipeError
@@ -50,6 +51,11 @@ class SamplingParams:
         if self.seed is not None and not (is_int(self.seed) and 0 <= self.seed < 2**64):
             raise bad("seed", "None or an integer in [0, 2**64)")
 
+    @classmethod
+    def from_generation(cls, generation: Mapping[str, Any]) -> SamplingParams:
+        """The `generation:` config's per-request fields (beam settings are not per request)."""
+        return cls(**{f.name: generation[f.name] for f in fields(cls) if f.name in generation})
+
 
 @dataclass(frozen=True, eq=False)
 class MultimodalItem:
@@ -93,6 +99,7 @@ class Completion:
     # True when generation stopped at the model's max positions before max_new_tokens
     # (finish_reason "length"): the prompt left too little room, which a bench should say.
     truncated: bool = False
+    score: float | None = None  # beam search: the hypothesis' length-penalized log-probability
 
     @property
     def ttft(self) -> float:

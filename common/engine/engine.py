@@ -17,10 +17,14 @@ from torch import Tensor
 from common.core.errors import RecipeError
 from common.core.request import Completion, Request
 from common.device.select import Device
+from common.engine.beam import BeamConfig, beam_search
 from common.engine.multimodal import check_items
 from common.engine.runner import ModelRunner
 from common.engine.sampler import make_generator
-from common.engine.scheduler import Scheduler, SchedulerConfig, Sequence
+from common.engine.scheduler import Scheduler, SchedulerConfig, Sequence, Speculation
+from common.engine.spec import Drafter, SpecConfig
+from common.engine.spec.draft import DraftModelDrafter
+from common.engine.spec.ngram import NgramDrafter
 from common.engine.stop import StopRule
 from common.kv.manager import KVManager, PagedKVManager, RowKVManager
 from common.kv.paged import num_blocks_for
@@ -40,6 +44,9 @@ class Engine:
         tokenizer: Any | None = None,
         feature_cache_bytes: int | None = None,
         encode_overlap: bool = False,
+        spec: SpecConfig | None = None,
+        draft_model: CausalLM | None = None,
+        beams: BeamConfig | None = None,
     ) -> None:
         """feature_cache_bytes: keep encoder features (images) in an LRU of this size, keyed
         by content; encode_overlap: encode waiting requests' content in a worker thread while
@@ -58,6 +65,19 @@ class Engine:
             model, device, self.kv, attention, feature_cache_bytes, encode_overlap
         )
         self.stop = StopRule(model.args.eos_ids, tokenizer)
+        if spec and self.kv.kind == "none":
+            raise RecipeError(
+                "speculative decoding verifies against stored KV; not kv_cache.kind=none"
+            )
+        self.beams = beams if beams and beams.num_beams > 1 else None
+        if self.beams and (spec or self.kv.kind == "none"):
+            raise RecipeError(
+                "beam search needs stored KV and runs without speculative decoding "
+                f"(got kv_cache.kind={self.kv.kind}, spec_decode {'on' if spec else 'off'})"
+            )
+        self.spec = spec
+        self.drafter = self._drafter(spec, draft_model, attention) if spec else None
+        self._gen: torch.Generator | None = None  # this call's generator (drafts draw from it)
         self._paged: PagedKVManager | None = None  # kept across calls, as a server's pool is
         self._paged_shape: tuple[int, int] | None = None
 
@@ -75,6 +95,18 @@ class Engine:
     @property
     def max_positions(self) -> int:
         return self.model.args.max_position_embeddings
+
+    def _drafter(self, spec: SpecConfig, draft: CausalLM | None, attention: str) -> Drafter:
+        if spec.method == "ngram":
+            return NgramDrafter(spec.ngram_max, spec.ngram_min)
+        if draft is None:
+            raise RecipeError(
+                "spec.method=draft needs a draft model (spec.draft.path or spec.draft.scale)"
+            )
+        return DraftModelDrafter(
+            draft, self.model.args.vocab_size, self.device, attention,
+            lambda seq_id, sampling: self.runner.generator_for(seq_id, sampling, self._gen),
+        )  # fmt: skip
 
     def reset(self) -> None:
         """Forget counters and the paged pool (with its cached prefixes): a fresh server."""
@@ -101,8 +133,8 @@ class Engine:
             raise RecipeError("stop strings need a tokenizer (model.path with tokenizer files)")
 
     def _kv_manager(self, max_batch: int, longest: int) -> KVManager:
-        if not self.kv.paged:
-            return RowKVManager(stores_kv=self.kv.kind != "none")
+        if not self.kv.paged:  # a row padded to a speculation's k + 1 tokens needs k more slots
+            return RowKVManager(self.kv.kind != "none", self.spec.k if self.spec else 0)
         self.runner.decode_slots = max_batch
         if self._paged_shape is None or self._paged_shape < (max_batch, longest):
             # The pool outlives a call, as a server's does: cached prefix blocks serve later calls.
@@ -119,6 +151,8 @@ class Engine:
         for r in requests:
             self.check(r)
         budgets = [min(r.max_new_tokens, self.max_positions - len(r.prompt)) for r in requests]
+        if self.beams:
+            return self._beam_search(requests, budgets)
         seqs = [
             Sequence(
                 i, list(r.prompt), budgets[i], r.sampling, r, r.priority,
@@ -131,9 +165,14 @@ class Engine:
             config = replace(config, max_batch=len(requests))
         longest = max(len(r.prompt) + b for r, b in zip(requests, budgets))
         kv = self._kv_manager(config.max_batch, longest)
-        scheduler = Scheduler(kv, config, self.stop)
+        speculation = None
+        if self.drafter is not None:
+            self.drafter.reset()
+            speculation = Speculation(self.spec.k, self.drafter.propose, self.spec.max_batch)
+        scheduler = Scheduler(kv, config, self.stop, speculation)
         pending = deque(sorted(seqs, key=lambda s: s.arrival))
-        gen = make_generator(seed, self.device.torch)
+        gen = self._gen = make_generator(seed, self.device.torch)
+        self.runner.generators.clear()
         start = time.perf_counter()
         while pending or scheduler.has_work():
             now = time.perf_counter() - start
@@ -145,13 +184,16 @@ class Engine:
             plan = scheduler.schedule()
             if self.runner.encoder is not None:  # overlap: encode who waits while others run
                 self.runner.encoder.prefetch([s.extras for s in scheduler.waiting])
-            sampled, _ = self.runner.execute(plan, gen)
+            draft_probs = self.drafter.probs if self.drafter else None
+            sampled, _ = self.runner.execute(plan, gen, draft_probs=draft_probs)
             self.runner.track(kv.usage())
             if sampled:
                 self.device.synchronize()
                 scheduler.update(plan, sampled, time.perf_counter() - start)
             else:
                 scheduler.update(plan, {}, 0.0)
+        if self.drafter is not None:
+            self.drafter.reset()  # its per-sequence draft KV
         return [
             Completion(
                 s.output, s.finish_reason, s.token_times, s.preemptions,
@@ -159,6 +201,15 @@ class Engine:
             )
             for s in seqs
         ]  # fmt: skip
+
+    def _beam_search(self, requests: list[Request], budgets: list[int]) -> list[Completion]:
+        """Each request's beams run as one batch; requests one after another."""
+        out = []
+        for r, limit in zip(requests, budgets):
+            kv = self._kv_manager(self.beams.num_beams, len(r.prompt) + limit)
+            paged = kv if isinstance(kv, PagedKVManager) else None
+            out.append(beam_search(self.runner, paged, r, limit, self.stop.eos, self.beams))
+        return out
 
     @torch.inference_mode()
     def teacher_forced_logits(

@@ -21,6 +21,7 @@ class ScheduledSeq:
     sampling: SamplingParams
     where: int | list[int]  # its KV: a row (row storage) or a block table (paged)
     extras: Any = None  # per-sequence extra model inputs (encoded content), opaque here
+    num_draft: int = 0  # the last num_draft tokens are a speculation to verify
 
 
 @dataclass(slots=True)

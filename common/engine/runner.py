@@ -18,11 +18,12 @@ from torch import Tensor
 
 from common.attention.backends import get_backend
 from common.attention.meta import ForwardContext
-from common.core.request import MultimodalItem, Request
+from common.core.request import MultimodalItem, Request, SamplingParams
 from common.device.select import Device
 from common.engine.multimodal import Encoder, SeqContent, model_inputs
 from common.engine.plan import ScheduledSeq, StepPlan
-from common.engine.sampler import sample_with_probs
+from common.engine.sampler import make_generator, process_logits, sample_with_probs
+from common.engine.spec.verify import verify
 from common.kv.paged import PagedStorage
 from common.kv.rows import RowStorage, make_rows
 from common.kv.spec import KVSpec
@@ -82,7 +83,9 @@ class ModelRunner:
         self.peak_kv_bytes = 0  # reserved at the fullest moment
         # decode_steps, decode_ctx_tokens (KV read), useful_row_steps / capacity_row_steps,
         # kv_steps, kv_reserved_byte_steps / kv_used_byte_steps
+        # + spec_steps, spec_proposed, spec_accepted (speculative decoding)
         self.stats: Counter[str] = Counter()
+        self.generators: dict[int, torch.Generator] = {}  # per sequence with a seed
 
     # -- storage
     def new_rows(self, rows: int, max_len: int) -> RowStorage:
@@ -153,17 +156,26 @@ class ModelRunner:
         valid = torch.ones_like(ids, dtype=torch.bool)
         return ids, positions, valid, (tables, slots, F.pad(lens, (0, extra)))
 
-    def _logits(self, hidden: Tensor, last: list[tuple[int, int]]) -> Tensor | None:
-        """One LM-head matmul for all sampled rows: it reads the whole head once, not per row."""
-        if not last:
+    def _logits(self, hidden: Tensor, rows: list[tuple[int, ScheduledSeq]]) -> Tensor | None:
+        """One LM-head matmul for all sampled rows (it reads the whole head once, not per
+        row): each (batch row, entry) gives its last 1 + num_draft positions, in order."""
+        if not rows:
             return None
-        index = torch.tensor(last, dtype=torch.long, device=hidden.device)
+        index = torch.tensor(
+            [
+                (i, t)
+                for i, e in rows
+                for t in range(len(e.tokens) - 1 - e.num_draft, len(e.tokens))
+            ],
+            dtype=torch.long,
+            device=hidden.device,
+        )
         return self.model.logits(hidden[index[:, 0], index[:, 1]])
 
     # -- one step
     def run(self, plan: StepPlan) -> tuple[list[ScheduledSeq], Tensor | None]:
         """Apply the plan's KV ops and run its forwards; returns the sequences that sample
-        and their next-token logits [n, V], in that order (decodes first when paged)."""
+        and their logits, 1 + num_draft rows each, in that order (decodes first when paged)."""
         if self.spec.paged:
             if plan.kv_ops:
                 self.storage.apply(plan.kv_ops)
@@ -174,19 +186,64 @@ class ModelRunner:
             return [], None
         return sampled, torch.cat(logits) if len(logits) > 1 else logits[0]
 
+    def generator_for(
+        self, seq_id: int, sampling: SamplingParams | None, default: torch.Generator | None
+    ) -> torch.Generator | None:
+        """A request with a seed draws from a generator of its own (kept for its lifetime),
+        so its output does not depend on what else is in the batch."""
+        if sampling is None or sampling.seed is None:
+            return default
+        if seq_id not in self.generators:
+            self.generators[seq_id] = make_generator(sampling.seed, self.device.torch)
+        return self.generators[seq_id]
+
     def execute(
-        self, plan: StepPlan, generator: torch.Generator | None, with_probs: bool = False
-    ) -> tuple[dict[int, int], Tensor | None]:
+        self,
+        plan: StepPlan,
+        generator: torch.Generator | None,
+        with_probs: bool = False,
+        draft_probs: dict[int, Tensor] | None = None,
+    ) -> tuple[dict[int, int | list[int]], Tensor | None]:
         """Run the plan and sample; returns the sampled token of each sequence that reached
-        its end (seq id -> token) and, with_probs, their distributions [n, V] in run order."""
+        its end (seq id -> token; a speculation: its accepted drafts and the target's next
+        token) and, with_probs, the plain rows' distributions [n, V] in run order.
+        draft_probs: the drafter's q per speculating sequence (absent: a point mass)."""
         sampled, logits = self.run(plan)
         if not sampled:
             return {}, None
+        logits = logits.float()
+        out: dict[int, int | list[int]] = {}
+        plain, rows, row = [], [], 0
+        for e in sampled:
+            if e.num_draft:
+                out[e.seq_id] = self._verify(e, logits[row : row + 1 + e.num_draft], generator,
+                                             (draft_probs or {}).get(e.seq_id))  # fmt: skip
+            else:
+                plain.append(e)
+                rows.append(row)
+            row += 1 + e.num_draft
+        if not plain:
+            return out, None
         tokens, probs = sample_with_probs(
-            logits.float(), [e.history for e in sampled], [e.sampling for e in sampled],
-            generator, with_probs,
+            logits[rows], [e.history for e in plain], [e.sampling for e in plain],
+            [self.generator_for(e.seq_id, e.sampling, generator) for e in plain], with_probs,
         )  # fmt: skip
-        return dict(zip((e.seq_id for e in sampled), tokens.tolist())), probs
+        out.update(zip((e.seq_id for e in plain), tokens.tolist()))
+        return out, probs
+
+    def _verify(
+        self, e: ScheduledSeq, logits: Tensor, generator: torch.Generator | None, q: Tensor | None
+    ) -> list[int]:
+        """A speculation: the target's processed scores after the pending token and after
+        each draft (each with its own history), then the accept/reject rule."""
+        drafts = e.tokens[len(e.tokens) - e.num_draft :]
+        params = e.sampling or SamplingParams()
+        histories = [e.history + drafts[:i] for i in range(e.num_draft + 1)]
+        scores = process_logits(logits, histories, params)
+        gen = self.generator_for(e.seq_id, e.sampling, generator)
+        accepted = verify(scores, drafts, q, params, gen)
+        self.stats.update(spec_steps=1, spec_proposed=e.num_draft, spec_accepted=len(accepted) - 1)
+        return accepted
 
     def _count_decode(self, ctx_tokens: int, rows: int, capacity: int) -> None:
         self.stats.update(
@@ -195,11 +252,13 @@ class ModelRunner:
         )  # fmt: skip
 
     def _step_paged(self, plan: StepPlan) -> tuple[list[ScheduledSeq], list[Tensor]]:
-        decodes = [e for e in plan.seqs if len(e.tokens) == 1]
+        # decodes: one pending token (+ a speculation's drafts); the rest are prompt chunks
+        decodes = [e for e in plan.seqs if len(e.tokens) == 1 + e.num_draft]
         if decodes:
-            self._count_decode(sum(e.start + 1 for e in decodes), len(decodes), plan.capacity)
+            ctx = sum(e.start + len(e.tokens) for e in decodes)
+            self._count_decode(ctx, len(decodes), plan.capacity)
         sampled, logits = [], []
-        for group in (decodes, [e for e in plan.seqs if len(e.tokens) > 1]):
+        for group in (decodes, [e for e in plan.seqs if len(e.tokens) > 1 + e.num_draft]):
             if not group:
                 continue
             ids, positions, valid = pad_rows(
@@ -210,16 +269,20 @@ class ModelRunner:
             if group is decodes and self.spec.static:
                 ids, positions, valid, paged = self._static_decode(ids, positions, paged)
             hidden = self.forward(self.storage, ids, positions, valid, paged, extra)
-            last = [(i, len(e.tokens) - 1) for i, e in enumerate(group) if e.sample]
-            if last:
-                sampled += [e for e in group if e.sample]
-                logits.append(self._logits(hidden, last))
+            rows = [(i, e) for i, e in enumerate(group) if e.sample]
+            if rows:
+                sampled += [e for _, e in rows]
+                logits.append(self._logits(hidden, rows))
         return sampled, logits
 
     def _step_rows(self, plan: StepPlan) -> tuple[list[ScheduledSeq], list[Tensor]]:
         if plan.kv_ops.new_rows:
             self.storage = self.new_rows(*plan.kv_ops.new_rows)
             self.history = [None] * plan.kv_ops.new_rows[0]
+        for row, keep in plan.kv_ops.truncate:
+            self.storage.truncate(row, keep)
+        if plan.kv_ops.reorder is not None:
+            self.storage.reorder(plan.kv_ops.reorder)
         by_row = {e.where: e for e in plan.seqs}
         rows, starts, contents = [], [], []
         for r in range(len(self.history)):
@@ -247,7 +310,7 @@ class ModelRunner:
         extra = self.extras(contents, positions)
         hidden = self.forward(self.storage, ids, positions, valid, extra=extra)
         sampled = [e for e in plan.seqs if e.sample]
-        logits = self._logits(hidden, [(e.where, len(e.tokens) - 1) for e in sampled])
+        logits = self._logits(hidden, [(e.where, e) for e in sampled])
         return sampled, [logits] if sampled else []
 
     def track(self, slots: tuple[int, int] | None) -> None:

@@ -120,29 +120,30 @@ def sample_with_probs(
     logits: Tensor,
     histories: list[list[int]] | Tensor,
     params: SamplingParams | Sequence[SamplingParams],
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None | Sequence[torch.Generator | None] = None,
     with_probs: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Next token per row [B] int64 and, with_probs, the distribution it was drawn from
     [B, V] float32 (softmax of the processed scores; greedy: without the sampling warpers),
     which speculative decoding compares. A sequence of params (one per row) is processed in
-    groups of equal params, in order of first appearance, so draws from `generator` are
-    deterministic for a given batch."""
+    groups of equal params (and, given one generator per row, equal generators), in order
+    of first appearance, so draws from a generator are deterministic for a given batch."""
     if isinstance(params, SamplingParams):
         return _select(process_logits(logits, histories, params), params, generator, with_probs)
     if len(params) != logits.shape[0]:
         raise ValueError(f"got {len(params)} SamplingParams for {logits.shape[0]} logits rows")
-    groups: dict[SamplingParams, list[int]] = {}
-    for row, p in enumerate(params):
-        groups.setdefault(p, []).append(row)
+    gens = generator if isinstance(generator, Sequence) else [generator] * len(params)
+    groups: dict[tuple[SamplingParams, int], list[int]] = {}
+    for row, (p, g) in enumerate(zip(params, gens)):
+        groups.setdefault((p, id(g)), []).append(row)
     out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     probs = logits.new_empty(logits.shape, dtype=torch.float32) if with_probs else None
-    for p, rows in groups.items():
+    for (p, _), rows in groups.items():
         sub_histories = (
             histories[rows] if isinstance(histories, Tensor) else [histories[r] for r in rows]
         )
         scores = process_logits(logits[rows], sub_histories, p)
-        out[rows], sub_probs = _select(scores, p, generator, with_probs)
+        out[rows], sub_probs = _select(scores, p, gens[rows[0]], with_probs)
         if probs is not None:
             probs[rows] = sub_probs
     return out, probs

@@ -12,6 +12,7 @@ only when the previous one has finished: the baseline that waits for its longest
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,17 @@ from common.kv.manager import KVManager
 POLICIES = ("fcfs", "priority", "sjf")
 KINDS = ("static", "continuous")
 PREEMPTIONS = ("recompute", "swap")
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """Speculative decoding as the scheduler sees it: propose(seq id, tokens, k, final
+    length, sampling) -> up to k draft tokens, asked for each decoding sequence while at
+    most max_batch sequences run."""
+
+    k: int
+    propose: Callable[[int, list[int], int, int, SamplingParams], list[int]]
+    max_batch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -84,11 +96,15 @@ class Sequence:
 
 class Scheduler:
     def __init__(
-        self, kv: KVManager, config: SchedulerConfig, stop: StopRule | None = None
+        self,
+        kv: KVManager,
+        config: SchedulerConfig,
+        stop: StopRule | None = None,
+        spec: Speculation | None = None,
     ) -> None:
         if config.max_batch is None:
             raise RecipeError("the scheduler needs scheduler.max_batch")
-        self.kv, self.config, self.stop = kv, config, stop or StopRule(())
+        self.kv, self.config, self.stop, self.spec = kv, config, stop or StopRule(()), spec
         self.max_batch = config.max_batch
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []  # in admission order: the newest is preempted first
@@ -137,33 +153,50 @@ class Scheduler:
                 if victim is seq:
                     return False
 
-    def _entry(self, seq: Sequence, n: int) -> ScheduledSeq:
+    def _entry(self, seq: Sequence, n: int, draft: list[int] = ()) -> ScheduledSeq:
         start = seq.num_computed
         return ScheduledSeq(
             seq.id,
             start,
-            seq.tokens[start : start + n],
+            seq.tokens[start : start + n] + list(draft),
             n == seq.num_pending,
             len(seq.tokens) > len(seq.prompt),
             seq.tokens,
             seq.sampling,
             self.kv.locate(seq.id),
             seq.extras,
+            num_draft=len(draft),
         )
+
+    def _drafts(self) -> dict[int, list[int]]:
+        """Proposals for the decoding sequences (one token pending), each at most the
+        tokens its budget still allows after the step's own token; none under load."""
+        spec = self.spec
+        if spec is None or (spec.max_batch is not None and len(self.running) > spec.max_batch):
+            return {}
+        drafts = {}
+        for seq in self.running:
+            final = len(seq.prompt) + seq.max_new_tokens
+            k = min(spec.k, final - len(seq.tokens) - 1)
+            if seq.num_pending == 1 and k > 0:
+                drafts[seq.id] = spec.propose(seq.id, seq.tokens, k, final, seq.sampling)[:k]
+        return drafts
 
     def schedule(self) -> StepPlan:
         budget = self.config.max_tokens_per_step or 1 << 62
-        chosen: list[tuple[Sequence, int]] = []
+        chosen: list[tuple[Sequence, int, list[int]]] = []
         self._preempted_now.clear()
+        drafts = self._drafts()
         for seq in list(self.running):  # oldest first keeps its room
             if seq not in self.running:  # preempted below by an older sequence
                 continue
             n = min(seq.num_pending, budget)
             if n <= 0:
                 break
-            if self._room(seq, n):
-                chosen.append((seq, n))
-                budget -= n
+            draft = drafts.get(seq.id, [])[: budget - n]
+            if self._room(seq, n + len(draft)):
+                chosen.append((seq, n, draft))
+                budget -= n + len(draft)
         while self.swapped and len(self.running) < self.max_batch and budget > 0:
             seq = self.swapped[0]
             if seq.id in self._preempted_now and (self.running or chosen):
@@ -176,13 +209,13 @@ class Scheduler:
                 break
             self.swapped.pop(0)
             self.running.append(seq)
-            chosen.append((seq, n))
+            chosen.append((seq, n, []))
             budget -= n
         if not (self.config.kind == "static" and (self.running or self.swapped)):
             self._admit(chosen, budget)
-        return StepPlan([self._entry(s, n) for s, n in chosen], self.kv.take_ops(), self.max_batch)
+        return StepPlan([self._entry(*c) for c in chosen], self.kv.take_ops(), self.max_batch)
 
-    def _admit(self, chosen: list[tuple[Sequence, int]], budget: int) -> None:
+    def _admit(self, chosen: list[tuple[Sequence, int, list[int]]], budget: int) -> None:
         self.waiting.sort(key=self._key)
         while self.waiting and len(self.running) < self.max_batch and budget > 0:
             seq = self.waiting[0]
@@ -196,7 +229,7 @@ class Scheduler:
             self.running.append(seq)
             seq.num_computed = cached
             n = min(seq.num_pending, budget)
-            chosen.append((seq, n))
+            chosen.append((seq, n, []))
             budget -= n
 
     def _no_room(self, seq: Sequence, chosen: list) -> None:
@@ -207,21 +240,31 @@ class Scheduler:
                 f"({len(seq.tokens)} tokens); raise scheduler.kv_budget"
             )
 
-    def update(self, plan: StepPlan, sampled: dict[int, int], now: float) -> None:
-        """After the runner ran `plan`: advance each sequence, append its sampled token
-        (sampled: seq id -> token), and retire the finished ones."""
+    def update(self, plan: StepPlan, sampled: dict[int, int | list[int]], now: float) -> None:
+        """After the runner ran `plan`: advance each sequence, append its sampled token(s)
+        (sampled: seq id -> token, or a speculation's accepted drafts and the target's
+        token), rewind the KV of rejected drafts, and retire the finished ones."""
         by_id = {s.id: s for s in self.running}
         for entry in plan.seqs:
             seq = by_id[entry.seq_id]
-            seq.num_computed = entry.start + len(entry.tokens) if self.kv.stores_kv else 0
-            self.kv.commit(seq.id, seq.tokens, seq.num_computed)
-            token = sampled.get(seq.id)
-            if token is None:
-                continue
-            seq.tokens.append(token)
-            seq.token_times.append(now - seq.arrival)
-            new = len(seq.tokens) - len(seq.prompt)
-            seq.finish_reason = self.stop.check(seq.request, seq.tokens, new, seq.max_new_tokens)
+            got = sampled.get(seq.id)
+            new = [] if got is None else [got] if isinstance(got, int) else got
+            rejected = entry.num_draft - max(0, len(new) - 1)
+            computed = entry.start + len(entry.tokens) - rejected
+            seq.num_computed = computed if self.kv.stores_kv else 0
+            if rejected and self.kv.stores_kv:
+                self.kv.rewind(seq.id, rejected)
+            for token in new:
+                seq.tokens.append(token)
+                seq.token_times.append(now - seq.arrival)
+                num_new = len(seq.tokens) - len(seq.prompt)
+                seq.finish_reason = self.stop.check(
+                    seq.request, seq.tokens, num_new, seq.max_new_tokens
+                )
+                if seq.finish_reason:
+                    break
+            # KV of the tokens before the last is written (prefix caches index it)
+            self.kv.commit(seq.id, seq.tokens, min(seq.num_computed, len(seq.tokens) - 1))
             if seq.finish_reason:
                 self.retire(seq)
 

@@ -69,3 +69,26 @@ def build_model(
     args = preset_args(mcfg, model_cls)
     model = from_seed(model_cls, args, mcfg.seed, device, dtype, place)
     return model, None, f"seeded random weights (seed {mcfg.seed}), scale {mcfg.scale}"
+
+
+def build_draft(
+    draft: Any,
+    mcfg: Any,
+    model_cls: type[CausalLM],
+    device: torch.device,
+    dtype: torch.dtype,
+    vocab_size: int,
+) -> tuple[CausalLM, str]:
+    """Speculative decoding's draft model: a checkpoint (spec.draft.path), or a preset of the
+    recipe's model (spec.draft.scale) with seeded weights and the target's vocabulary."""
+    if draft.path:
+        return from_pretrained(model_cls, draft.path, device, dtype, mcfg.allow_pickle), draft.path
+    presets = dict(mcfg.presets)
+    if draft.scale not in presets:
+        raise RecipeError(
+            f"unknown spec.draft.scale {draft.scale!r}; choose one of {', '.join(presets)}"
+        )
+    plain = OmegaConf.to_container
+    fields = {**plain(mcfg.common), **plain(presets[draft.scale]), "vocab_size": vocab_size}
+    model = from_seed(model_cls, model_cls.args_cls(**fields), draft.seed, device, dtype)
+    return model, f"preset {draft.scale}, seed {draft.seed}"

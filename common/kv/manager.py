@@ -33,6 +33,9 @@ class KVManager(Protocol):
 
     def free(self, seq_id: int) -> None: ...
 
+    def rewind(self, seq_id: int, num_tokens: int) -> None:
+        """Forget the sequence's last num_tokens tokens (a rejected speculation)."""
+
     def commit(self, seq_id: int, tokens: list[int], num_tokens: int) -> None:
         """KV of the first num_tokens `tokens` is written (prefix caches index it)."""
 
@@ -124,20 +127,24 @@ class PagedKVManager:
 class RowKVManager:
     """Row storage holds one static batch: rows are handed out in admission order and are
     all released when the batch's last sequence is freed (finished rows wait, as in a
-    padded batch). Rows are sized for their sequence's final length, so growing is free."""
+    padded batch). Rows are sized for their sequence's final length, so growing is free.
+    slack: extra slots per row, for a step that computes tokens past a row's end (a row
+    padded to a speculation's k + 1 tokens)."""
 
-    def __init__(self, stores_kv: bool = True) -> None:
-        self.stores_kv = stores_kv
+    def __init__(self, stores_kv: bool = True, slack: int = 0) -> None:
+        self.stores_kv, self.slack = stores_kv, slack
         self.rows: dict[int, int] = {}
         self.live: set[int] = set()
+        self.lengths: dict[int, int] = {}  # slots each sequence has been given
         self.longest = 0
         self.new_batch = False
+        self.truncate: list[tuple[int, int]] = []
 
     def allocate(
         self, seq_id: int, tokens: list[int], max_len: int, extras: tuple[ExtraKey, ...] = ()
     ) -> int:
         if not self.live:  # the previous batch is over: a fresh storage
-            self.rows, self.longest, self.new_batch = {}, 0, True
+            self.rows, self.lengths, self.longest, self.new_batch = {}, {}, 0, True
         elif self.new_batch is False:
             raise RecipeError("row KV storage admits a batch only when the previous one is over")
         self.rows[seq_id] = len(self.rows)
@@ -146,10 +153,15 @@ class RowKVManager:
         return 0
 
     def grow(self, seq_id: int, num_tokens: int) -> None:
-        return None
+        self.lengths[seq_id] = max(self.lengths.get(seq_id, 0), num_tokens)
 
     def free(self, seq_id: int) -> None:
         self.live.discard(seq_id)
+
+    def rewind(self, seq_id: int, num_tokens: int) -> None:
+        self.lengths[seq_id] -= num_tokens
+        if self.stores_kv and num_tokens:
+            self.truncate.append((self.rows[seq_id], self.lengths[seq_id]))
 
     def commit(self, seq_id: int, tokens: list[int], num_tokens: int) -> None:
         return None
@@ -158,10 +170,12 @@ class RowKVManager:
         return self.rows[seq_id]
 
     def take_ops(self) -> KVOps:
-        if not self.new_batch:
-            return KVOps()
-        self.new_batch = False
-        return KVOps(new_rows=(len(self.rows), self.longest))
+        ops = KVOps(truncate=self.truncate)
+        self.truncate = []
+        if self.new_batch:
+            self.new_batch = False
+            ops.new_rows = (len(self.rows), self.longest + self.slack)
+        return ops
 
     def usage(self) -> None:
         return None

@@ -16,6 +16,13 @@ class KVOps:
     swap_in: list[tuple[int, int]] = field(default_factory=list)
     # row storage: a new static batch starts, with (rows, longest sequence)
     new_rows: tuple[int, int] | None = None
+    # row storage: (row, tokens kept) after a rejected speculation; applied before the forward
+    truncate: list[tuple[int, int]] = field(default_factory=list)
+    # row storage: row i takes a copy of row reorder[i] (beam search), before the forward
+    reorder: list[int] | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.swap_out or self.copies or self.swap_in or self.new_rows)
+        return bool(
+            self.swap_out or self.copies or self.swap_in or self.new_rows or self.truncate
+            or self.reorder is not None
+        )  # fmt: skip

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from common.attention.meta import AttnMeta
 from common.core.errors import RecipeError
-from common.kv.quant import KVTensor, kv_nbytes, kv_read, kv_write, kv_zeros
+from common.kv.quant import KVTensor, kv_map, kv_nbytes, kv_read, kv_write, kv_zeros
 from common.kv.spec import KVSpec
 
 _NEVER = torch.iinfo(torch.int64).max  # key position of padding: above every query position
@@ -55,6 +55,14 @@ class RowStorage(ABC):
         """Bytes holding real tokens (the rest of nbytes() is reserved but empty)."""
         return self.nbytes()
 
+    def truncate(self, row: int, keep: int) -> None:
+        """Forget row's tokens at positions >= keep (a rejected speculation)."""
+        return None
+
+    def reorder(self, index: list[int]) -> None:
+        """Row i becomes a copy of row index[i] (beam search)."""
+        raise RecipeError(f"{type(self).__name__} keeps no KV to reorder")
+
 
 class NoCache(RowStorage):
     stores_kv = False
@@ -89,6 +97,17 @@ class DynamicCache(RowStorage):
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.k + self.v if t is not None)
+
+    def reorder(self, index: list[int]) -> None:
+        if self.key_pos is not None:
+            self.k = [t[index] for t in self.k]
+            self.v = [t[index] for t in self.v]
+            self.key_pos = self.key_pos[index]
+
+    def truncate(self, row: int, keep: int) -> None:
+        # Concatenated keys cannot shrink per row: hide them from every later query.
+        if self.key_pos is not None:
+            self.key_pos[row].masked_fill_(self.key_pos[row] >= keep, _NEVER)
 
     def used_bytes(self) -> int:
         if self.key_pos is None:
@@ -165,6 +184,16 @@ class ContiguousCache(RowStorage):
 
     def used_bytes(self) -> int:
         return self.nbytes() * int(self.lengths.sum()) // (self.max_len * len(self.lengths))
+
+    def reorder(self, index: list[int]) -> None:
+        rows = torch.tensor(index, device=self.row_ids.device)
+        self.k = [kv_map(t, lambda x: x[rows]) for t in self.k]
+        self.v = [kv_map(t, lambda x: x[rows]) for t in self.v]
+        self.lengths = self.lengths[index]
+
+    def truncate(self, row: int, keep: int) -> None:
+        # Slot = position: a later query at position p reads slots <= p, all rewritten by then.
+        self.lengths[row] = min(int(self.lengths[row]), keep)
 
 
 def make_rows(
