@@ -108,6 +108,32 @@ def _check_requests(
     return requests
 
 
+def _opt_file(name: str) -> Any:
+    return OmegaConf.load(CONFIG_DIR / "opt" / f"{name}.yaml")
+
+
+def _without_opts(cfg: Any, opts: list[str]) -> Any:
+    """The command's config with the keys its +opt list set back at their defaults: what a
+    row starts from before its own opts (bench.each / ladder rows hold a subset)."""
+    defaults = OmegaConf.load(CONFIG_DIR / "recipe_defaults.yaml")
+    base = OmegaConf.create(OmegaConf.to_container(cfg))
+    for name in opts:
+        for key, _ in _leaves(_opt_file(name)):
+            if key != "opts" and not key.startswith("opts."):
+                OmegaConf.update(base, key, OmegaConf.select(defaults, key), merge=False)
+    return base
+
+
+def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if not OmegaConf.is_dict(node):
+        return [(prefix, node)]
+    return [
+        leaf
+        for k, v in node.items()
+        for leaf in _leaves(v, f"{prefix}{k}" if not prefix else f"{prefix}.{k}")
+    ]
+
+
 def preflight(cfg: Any, model_cls: type[CausalLM]) -> Checked:
     config = typed(cfg)
     device = select_device(config.hardware.device)
@@ -131,9 +157,9 @@ def preflight(cfg: Any, model_cls: type[CausalLM]) -> Checked:
     )  # fmt: skip
     if not config.bench.each:  # the combined variant must be a valid KV choice
         kv_spec(cfg)
+    base = _without_opts(cfg, opts)
     for v in variants:  # each row's config as its worker composes it (opts add keys)
-        opt_files = (OmegaConf.load(CONFIG_DIR / "opt" / f"{o}.yaml") for o in v.opts)
-        vcfg = OmegaConf.merge(OmegaConf.to_container(cfg), *opt_files)
+        vcfg = OmegaConf.merge(base, *(_opt_file(o) for o in v.opts))
         check_parallel(
             vcfg.parallel, args, kv_spec(vcfg).kind, vcfg.offload, v.peer,
             cfg.workload.kind, config.scheduler.max_batch, vcfg.compile.enabled,
