@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 import common.attention.paged  # noqa: F401  registers the paged_attention op, so its pin is checked
 from common import ops
 from common.attention.backends import get_backend
@@ -25,7 +27,9 @@ from common.engine.scheduler import KINDS, POLICIES, PREEMPTIONS
 from common.io.checkpoint import args_from_hf
 from common.io.presets import load_tokenizer, preset_args
 from common.nn.causal_lm import CausalLM, ModelArgs
-from common.quant.scheme import get_scheme
+from common.quant.scheme import configured_scheme
+from common.quant.skip import skip_filter
+from common.transforms.fusion import fuse_projections
 from common.transforms.registry import check_opts_supported, opt_specs
 
 
@@ -63,7 +67,7 @@ def _check_choices(cfg: Any, config: RecipeConfig, device: Device) -> None:
         _choice("bench.peers entry", peer, PEERS)
     SamplingParams(**cfg.generation)
     if config.quant.weights != "none":
-        get_scheme(config.quant.weights)
+        configured_scheme(config.quant)
     ops.pin(pinned_kernels(cfg))  # an unknown implementation names the op's choices
 
 
@@ -75,6 +79,16 @@ def _check_requests(cfg: Any, model: ModelConfig, args: ModelArgs) -> None:
     arrival_times(cfg.workload, len(requests))
 
 
+def _check_skip(config: RecipeConfig, model_cls: type[CausalLM], args: ModelArgs) -> None:
+    """quant.skip names modules of this model (built on the meta device: no memory)."""
+    if config.quant.skip:
+        with torch.device("meta"):
+            model = model_cls(args)
+        if config.fusion.projections:
+            fuse_projections(model)
+        skip_filter(model, list(config.quant.skip))
+
+
 def preflight(cfg: Any, model_cls: type[CausalLM]) -> Checked:
     config = typed(cfg)
     device = select_device(config.hardware.device)
@@ -83,6 +97,7 @@ def preflight(cfg: Any, model_cls: type[CausalLM]) -> Checked:
     _check_choices(cfg, config, device)
     args = _model_args(cfg.model, model_cls)
     _check_requests(cfg, config.model, args)
+    _check_skip(config, model_cls, args)
     opts = list(config.opts)
     rows = config.bench.variants
     if rows and opts:

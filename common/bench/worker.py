@@ -59,7 +59,7 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
     if cfg.bench.peer:
         runner = peer_runner(cfg.bench.peer, model, cfg.scheduler.max_batch)
     else:
-        model = apply_transforms(model, cfg)
+        model = apply_transforms(model, cfg, tokenizer)
         engine = Engine(
             model, device, spec, cfg.attention.backend, scheduler_config(cfg.scheduler), tokenizer
         )

@@ -8,12 +8,14 @@ config.json), so a quantized model can be written once and read back without the
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from torch import Tensor, nn
 
 from common.core.errors import RecipeError
+from common.quant.calibrated import AWQ, GPTQ
+from common.quant.int4 import Int4WeightOnly
 from common.quant.int8 import Int8WeightOnly
 
 
@@ -21,8 +23,15 @@ class QuantScheme(Protocol):
     name: str  # the quant.weights value that selects it
     kernels: tuple[str, ...]  # ops (common/ops/dispatch.py) its modules call
 
-    def quantize(self, model: nn.Module, calibration: Iterable[Any] | None = None) -> nn.Module:
-        """Replace modules by quantized ones, in place; returns the model."""
+    def quantize(
+        self,
+        model: nn.Module,
+        calibration: Iterable[Any] | None = None,
+        skip: Callable[[str, nn.Module], bool] | None = None,
+    ) -> nn.Module:
+        """Replace modules by quantized ones, in place, except those skip(name, module) keeps
+        in float; returns the model. Schemes with `calibrated = True` get the layer-wise walk
+        (common/transforms/calibrate.py) as calibration."""
         ...
 
     def quantization_config(self) -> dict[str, Any]:
@@ -40,7 +49,9 @@ class QuantScheme(Protocol):
         ...
 
 
-SCHEMES: dict[str, QuantScheme] = {scheme.name: scheme for scheme in (Int8WeightOnly(),)}
+SCHEMES: dict[str, QuantScheme] = {
+    scheme.name: scheme for scheme in (Int8WeightOnly(), Int4WeightOnly(), GPTQ(), AWQ())
+}
 
 
 def get_scheme(name: str) -> QuantScheme:
@@ -49,3 +60,11 @@ def get_scheme(name: str) -> QuantScheme:
             f"unknown quantization scheme {name!r}; choose none or {', '.join(SCHEMES)}"
         )
     return SCHEMES[name]
+
+
+def configured_scheme(quant: Any) -> QuantScheme:
+    """The scheme quant.weights names, with its options from the quant section (group size,
+    bits, ...) when it has any (a scheme's optional `configured(quant)`)."""
+    scheme = get_scheme(quant.weights)
+    configure = getattr(scheme, "configured", None)
+    return configure(quant) if configure else scheme

@@ -17,7 +17,10 @@ from torch import nn
 from common.core.config import OptSpec
 from common.core.errors import RecipeError
 from common.device.select import Device
-from common.quant.scheme import get_scheme
+from common.quant.data import byte_encoder, load_texts, token_blocks
+from common.quant.scheme import configured_scheme
+from common.quant.skip import skip_filter
+from common.transforms.calibrate import layerwise
 from common.transforms.fusion import fuse_projections
 
 
@@ -64,19 +67,37 @@ def check_opts_supported(opts: Any, device: Device) -> None:
             )
 
 
-def _fuse(model: nn.Module, cfg: Any) -> nn.Module:
+def _fuse(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
     return fuse_projections(model) if cfg.fusion.projections else model
 
 
-def _quantize(model: nn.Module, cfg: Any) -> nn.Module:
-    kind = cfg.quant.weights
-    return model if kind == "none" else get_scheme(kind).quantize(model)
+def encoder(tokenizer: Any, vocab_size: int) -> Callable[[str], list[int]]:
+    """Text -> token ids: the checkpoint's tokenizer, or bytes for a seeded preset."""
+    if tokenizer is None:
+        return byte_encoder(vocab_size)
+    return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-TRANSFORMS: list[Callable[[nn.Module, Any], nn.Module]] = [_fuse, _quantize]
+def _quantize(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
+    quant = cfg.quant
+    if quant.weights == "none":
+        return model
+    scheme = configured_scheme(quant)
+    skip = skip_filter(model, list(quant.skip))
+    calibration = None
+    if getattr(scheme, "calibrated", False):
+        c = quant.calib
+        texts = load_texts(c.path, c.dataset, c.split, "calib")
+        encode = encoder(tokenizer, model.args.vocab_size)
+        calibration = layerwise(model, token_blocks(texts, encode, c.num_samples, c.seq_len))
+    return scheme.quantize(model, calibration, skip=skip)
 
 
-def apply_transforms(model: nn.Module, cfg: Any) -> nn.Module:
+# transform(model, cfg, tokenizer) -> model; the tokenizer (or None) encodes calibration text.
+TRANSFORMS: list[Callable[[nn.Module, Any, Any], nn.Module]] = [_fuse, _quantize]
+
+
+def apply_transforms(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
     for transform in TRANSFORMS:
-        model = transform(model, cfg)
+        model = transform(model, cfg, tokenizer)
     return model
