@@ -19,6 +19,7 @@ from common.quant.int4 import fake_rtn
 MAX_TOKENS = 2048  # calibration rows the search evaluates (a seeded subset)
 
 
+@torch.no_grad()
 def search_scales(x: Tensor, weights: list[Tensor], group_size: int, grid: int = 20) -> Tensor:
     """x [T, K] inputs of linears with weights [N_i, K] -> per-input-channel scales [K]
     (float32) minimizing Σ_i mean((x / s) Q(W_i * s)ᵀ - x W_iᵀ)²."""

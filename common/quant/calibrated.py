@@ -30,7 +30,8 @@ Skip = Callable[[str, nn.Module], bool]
 @dataclass
 class ScaleGroup:
     """Linears (names inside the layer) reading one input, and what produces that input: an
-    RMSNorm-like module (its weight scales each channel) or a linear (`rows` of its output)."""
+    RMSNorm-like module (rows None: its weight scales each channel) or a linear (`rows` of
+    its output, slice(None) for all)."""
 
     linears: list[str]
     prev: nn.Module

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ast
 import sysconfig
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -33,16 +33,18 @@ def _docstrings(path: Path) -> list[str]:
     return [d for n in nodes if (d := ast.get_docstring(n)) and len(d) >= 80]
 
 
-def default_texts(split: str) -> list[str]:
-    """split "calib" or "eval": docstrings of disjoint sets of stdlib files."""
+def default_texts(split: str) -> Iterator[str]:
+    """split "calib" or "eval": docstrings of disjoint sets of stdlib files, lazily (parsing
+    the whole stdlib takes seconds; a calibration set needs a few files)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in stdlib.glob("*.py"))
     held_out = split == "eval"
-    chosen = [p for i, p in enumerate(files) if (i % DEFAULT_EVAL_EVERY == 0) == held_out]
-    return [d for p in chosen for d in _docstrings(p)]
+    for i, p in enumerate(files):
+        if (i % DEFAULT_EVAL_EVERY == 0) == held_out:
+            yield from _docstrings(p)
 
 
-def load_texts(path: str | None, dataset: str | None, split: str, which: str) -> list[str]:
+def load_texts(path: str | None, dataset: str | None, split: str, which: str) -> Iterable[str]:
     """Texts from a local file, a hub dataset (name or name:config), or the default split
     `which` ("calib" / "eval")."""
     if path:
@@ -75,7 +77,7 @@ def byte_encoder(vocab_size: int) -> Callable[[str], list[int]]:
 
 
 def token_blocks(
-    texts: list[str], encode: Callable[[str], list[int]], num: int, seq_len: int
+    texts: Iterable[str], encode: Callable[[str], list[int]], num: int, seq_len: int
 ) -> Tensor:
     """Up to `num` consecutive, non-overlapping blocks [n, seq_len] of the texts' tokens
     (joined by blank lines); an error when not even one block fits."""

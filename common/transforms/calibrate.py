@@ -44,13 +44,13 @@ def scale_groups(layer: nn.Module) -> list[ScaleGroup]:
     groups = [ScaleGroup(qkv, layer.input_layernorm)]
     if isinstance(attn, SelfAttention) and attn.heads == attn.kv_heads:
         q_size, kv_size, _ = attn.qkv_sizes
-        v_rows = slice(q_size + kv_size, None) if fused_qkv else None
+        v_rows = slice(q_size + kv_size, None) if fused_qkv else slice(None)
         groups.append(
             ScaleGroup(["self_attn.o_proj"], attn.qkv_proj if fused_qkv else attn.v_proj, v_rows)
         )
     if isinstance(mlp, GatedMLP):
         groups.append(ScaleGroup(["mlp.gate_proj", "mlp.up_proj"], layer.post_attention_layernorm))
-        groups.append(ScaleGroup(["mlp.down_proj"], mlp.up_proj))
+        groups.append(ScaleGroup(["mlp.down_proj"], mlp.up_proj, slice(None)))
     elif isinstance(mlp, FusedGatedMLP):
         groups.append(ScaleGroup(["mlp.gate_up_proj"], layer.post_attention_layernorm))
         inter = mlp.down_proj.in_features
