@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from common.bench.runners import Runner
@@ -39,6 +40,17 @@ def fidelity(
         ]
     same = sum(list(o) == list(r) for o, r in zip(outputs, ref_outputs)) / len(ref_outputs)
     return {**compare_logits(pairs), "same_outputs": same}
+
+
+def perplexity(runner: Runner, blocks: torch.Tensor) -> float:
+    """exp(mean next-token NLL) over held-out token blocks [n, T], each teacher-forced through
+    the variant from its first token (so every variant sees the same text the same way)."""
+    nll, count = 0.0, 0
+    for block in blocks.tolist():
+        logits = runner.teacher_forced_logits(block[:1], block[1:]).float()
+        nll += float(F.cross_entropy(logits, torch.tensor(block[1:]), reduction="sum"))
+        count += len(block) - 1
+    return math.exp(nll / count)
 
 
 def compare_logits(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 import common.attention.paged  # noqa: F401  registers the paged_attention op, so its pin is checked
 from common import ops
@@ -31,6 +32,8 @@ from common.quant.scheme import configured_scheme
 from common.quant.skip import skip_filter
 from common.transforms.fusion import fuse_projections
 from common.transforms.registry import check_opts_supported, opt_specs
+
+_ABSENT = object()
 
 
 @dataclass(frozen=True)
@@ -108,4 +111,17 @@ def preflight(cfg: Any, model_cls: type[CausalLM]) -> Checked:
     variants = plan(opts, config.bench.ladder, config.bench.each, config.bench.peers, rows, specs)
     if not config.bench.each:  # the combined variant must be a valid KV choice
         kv_spec(cfg)
+    for v in variants:
+        _check_overrides(cfg, v.overrides)
     return Checked(config, device, variants)
+
+
+def _check_overrides(cfg: Any, overrides: list[str]) -> None:
+    """A row's KEY=VALUE settings: existing keys, values of the right type and range."""
+    if not overrides:
+        return
+    for item in overrides:
+        key = item.partition("=")[0]
+        if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+            raise RecipeError(f"bench.variants override {item!r}: unknown config key {key!r}")
+    typed(OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides)))

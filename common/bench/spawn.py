@@ -47,6 +47,7 @@ def spawn(script: str, overrides: list[str], variant: Variant, extra: list[str])
             script,
             *overrides,
             *opt_arg,
+            *variant.overrides,
             *peer_arg,
             *extra,
             f"bench.worker_out={out.name}",

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from common import ops
-from common.bench.fidelity import fidelity, same_as_alone
+from common.bench.fidelity import fidelity, perplexity, same_as_alone
 from common.bench.measure import measure, roofline
 from common.bench.runners import engine_runner, scheduler_config
 from common.bench.workload import arrival_times, build_requests
@@ -21,7 +21,8 @@ from common.nn.causal_lm import CausalLM
 from common.parallel.capacity import kv_capacity
 from common.parallel.measured import weight_bytes
 from common.parallel.memory import kv_bytes_per_token
-from common.transforms.registry import apply_transforms
+from common.quant.data import load_texts, token_blocks
+from common.transforms.registry import apply_transforms, encoder
 
 QUEUED = ("throughput", "online")
 
@@ -38,6 +39,18 @@ def kv_spec(cfg: Any) -> KVSpec:
     return KVSpec(
         kind, kv.int8, kv.block_size, cfg.scheduler.kv_budget, kv.prefix_cache, kv.max_len
     )
+
+
+def eval_blocks(cfg: Any, tokenizer: Any, args: Any):
+    """Held-out token blocks for perplexity, or None when it is off (by default: on with real
+    weights only; a seeded model's perplexity says nothing). Blocks are at most the model's
+    max positions long."""
+    ev = cfg.eval
+    if not (ev.perplexity if ev.perplexity is not None else bool(cfg.model.path)):
+        return None
+    texts = load_texts(ev.path, ev.dataset, ev.split, "eval")
+    seq_len = min(ev.seq_len, args.max_position_embeddings)
+    return token_blocks(texts, encoder(tokenizer, args.vocab_size), ev.num_samples, seq_len)
 
 
 def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
@@ -89,6 +102,7 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
         spec.budget_bytes,
     )
     first_round = cfg.bench.round == 0
+    held_out = eval_blocks(cfg, tokenizer, model.args) if first_round else None
     result = {
         "runs": runs,
         "metrics": {
@@ -104,6 +118,7 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
                 runner, requests, reference, not (reference / "outputs.pt").exists(), outputs
             ),
             **(same_as_alone(runner, requests, outputs) if cfg.bench.check_alone else {}),
+            **({"perplexity": perplexity(runner, held_out)} if held_out is not None else {}),
         }
         if first_round
         else None,
