@@ -141,3 +141,31 @@ def test_skip_keeps_modules_float() -> None:
 def test_invalid_group_size_is_a_clear_error() -> None:
     with pytest.raises(RecipeError, match="quant.group_size must be one of 32, 64, 128, got 48"):
         Int4WeightOnly(48)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_quantized_checkpoint_roundtrip(tmp_path, tie: bool) -> None:
+    """int4 -> save (safetensors, machine-independent nibbles) -> load into a fresh float
+    model -> the same outputs, bit for bit; a tied table is stored once and shared again."""
+    from safetensors.torch import load_file, save_file
+
+    from common.transforms.calibrate import _Causal
+
+    scheme = Int4WeightOnly(32)
+    src = scheme.quantize(_tiny(tie))
+    state = scheme.state_dict(src)
+    assert state["model.embed_tokens.qweight"].dtype == torch.uint8
+    assert ("lm_head.qweight" in state) != tie  # tied: stored once
+    save_file(state, tmp_path / "model.safetensors")
+    dst = scheme.load_state_dict(
+        _tiny(tie), load_file(tmp_path / "model.safetensors"), scheme.quantization_config()
+    )
+    assert (dst.lm_head.weight_packed is dst.model.embed_tokens.weight_packed) == tie
+    ids = torch.randint(0, 128, (2, 6))
+    pos = torch.arange(6).expand(2, 6)
+    with torch.no_grad():
+        assert torch.equal(
+            dst.logits(dst(ids, pos, _Causal())), src.logits(src(ids, pos, _Causal()))
+        )
+    with pytest.raises(RecipeError, match="is not the int4 scheme"):
+        scheme.load_state_dict(_tiny(tie), state, {"scheme": "int8"})

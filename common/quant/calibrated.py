@@ -21,8 +21,15 @@ from torch import Tensor, nn
 from common.core.errors import RecipeError
 from common.quant.awq import search_scales
 from common.quant.gptq import Hessian, gptq
-from common.quant.int4 import Int4Linear, Int4Table, check_group_size, quantize_int4
-from common.quant.int8 import Int8WeightOnlyLinear, quantize_int8
+from common.quant.int4 import (
+    Int4Linear,
+    Int4Table,
+    check_group_size,
+    int4_state_dict,
+    load_int4_state_dict,
+    quantize_int4,
+)
+from common.quant.int8 import Int8WeightOnly, Int8WeightOnlyLinear, quantize_int8
 
 Skip = Callable[[str, nn.Module], bool]
 
@@ -65,7 +72,27 @@ def _skipped(step: LayerStep, skip: Skip | None, name: str, module: nn.Module) -
     return step.skipped(skip, name)
 
 
-class GPTQ:
+class _SavedAsInt4Or8:
+    """Checkpoints of a calibrated scheme: its modules are int4 (or int8) ones, so they are
+    saved and loaded as those (common/quant/int4.py, int8.py), without calibrating again."""
+
+    name: str
+    bits: int = 4
+
+    def state_dict(self, model: nn.Module) -> dict[str, Tensor]:
+        return int4_state_dict(model) if self.bits == 4 else Int8WeightOnly().state_dict(model)
+
+    def load_state_dict(
+        self, model: nn.Module, state: dict[str, Tensor], config: dict[str, object]
+    ) -> nn.Module:
+        if config.get("scheme") != self.name:
+            raise RecipeError(f"checkpoint quantization {config!r} is not the {self.name} scheme")
+        if config.get("bits", 4) == 8:
+            return Int8WeightOnly().load_state_dict(model, state, {**config, "scheme": "int8"})
+        return load_int4_state_dict(model, state, int(config["group_size"]))
+
+
+class GPTQ(_SavedAsInt4Or8):
     """GPTQ rounding (common/quant/gptq.py): int4 group-wise or int8 per channel."""
 
     name = "gptq"
@@ -127,7 +154,7 @@ class GPTQ:
         }
 
 
-class AWQ:
+class AWQ(_SavedAsInt4Or8):
     """Activation-aware scaling (common/quant/awq.py) folded into the float model, then int4
     round to nearest."""
 

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from common import ops
 from common.core.errors import RecipeError
-from common.ops.int4_linear import ROW_ALIGN, dequantize_rows, pack
-from common.quant.int8 import _replace
+from common.ops.int4_linear import ROW_ALIGN, dequantize_rows, pack, unpack_rows
+from common.quant.int8 import _identity, _replace
 
 GROUP_SIZES = (32, 64, 128)
 _MIN_RANGE = 1e-6  # a constant group still gets a usable scale
@@ -214,6 +214,74 @@ class Int4WeightOnly:
             "granularity": "per_group",
             "modules": ["Linear", "Embedding"],
         }
+
+    def state_dict(self, model: nn.Module) -> dict[str, Tensor]:
+        return int4_state_dict(model)
+
+    def load_state_dict(
+        self, model: nn.Module, state: dict[str, Tensor], config: dict[str, object]
+    ) -> nn.Module:
+        if config.get("scheme") != self.name:
+            raise RecipeError(f"checkpoint quantization {config!r} is not the {self.name} scheme")
+        return load_int4_state_dict(model, state, int(config["group_size"]))
+
+
+_PACKED = (".weight_packed", ".scales_and_zeros")
+
+
+def int4_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Checkpoint tensors in a machine-independent layout: per int4 module NAME.qweight
+    (uint8 [N, K'/2], two values per byte, even column in the low nibble), NAME.scales and
+    NAME.zeros ([N, K'/g], W = (q - 8) * scale + zero); everything else as in the model; a
+    table shared by a tied pair is stored once."""
+    out: dict[str, Tensor] = {}
+    stored: set[tuple] = set()
+    for name, m in model.named_modules():
+        if isinstance(m, (Int4Linear, Int4Embedding)) and _identity(m.weight_packed) not in stored:
+            stored.add(_identity(m.weight_packed))
+            n, k_pad = m.weight_packed.shape[0], m.weight_packed.shape[1] * 2
+            rows = torch.arange(getattr(m, "out_features", getattr(m, "num_embeddings", n)))
+            q = unpack_rows(m.weight_packed, rows, k_pad)
+            sz = m.scales_and_zeros[:, : len(rows)].transpose(0, 1)  # [N, G, 2]
+            out[f"{name}.qweight"] = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+            out[f"{name}.scales"], out[f"{name}.zeros"] = (
+                sz[..., 0].contiguous(),
+                sz[..., 1].contiguous(),
+            )
+    for key, t in model.state_dict().items():
+        if not key.endswith(_PACKED) and _identity(t) not in stored:
+            stored.add(_identity(t))
+            out[key] = t
+    return out
+
+
+def load_int4_state_dict(model: nn.Module, state: dict[str, Tensor], group_size: int) -> nn.Module:
+    """Turn a float model of the same architecture into the saved int4 one (no rounding)."""
+    saved = {k.removesuffix(".qweight") for k in state if k.endswith(".qweight")}
+
+    def table(names: list[str], weight: Tensor) -> Int4Table:
+        n = next(n for n in names if n in saved)
+        packed = state[f"{n}.qweight"]
+        q = torch.stack([packed & 15, packed >> 4], -1).flatten(1)[:, : weight.shape[1]]
+        return Int4Table.build(q, state[f"{n}.scales"], state[f"{n}.zeros"], group_size)
+
+    sharing: dict[int, set[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if type(m) in INT4_MODULES:
+            sharing.setdefault(id(m.weight), set()).add(name)
+    quantized = {w for w, names in sharing.items() if names & saved}
+    model = _replace(model, lambda name, m: id(m.weight) not in quantized, table, INT4_MODULES)
+    rest = {k: v for k, v in state.items() if k.rpartition(".")[0] not in saved}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    loaded = {_identity(t) for t in state.values()}
+    current = model.state_dict()
+    unread = [k for k in missing if not k.endswith(_PACKED) and _identity(current[k]) not in loaded]
+    if unexpected or unread:
+        raise RecipeError(
+            f"quantized checkpoint does not fit the model: missing {unread[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    return model
 
 
 def fake_rtn(weight: Tensor, group_size: int) -> Tensor:
