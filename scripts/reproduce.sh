@@ -54,10 +54,11 @@ python $llama +opt=flash_attn,int8 model.path="$ckpt" workload=file workload.pat
 python scripts/fidelity_floor.py --model-path "$ckpt" --no-repeat-ngram-size 3
 
 # Quantization (docs/quantization.md): every weight scheme against bf16 in one table per
-# model. Rows may carry their own settings ('quant.group_size=32'); add [w8a8] rows here
+# model. Rows may carry their own settings ('quant.group_size=32', act-order, the LM head
+# kept in float); add [w8a8] rows here
 # once SmoothQuant lands. On SmolLM2-135M-Instruct (real weights, chat prompts rendered with
 # its chat template): bytes, decode tok/s, TTFT, perplexity on held-out text, agreement.
-quant_rows="[[int8],[int4],[int4,'quant.group_size=32'],[gptq],[awq],[int8,kv_int8],[int4,kv_int8]]"
+quant_rows="[[int8],[int4],[int4,'quant.group_size=32'],[gptq],[gptq,'quant.act_order=true'],[awq],[awq,'quant.skip=[lm_head]'],[int8,kv_int8],[int4,kv_int8]]"
 smol=$HOME/.cache/llm-recipes/SmolLM2-135M-Instruct
 python scripts/get_checkpoint.py smollm2-135m-instruct
 python $llama model.path="$smol" model.dtype=bfloat16 workload=chat "bench.variants=$quant_rows" bench.rounds=2
