@@ -180,6 +180,20 @@ python $llama model.path="$sm" workload=file workload.path=$wl/smollm2/free.json
 # (c) each logits processor's cost per step at batch 1 and 16, and agreement with transformers'.
 python scripts/sampling_table.py
 
+# Quantization (docs/quantization.md): every weight scheme against bf16 in one table per
+# model. Rows may carry their own settings ('quant.group_size=32', act-order, the LM head
+# kept in float); add [w8a8] rows here
+# once SmoothQuant lands. On SmolLM2-135M-Instruct (real weights, chat prompts rendered with
+# its chat template): bytes, decode tok/s, TTFT, perplexity on held-out text, agreement.
+quant_rows="[[int8],[int4],[int4,'quant.group_size=32'],[gptq],[gptq,'quant.act_order=true'],[awq],[awq,'quant.skip=[lm_head]'],[int8,kv_int8],[int4,kv_int8]]"
+smol=$HOME/.cache/llm-recipes/SmolLM2-135M-Instruct
+python scripts/get_checkpoint.py smollm2-135m-instruct
+python $llama model.path="$smol" model.dtype=bfloat16 workload=chat "bench.variants=$quant_rows" bench.rounds=2
+# The same rows on the seeded small preset (speed at LLaMA-65B's shape ratios).
+python $llama model.dtype=bfloat16 "bench.variants=$quant_rows"
+# Which modules int4 hurts most on the real model (suggests quant.skip).
+python scripts/quant_sensitivity.py --model-path "$smol" --scheme int4
+
 # Which opt was measured on which device and dtype, read from the tables above.
 python scripts/support_matrix.py
 python scripts/render_tables.py

@@ -61,7 +61,17 @@ def checked(*args: str, recipe: str = "llama65b", model_cls: type = LlamaForCaus
         (["model=glm4_9b"], "model 'glm-4-9b' (GlmForCausalLM) does not run in this recipe"),
         (["model.path=/nope"], "model directory /nope does not exist"),
         (["scheduler.preemption=drop"], "unknown scheduler.preemption 'drop'"),
-        (["quant.weights=int4"], "unknown quantization scheme 'int4'; choose none or int8"),
+        (
+            ["quant.weights=int3"],
+            "unknown quantization scheme 'int3'; choose none or int8, w8a8, int4, gptq, awq",
+        ),
+        (["quant.group_size=48"], "quant.group_size must be one of 32, 64, 128, got 48"),
+        (
+            ["bench.variants=[[int4,'quant.nope=1']]"],
+            "bench.variants override 'quant.nope=1': unknown",
+        ),
+        (["bench.variants=[[int4,'quant.group_size=48']]"], "quant.group_size must be one of"),
+        (["quant.skip=[layers.99]"], "quant.skip entry 'layers.99' names no quantizable module"),
         (["kernels.int8_linear=fast"], "unknown kernel 'fast' for int8_linear; choose one of"),
         (["kernels.paged_attention=fast"], "unknown kernel 'fast' for paged_attention"),
         (["kernels.matmul=cpp"], "unknown config key 'kernels.matmul'"),

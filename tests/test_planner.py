@@ -32,8 +32,9 @@ from common.parallel.simulate import (
     simulate,
 )
 from common.parallel.strategy import choose_tp, plan
+from common.quant.calibrated import GPTQ
 from common.quant.formats import FLOAT, INT8, W8A8, int4, weight_format
-from common.quant.scheme import SCHEMES, configured_scheme
+from common.quant.scheme import configured_scheme, get_scheme
 from common.transforms.fusion import fuse_projections
 from models.glm import GlmForCausalLM
 from models.llama import LlamaForCausalLM
@@ -55,7 +56,8 @@ def hardware(name: str) -> Hardware:
 # --- memory calculator ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scheme", ["none", *SCHEMES])
+# gptq and awq store int4 (or int8) modules: their bytes are int4's, tested below
+@pytest.mark.parametrize("scheme", ["none", "int8", "int4", "w8a8"])
 @pytest.mark.parametrize("kv_int8", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -70,7 +72,7 @@ def test_calculator_matches_built_model_and_kv_storage(
     fmt = FLOAT
     if scheme != "none":
         # Bytes do not depend on calibration: schemes that smooth from data run without it.
-        quantizer = configured_scheme(SimpleNamespace(weights=scheme, smooth=False))
+        quantizer = configured_scheme(SimpleNamespace(weights=scheme, smooth=False, group_size=32))
         fmt = quantizer.weight_format()
         quantizer.quantize(fuse_projections(model))
     batch, context = 3, 40
@@ -267,3 +269,10 @@ def test_tp_auto_resolves_to_the_planners_choice() -> None:
     untouched = compose_config("llama65b", ["model.scale=tiny"])
     resolve_auto_tp(untouched, LlamaForCausalLM)  # no parallel.tp=auto: nothing changes
     assert OmegaConf.select(untouched, "parallel.tp") in (None, 1)
+
+
+def test_calibrated_schemes_size_as_the_modules_they_store() -> None:
+    """gptq/awq produce int4 modules (gptq bits=8: int8 ones), so the planner sizes them so."""
+    assert get_scheme("gptq").weight_format() == get_scheme("int4").weight_format()
+    assert get_scheme("awq").weight_format() == get_scheme("int4").weight_format()
+    assert GPTQ(bits=8).weight_format() == get_scheme("int8").weight_format()

@@ -240,9 +240,10 @@ def test_scheme_registry_names_the_choices() -> None:
     assert get_scheme("int8") is SCHEMES["int8"]
     assert get_scheme("int8").kernels == ("int8_linear",)
     with pytest.raises(
-        RecipeError, match="unknown quantization scheme 'int4'; choose none or int8"
+        RecipeError,
+        match="unknown quantization scheme 'int3'; choose none or int8, w8a8, int4, gptq, awq",
     ):
-        get_scheme("int4")
+        get_scheme("int3")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

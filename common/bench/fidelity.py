@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from common.bench.runners import Runner
@@ -49,6 +50,17 @@ def _teacher_forced(runner: Runner, r: Request, continuation: list[int]) -> torc
     """Requests with images hand their content to the runner too."""
     extra = (r.mm_items,) if r.mm_items else ()
     return runner.teacher_forced_logits(r.prompt, continuation, *extra)
+
+
+def perplexity(runner: Runner, blocks: torch.Tensor) -> float:
+    """exp(mean next-token NLL) over held-out token blocks [n, T], each teacher-forced through
+    the variant from its first token (so every variant sees the same text the same way)."""
+    nll, count = 0.0, 0
+    for block in blocks.tolist():
+        logits = runner.teacher_forced_logits(block[:1], block[1:]).float()
+        nll += float(F.cross_entropy(logits, torch.tensor(block[1:]), reduction="sum"))
+        count += len(block) - 1
+    return math.exp(nll / count)
 
 
 def compare_logits(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:

@@ -66,7 +66,9 @@ def _jobs(cfg: Any, variants: list[Variant]) -> list[Job]:
     points = [(sweep.key, v) for v in sweep["values"]] if sweep else [(None, None)]
     return [
         Job(
-            Variant(f"{v.name} @ {key.split('.')[-1]}={value}", v.opts, v.peer) if key else v,
+            Variant(f"{v.name} @ {key.split('.')[-1]}={value}", v.opts, v.peer, v.overrides)
+            if key
+            else v,
             v,
             [f"{key}={value}"] if key else [],
         )
@@ -129,6 +131,10 @@ def _result(
         entry["spread"] = spread
         results.append((entry["variant"], entry))
     first = results[0][1]
+    base_ppl = (first["fidelity"] or {}).get("perplexity")
+    for _, r in results:
+        if base_ppl and r["fidelity"] and "perplexity" in r["fidelity"]:
+            r["fidelity"]["perplexity_change"] = r["fidelity"]["perplexity"] / base_ppl - 1
     speedup_key, speedup_of = SPEEDUP[cfg.workload.kind]
     identity = run_identity(cfg)
     return {

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -36,6 +36,19 @@ class Variant:
     name: str
     opts: list[str]
     peer: str | None = None
+    overrides: list[str] = field(default_factory=list)  # KEY=VALUE settings of this row only
+
+
+def split_row(row: list[str]) -> tuple[list[str], list[str]]:
+    """A bench.variants row: opt names, then KEY=VALUE overrides for this row only (quoted
+    on the command line: [int4,'quant.group_size=32'])."""
+    return [e for e in row if "=" not in e], [e for e in row if "=" in e]
+
+
+def _row_name(opts: list[str], overrides: list[str]) -> str:
+    """int4 g=32 style: the opts, then each override's last key component and value."""
+    short = [f"{k.rsplit('.', 1)[-1]}={v}" for k, _, v in (o.partition("=") for o in overrides)]
+    return " ".join(["+".join(opts), *short]).strip()
 
 
 def plan(
@@ -47,13 +60,18 @@ def plan(
     specs: dict[str, OptSpec],
     dtype: str = "bfloat16",
 ) -> list[Variant]:
-    """Rows after the baseline: explicit opt lists (bench.variants), a cumulative ladder, each
-    opt alone (with the opts it requires), or all opts together; then the peers (a peer row
-    carries the opts whose quantization it matches). Every row's opts are checked as a
-    combination before any of them runs."""
+    """Rows after the baseline: explicit rows (bench.variants: opts and KEY=VALUE overrides of
+    that row), a cumulative ladder, each opt alone (with the opts it requires), or all opts
+    together; then the peers (a peer row carries the opts whose quantization it matches).
+    Every row's opts are checked as a combination before any of them runs."""
     if rows:
-        groups = [list(r) for r in rows]
-    elif ladder:
+        split = [split_row(list(r)) for r in rows]
+        for row_opts, _ in split:
+            check_combination(row_opts, specs)
+        variants = [Variant(_row_name(o, v), o, overrides=v) for o, v in split]
+        peer_variants = _peer_variants(peers, [o for o, _ in split], dtype)
+        return [Variant("baseline", []), *variants, *peer_variants]
+    if ladder:
         groups = [opts[: i + 1] for i in range(len(opts))]
     elif each:
         groups = [[*specs[o].requires, o] if o in specs else [o] for o in opts]
@@ -61,9 +79,14 @@ def plan(
         groups = [opts] if opts else []
     for group in groups:
         check_combination(group, specs)
-    name = (lambda g: "+" + " +".join(g)) if ladder and not rows else "+".join
+    name = (lambda g: "+" + " +".join(g)) if ladder else "+".join
     variants = [Variant("baseline", []), *(Variant(name(g), g) for g in groups)]
-    return variants + [
+    return variants + _peer_variants(peers, groups, dtype)
+
+
+def _peer_variants(peers: list[str], groups: list[list[str]], dtype: str) -> list[Variant]:
+    """A peer's rows: each carries the opts whose quantization it matches."""
+    return [
         Variant(row, row_opts, peer=p)
         for p in peers
         for row, row_opts in peer_rows(p, groups, dtype)
@@ -104,6 +127,7 @@ def results_name(cfg: Any, opts: list[str], rows: list[list[str]] | None) -> str
     (ladder, each, peers) and, under -m, the job's own overrides. No dots: a dot would read
     as a file suffix."""
     label = "vs-" + ",".join("+".join(r) for r in rows) if rows else "+".join(opts) or "baseline"
+    label = re.sub(r"[^\w=,+-]+", "_", label)  # a row's KEY=VALUE overrides hold dots
     extras = [k for k in ("ladder", "each") if cfg.bench[k]] + [
         f"with-{p}" for p in cfg.bench.peers
     ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 
 import common.attention.paged  # noqa: F401  registers the paged_attention op, so its pin is checked
@@ -31,11 +32,15 @@ from common.nn.causal_lm import CausalLM, ModelArgs
 from common.parallel.offload import MODES as OFFLOAD_MODES
 from common.parallel.support import check_parallel
 from common.quant.scheme import configured_scheme
+from common.quant.skip import skip_filter
+from common.transforms.fusion import fuse_projections
 from common.transforms.registry import (
     check_opts_supported,
     check_saved_quantization,
     opt_specs,
 )
+
+_ABSENT = object()
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,16 @@ def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
     ]
 
 
+def _check_skip(config: RecipeConfig, model_cls: type[CausalLM], args: ModelArgs) -> None:
+    """quant.skip names modules of this model (built on the meta device: no memory)."""
+    if config.quant.skip:
+        with torch.device("meta"):
+            model = model_cls(args)
+        if config.fusion.projections:
+            fuse_projections(model)
+        skip_filter(model, list(config.quant.skip))
+
+
 def preflight(cfg: Any, model_cls: type[CausalLM]) -> Checked:
     config = typed(cfg)
     device = select_device(config.hardware.device)
@@ -144,6 +159,7 @@ def preflight(cfg: Any, model_cls: type[CausalLM]) -> Checked:
     for peer in config.bench.peers:
         check_peer(peer, cfg, model_cls, args)
     requests = _check_requests(cfg, config.model, args, model_cls)
+    _check_skip(config, model_cls, args)
     opts = list(config.opts)
     rows = config.bench.variants
     if rows and opts:
@@ -159,7 +175,10 @@ def preflight(cfg: Any, model_cls: type[CausalLM]) -> Checked:
         kv_spec(cfg)
     base = _without_opts(cfg, opts)
     for v in variants:  # each row's config as its worker composes it (opts add keys)
-        vcfg = OmegaConf.merge(base, *(_opt_file(o) for o in v.opts))
+        _check_overrides(cfg, v.overrides)
+        vcfg = OmegaConf.merge(
+            base, *(_opt_file(o) for o in v.opts), OmegaConf.from_dotlist(v.overrides)
+        )
         check_parallel(
             vcfg.parallel, args, kv_spec(vcfg).kind, vcfg.offload, v.peer,
             cfg.workload.kind, config.scheduler.max_batch, vcfg.compile.enabled,
@@ -182,3 +201,14 @@ def quantized_with(path: str) -> dict | None:
     """A quantized checkpoint's scheme config (what the loaded model will carry), else None."""
     saved = quantization_config(path)
     return None if saved is None else {k: v for k, v in saved.items() if k != FUSED}
+
+
+def _check_overrides(cfg: Any, overrides: list[str]) -> None:
+    """A row's KEY=VALUE settings: existing keys, values of the right type and range."""
+    if not overrides:
+        return
+    for item in overrides:
+        key = item.partition("=")[0]
+        if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+            raise RecipeError(f"bench.variants override {item!r}: unknown config key {key!r}")
+    typed(OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides)))

@@ -38,6 +38,8 @@ COLUMNS = [  # (key, header, format)
     ("peak_mem_bytes", "peak MB", "mb"),
     ("token_agreement", "token agree", "{:.3f}"),
     ("max_logit_err", "max logit err", "{:.3g}"),
+    ("perplexity", "perplexity", "{:.3f}"),  # held-out text (eval.*), real weights
+    ("perplexity_change", "ppl vs baseline", "{:+.2%}"),
     ("roofline_pct", "% roofline", "{:.0f}%"),
     ("compile_s", "compile s", "{:.1f}"),  # in the warm-up pass, so never in TPOT
     ("spec_accept_pct", "draft accept", "{:.0f}%"),  # speculative decoding only

@@ -78,6 +78,7 @@ def spawn(
             script,
             *overrides,
             *opt_arg,
+            *variant.overrides,
             *peer_arg,
             *extra,
             f"bench.worker_out={out.name}",

@@ -10,7 +10,7 @@ import torch
 
 from common import ops
 from common.attention.backends import get_backend
-from common.bench.fidelity import fidelity, same_as_alone
+from common.bench.fidelity import fidelity, perplexity, same_as_alone
 from common.bench.measure import measure, roofline
 from common.bench.runners import engine_runner, pipeline_runner, scheduler_config
 from common.bench.spawn import die_with_parent_now
@@ -31,8 +31,9 @@ from common.parallel.memory import kv_bytes_per_token
 from common.parallel.offload import offload_layers
 from common.parallel.stages import stage_placement
 from common.parallel.tensor import TensorParallel
+from common.quant.data import load_texts, token_blocks
 from common.transforms.compile import compile_stats
-from common.transforms.registry import apply_transforms
+from common.transforms.registry import apply_transforms, encoder
 
 QUEUED = ("throughput", "online")
 
@@ -71,6 +72,18 @@ def beam_config(cfg: Any) -> BeamConfig | None:
     return BeamConfig(g.num_beams, g.length_penalty, g.early_stopping) if g.num_beams > 1 else None
 
 
+def eval_blocks(cfg: Any, tokenizer: Any, args: Any):
+    """Held-out token blocks for perplexity, or None when it is off (by default: on with real
+    weights only; a seeded model's perplexity says nothing). Blocks are at most the model's
+    max positions long."""
+    ev = cfg.eval
+    if not (ev.perplexity if ev.perplexity is not None else bool(cfg.model.path)):
+        return None
+    texts = load_texts(ev.path, ev.dataset, ev.split, "eval")
+    seq_len = min(ev.seq_len, args.max_position_embeddings)
+    return token_blocks(texts, encoder(tokenizer, args.vocab_size), ev.num_samples, seq_len)
+
+
 def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
     from common.bench.peers import peer_runner
     from common.io.presets import build_draft, build_model
@@ -99,7 +112,7 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
             cfg.bench.peer, model, cfg, requests, arrivals, w.kind in QUEUED, tokenizer
         )
     else:
-        model = apply_transforms(model, cfg)
+        model = apply_transforms(model, cfg, tokenizer)
         if tp:
             model = tp.parallelize(model)
         model = offload_layers(model, cfg.offload, device.torch, cfg.offload_dir, cfg.offload_cold)
@@ -115,7 +128,9 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
                 draft, draft_desc = build_draft(
                     cfg.spec.draft, cfg.model, model_cls, device.torch, dtype, model.args.vocab_size
                 )
-                draft = apply_transforms(draft, cfg)  # the same weight format as the target
+                draft = apply_transforms(
+                    draft, cfg, tokenizer
+                )  # the same weight format as the target
                 weights_desc += f"; draft model {draft_desc}"
             cache_mb = cfg.encoder.cache_mb
             engine = Engine(
@@ -155,6 +170,7 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
         spec.budget_bytes,
     )
     first_round = cfg.bench.round == 0
+    held_out = eval_blocks(cfg, tokenizer, model.args) if first_round else None
     result = {
         "runs": runs,
         "metrics": {
@@ -171,6 +187,7 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
         "fidelity": {
             **fidelity(runner, requests, reference, is_baseline, outputs, writer),
             **(same_as_alone(runner, requests, outputs) if cfg.bench.check_alone else {}),
+            **({"perplexity": perplexity(runner, held_out)} if held_out is not None else {}),
         }
         if first_round
         else None,

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from common.core.errors import RecipeError
 from common.core.request import Request
 
+ROOT = Path(__file__).resolve().parents[2]
 WORKLOADS = ("latency", "throughput", "shared_prefix", "online", "file", "vl")
 
 
@@ -64,10 +65,29 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a token
 
 
+def _chat_ids(messages: Any, tokenizer: Any, where: str) -> list[int]:
+    """[{"role": ..., "content": ...}, ...] rendered by the tokenizer's chat template, with the
+    assistant's turn opened (add_generation_prompt), as a chat server would."""
+    if not (
+        isinstance(messages, list)
+        and messages
+        and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages)
+    ):
+        raise RecipeError(f"{where}: messages must be a list of {{'role', 'content'}} objects")
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise RecipeError(
+            f"{where}: chat messages need a tokenizer with a chat template in model.path"
+        )
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def file_requests(path: str, max_new: int, tokenizer, ignore_eos: bool) -> list[Request]:
     """One request per non-empty line: {"prompt": TEXT} or {"prompt_ids": [INT, ...]}, with
     an optional "max_new_tokens": INT. Any other line is `FILE:LINE: what is wrong`."""
     p = Path(path)
+    if not p.is_file() and not p.is_absolute() and (ROOT / p).is_file():
+        p = ROOT / p  # a file shipped with the project (data/chat_prompts.jsonl), from anywhere
     if not p.is_file():
         raise RecipeError(f"workload.path {path!r} is not a file")
     if not _is_int(max_new) or max_new <= 0:
@@ -87,6 +107,8 @@ def file_requests(path: str, max_new: int, tokenizer, ignore_eos: bool) -> list[
             )
         if "prompt_ids" in row:
             ids = row["prompt_ids"]
+        elif "messages" in row:
+            ids = _chat_ids(row["messages"], tokenizer, f"{path}:{i}")
         elif "prompt" in row:
             if not isinstance(row["prompt"], str):
                 raise RecipeError(f"{path}:{i}: prompt must be a string (text)")
@@ -96,7 +118,9 @@ def file_requests(path: str, max_new: int, tokenizer, ignore_eos: bool) -> list[
                 )
             ids = tokenizer(row["prompt"])["input_ids"]
         else:
-            raise RecipeError(f"{path}:{i}: each line needs 'prompt' (text) or 'prompt_ids' (ints)")
+            raise RecipeError(
+                f"{path}:{i}: each line needs 'prompt' (text), 'messages' (chat) or 'prompt_ids' (ints)"
+            )
         if not (isinstance(ids, list) and all(_is_int(t) for t in ids)):
             raise RecipeError(f"{path}:{i}: prompt_ids must be a list of ints")
         new = row.get("max_new_tokens", max_new)

@@ -83,18 +83,59 @@ class SchedulerConfig:
 
 
 @dataclass
+class CalibConfig:
+    """Calibration text for gptq/awq (common/quant/data.py): a file, a hub dataset, or the
+    built-in default; num_samples blocks of seq_len tokens."""
+
+    path: str | None = None
+    dataset: str | None = None
+    split: str = "train"
+    num_samples: int = 32
+    seq_len: int = 256
+
+    def check(self) -> None:
+        _require(self.num_samples > 0, "quant.calib.num_samples", self.num_samples, "> 0")
+        _require(self.seq_len > 1, "quant.calib.seq_len", self.seq_len, "> 1")
+
+
+@dataclass
 class QuantConfig:
     weights: str = "none"
+    group_size: int = 128
+    bits: int = 4
+    act_order: bool = False
+    damp: float = 0.01
+    awq_grid: int = 20
+    skip: list[str] = field(default_factory=list)
+    calib: CalibConfig = field(default_factory=CalibConfig)
     alpha: float = 0.5  # w8a8: SmoothQuant's migration strength
     smooth: bool = True  # w8a8: smooth before quantizing (false: the no-smoothing row)
-    calib_batches: int = 8  # w8a8 calibration forwards (until calibration data lands: random ids)
-    calib_len: int = 128  # tokens per calibration sequence
     save: str | None = None  # write the quantized checkpoint (safetensors + config.json) here
 
     def check(self) -> None:
+        _require(self.group_size in (32, 64, 128), "quant.group_size", self.group_size,
+                 "one of 32, 64, 128")  # fmt: skip
+        _require(self.bits in (4, 8), "quant.bits", self.bits, "4 or 8")
+        _require(0 < self.damp < 1, "quant.damp", self.damp, "in (0, 1)")
+        _require(self.awq_grid >= 1, "quant.awq_grid", self.awq_grid, ">= 1")
         _require(0.0 <= self.alpha <= 1.0, "quant.alpha", self.alpha, "in [0, 1]")
-        _require(self.calib_batches > 0, "quant.calib_batches", self.calib_batches, "> 0")
-        _require(self.calib_len > 0, "quant.calib_len", self.calib_len, "> 0")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out text for perplexity (common/quant/data.py): a file, a hub dataset, or the
+    built-in default's evaluation split. perplexity: null = only with real weights."""
+
+    path: str | None = None
+    dataset: str | None = None
+    split: str = "test"
+    num_samples: int = 16
+    seq_len: int = 512
+    perplexity: bool | None = None
+
+    def check(self) -> None:
+        _require(self.num_samples > 0, "eval.num_samples", self.num_samples, "> 0")
+        _require(self.seq_len > 1, "eval.seq_len", self.seq_len, "> 1")
 
 
 @dataclass
@@ -368,6 +409,7 @@ class RecipeConfig:
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -79,9 +79,10 @@ class Pipeline:
         ctx = ForwardContext(storage, self.backend, storage.begin(positions, valid))
         h = decoder.embed_tokens(x) if self.first else x
         cos, sin = decoder.rotary_emb(positions, self.dtype)
+        out, residual = h, None  # the residual stream is carried apart, as in nn/decoder.py
         for layer in decoder.layers.values():
-            h = layer(h, cos, sin, ctx)
-        return decoder.norm(h) if self.last else h
+            out, residual = layer(out, residual, cos, sin, ctx)
+        return decoder.norm.add(out, residual)[0] if self.last else out + residual
 
     def _send(self, t: Tensor, dst_stage: int, pending: list) -> None:
         pending.append((dist.isend(t.contiguous(), self._rank(dst_stage), self.group), t))

@@ -3,6 +3,7 @@ machine by a short measurement (dispatch.py). Model code calls these entry point
 
 from common.ops.attention import decode_attention
 from common.ops.dispatch import chosen, pin, reset
+from common.ops.int4_linear import int4_linear
 from common.ops.int8_linear import int8_linear
 from common.ops.rms_norm import add_rms_norm, rms_norm
 from common.ops.rotary import apply_rotary, rotary
@@ -13,6 +14,7 @@ __all__ = [
     "apply_rotary",
     "chosen",
     "decode_attention",
+    "int4_linear",
     "int8_linear",
     "pin",
     "reset",

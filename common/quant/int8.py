@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -113,14 +114,16 @@ Table = tuple[Tensor, Tensor]  # (int8 [N, K], scales [N])
 def _replace(
     model: nn.Module,
     skip: Callable[[str, nn.Module], bool] | None,
-    table_for: Callable[[list[str], Tensor], Table],
+    table_for: Callable[[list[str], Tensor], Any],
+    modules: dict[type, Callable[[nn.Module, Any], nn.Module]] = _INT8_MODULES,
 ) -> nn.Module:
-    """Swap modules for their int8 versions, in place; table_for(names of every module that
-    shares the weight, the float weight) gives each weight's int8 table, once per weight."""
+    """Swap modules for their quantized versions (`modules`: float type -> constructor from
+    (module, table)), in place; table_for(names of every module that shares the weight, the
+    float weight) gives each weight's quantized table, once per weight."""
     # remove_duplicate=False: a module registered under two names must be replaced at both.
     names: dict[int, tuple[nn.Module, list[str]]] = {}  # id(module) -> (module, its names)
     for name, module in model.named_modules(remove_duplicate=False):
-        if type(module) in _INT8_MODULES and not (skip is not None and skip(name, module)):
+        if type(module) in modules and not (skip is not None and skip(name, module)):
             names.setdefault(id(module), (module, []))[1].append(name)
     sharing: dict[int, list[str]] = {}  # id(float weight) -> names of all its modules
     for module, module_names in names.values():
@@ -129,7 +132,7 @@ def _replace(
     # freed once its last user is replaced: the peak holds one float matrix beyond the int8
     # model, not the whole float model. A weight shared by modules is quantized once.
     users = Counter(id(module.weight) for module, _ in names.values())
-    tables: dict[int, Table] = {}  # id(float weight) -> its int8 table
+    tables: dict[int, Any] = {}  # id(float weight) -> its quantized table
     while names:
         _, (module, module_names) = names.popitem()
         key = id(module.weight)
@@ -137,7 +140,7 @@ def _replace(
         users[key] -= 1
         if users[key]:
             tables[key] = table
-        new = _INT8_MODULES[type(module)](module, table)
+        new = modules[type(module)](module, table)
         del module
         for name in module_names:
             if not name:  # the model itself is the module: nothing to replace it in
@@ -158,8 +161,13 @@ class Int8WeightOnly:
     def weight_format(self) -> WeightFormat:
         return INT8
 
-    def quantize(self, model: nn.Module, calibration: object = None) -> nn.Module:
-        return quantize_int8(model)  # absmax per channel: no calibration data needed
+    def quantize(
+        self,
+        model: nn.Module,
+        calibration: object = None,
+        skip: Callable[[str, nn.Module], bool] | None = None,
+    ) -> nn.Module:
+        return quantize_int8(model, skip)  # absmax per channel: no calibration data needed
 
     def quantization_config(self) -> dict[str, object]:
         return {

@@ -8,13 +8,15 @@ config.json), so a quantized model can be written once and read back without the
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from torch import Tensor, nn
 
 from common.core.errors import RecipeError
+from common.quant.calibrated import AWQ, GPTQ
 from common.quant.formats import WeightFormat
+from common.quant.int4 import Int4WeightOnly
 from common.quant.int8 import Int8WeightOnly
 from common.quant.w8a8 import W8A8
 
@@ -23,8 +25,15 @@ class QuantScheme(Protocol):
     name: str  # the quant.weights value that selects it
     kernels: tuple[str, ...]  # ops (common/ops/dispatch.py) its modules call
 
-    def quantize(self, model: nn.Module, calibration: Iterable[Any] | None = None) -> nn.Module:
-        """Replace modules by quantized ones, in place; returns the model."""
+    def quantize(
+        self,
+        model: nn.Module,
+        calibration: Iterable[Any] | None = None,
+        skip: Callable[[str, nn.Module], bool] | None = None,
+    ) -> nn.Module:
+        """Replace modules by quantized ones, in place, except those skip(name, module) keeps
+        in float; returns the model. Schemes with `calibrated = True` get the layer-wise walk
+        (common/transforms/calibrate.py) as calibration."""
         ...
 
     def weight_format(self) -> WeightFormat:
@@ -46,7 +55,9 @@ class QuantScheme(Protocol):
         ...
 
 
-SCHEMES: dict[str, QuantScheme] = {s.name: s for s in (Int8WeightOnly(), W8A8())}
+SCHEMES: dict[str, QuantScheme] = {
+    s.name: s for s in (Int8WeightOnly(), W8A8(), Int4WeightOnly(), GPTQ(), AWQ())
+}
 
 
 def get_scheme(name: str) -> QuantScheme:

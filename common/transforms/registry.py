@@ -17,9 +17,12 @@ from torch import nn
 from common.core.config import OptSpec
 from common.core.errors import RecipeError
 from common.device.select import Device
+from common.quant.data import byte_encoder, load_texts, token_blocks
 from common.quant.scheme import configured_scheme
+from common.quant.skip import skip_filter
+from common.transforms.calibrate import layerwise
 from common.transforms.compile import compile_decode
-from common.transforms.forwards import forwards, random_batches
+from common.transforms.forwards import forwards
 from common.transforms.fusion import fuse_kernels, fuse_projections
 
 
@@ -66,7 +69,7 @@ def check_opts_supported(opts: Any, device: Device) -> None:
             )
 
 
-def _fuse(model: nn.Module, cfg: Any) -> nn.Module:
+def _fuse(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
     fusion = cfg.fusion
     # A quantized checkpoint was loaded in the layout it was saved in (common/io/quantized.py).
     loaded_quantized = getattr(model, "quantization_config", None) is not None
@@ -75,23 +78,35 @@ def _fuse(model: nn.Module, cfg: Any) -> nn.Module:
     return fuse_kernels(model, fusion.add_norm, fusion.rotary)
 
 
-def _quantize(model: nn.Module, cfg: Any) -> nn.Module:
-    kind = cfg.quant.weights
+def encoder(tokenizer: Any, vocab_size: int) -> Callable[[str], list[int]]:
+    """Text -> token ids: the checkpoint's tokenizer, or bytes for a seeded preset."""
+    if tokenizer is None:
+        return byte_encoder(vocab_size)
+    return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _quantize(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
+    quant = cfg.quant
+    if quant.weights == "none":
+        return model
+    scheme = configured_scheme(quant)
     # A quantized checkpoint's loader sets quantization_config. Without a quantization opt it
     # runs as saved (a recipe's baseline row); another scheme or other options are an error.
     saved = getattr(model, "quantization_config", None)
-    if kind == "none":
-        return model
-    scheme = configured_scheme(cfg.quant)
     if saved is not None:
-        check_saved_quantization(saved, cfg.quant)
+        check_saved_quantization(saved, quant)
         return model  # loaded quantized: nothing to round again
+    skip = skip_filter(model, list(quant.skip))
     calibration = None
-    if getattr(scheme, "needs_forwards", False):
-        q = cfg.quant
-        ids = random_batches(model.args.vocab_size, q.calib_batches, q.calib_len, cfg.model.seed)
-        calibration = forwards(ids)
-    return scheme.quantize(model, calibration)
+    layer_by_layer = getattr(scheme, "calibrated", False)  # gptq/awq: one layer at a time
+    if layer_by_layer or getattr(scheme, "needs_forwards", False):  # w8a8: whole forwards
+        c = quant.calib
+        texts = load_texts(c.path, c.dataset, c.split, "calib")
+        blocks = token_blocks(
+            texts, encoder(tokenizer, model.args.vocab_size), c.num_samples, c.seq_len
+        )
+        calibration = layerwise(model, blocks) if layer_by_layer else forwards(blocks.split(1))
+    return scheme.quantize(model, calibration, skip=skip)
 
 
 def check_saved_quantization(saved: dict, quant: Any) -> None:
@@ -112,14 +127,15 @@ def _describe(config: dict) -> str:
     return f"{config.get('scheme')} ({', '.join(f'{k}={v}' for k, v in extra.items())})"
 
 
-def _compile(model: nn.Module, cfg: Any) -> nn.Module:
+def _compile(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
     return compile_decode(model, cfg.compile) if cfg.compile.enabled else model
 
 
-TRANSFORMS: list[Callable[[nn.Module, Any], nn.Module]] = [_fuse, _quantize, _compile]
+# transform(model, cfg, tokenizer) -> model; the tokenizer (or None) encodes calibration text.
+TRANSFORMS: list[Callable[[nn.Module, Any, Any], nn.Module]] = [_fuse, _quantize, _compile]
 
 
-def apply_transforms(model: nn.Module, cfg: Any) -> nn.Module:
+def apply_transforms(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
     """The opts' transforms target the language model: a multimodal model's encoder
     (`encoder_modules`) is taken out while they run and keeps its own weights."""
     parked = []
@@ -129,7 +145,7 @@ def apply_transforms(model: nn.Module, cfg: Any) -> nn.Module:
         parked.append((owner, leaf, owner._modules.pop(leaf)))
     try:
         for transform in TRANSFORMS:
-            model = transform(model, cfg)
+            model = transform(model, cfg, tokenizer)
     finally:
         for owner, leaf, module in parked:
             owner._modules[leaf] = module

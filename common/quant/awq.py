@@ -1,0 +1,42 @@
+"""AWQ (Lin et al. 2023): scale up the input channels that carry large activations before
+rounding, so their weights lose less to int4, and fold the inverse scale into what produces
+those inputs (an RMSNorm weight, or the rows of the previous linear), which keeps the float
+model's outputs exactly.
+
+Per group of linears reading one input: s = mean|x|^alpha (normalized), alpha searched on a
+grid in [0, 1) for the least output error of the int4-rounded linears on the calibration
+inputs. alpha = 0 is s = 1, plain round to nearest, so the search never does worse than it
+on those inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from common.quant.int4 import fake_rtn
+
+MAX_TOKENS = 2048  # calibration rows the search evaluates (a seeded subset)
+
+
+@torch.no_grad()
+def search_scales(x: Tensor, weights: list[Tensor], group_size: int, grid: int = 20) -> Tensor:
+    """x [T, K] inputs of linears with weights [N_i, K] -> per-input-channel scales [K]
+    (float32) minimizing Σ_i mean((x / s) Q(W_i * s)ᵀ - x W_iᵀ)²."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    if x.shape[0] > MAX_TOKENS:
+        idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:MAX_TOKENS]
+        x = x[idx.to(x.device)]
+    mean_abs = x.abs().mean(0)
+    refs = [x @ w.float().t() for w in weights]
+    best, best_s = float("inf"), torch.ones_like(mean_abs)
+    for step in range(grid):
+        s = mean_abs.pow(step / grid).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        err = sum(
+            float(((x / s) @ fake_rtn(w.float() * s, group_size).t() - ref).pow(2).mean())
+            for w, ref in zip(weights, refs)
+        )
+        if err < best:
+            best, best_s = err, s
+    return best_s
