@@ -124,12 +124,12 @@ def profile_one(recipe: str, opts: list[str], overrides: list[str], steps: int) 
     times: list[float] = []
     execute = engine.runner.execute
 
-    def timed(plan, gen, with_probs=False):  # one range and one time per decode step
+    def timed(plan, gen, *args, **kwargs):  # one range and one time per decode step
         if not all(e.decode for e in plan.seqs):
-            return execute(plan, gen, with_probs)
+            return execute(plan, gen, *args, **kwargs)
         t0 = time.perf_counter()
         with record_function("decode_step"):
-            out = execute(plan, gen, with_probs)
+            out = execute(plan, gen, *args, **kwargs)
         times.append(time.perf_counter() - t0)
         return out
 

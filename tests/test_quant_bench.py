@@ -83,6 +83,6 @@ def test_chat_prompts_are_rendered_with_the_chat_template(tmp_path) -> None:
 
 
 def test_shipped_chat_prompts_are_chat_messages() -> None:
-    lines = (CONFIG_DIR.parent / "data/chat_prompts.jsonl").read_text().splitlines()
+    lines = (CONFIG_DIR.parent / "configs/workload/chat_prompts.jsonl").read_text().splitlines()
     assert len(lines) >= 20
     assert all(json.loads(line)["messages"][0]["role"] == "user" for line in lines)
