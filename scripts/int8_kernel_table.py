@@ -47,14 +47,14 @@ def step_shapes(a) -> list[tuple[int, int]]:
     return layer * a.num_hidden_layers + [(a.vocab_size, a.hidden_size)]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scale", default="small")
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--out", type=Path, default=ROOT / "results/llama65b/cpu/int8_kernels")
-    args = p.parse_args()
+Weights = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def step_weights(scale: str) -> tuple[list[tuple[int, int]], list[torch.Tensor], Weights]:
+    """One decode step's matrices at the LLaMA recipe's `scale`, seeded: their shapes, bf16
+    weights, and int8 weights with per-row scales (random values: timing only)."""
     mcfg = OmegaConf.load(ROOT / "configs/model/llama65b.yaml")
-    mcfg.scale = args.scale
+    mcfg.scale = scale
     shapes = step_shapes(preset_args(mcfg, LlamaForCausalLM))
     torch.manual_seed(0)
     bf16 = [torch.randn(n, k, dtype=torch.bfloat16) for n, k in shapes]
@@ -62,6 +62,16 @@ def main() -> None:
         (torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n, dtype=torch.bfloat16))
         for n, k in shapes
     ]
+    return shapes, bf16, int8
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scale", default="small")
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--out", type=Path, default=ROOT / "results/llama65b/cpu/int8_kernels")
+    args = p.parse_args()
+    shapes, bf16, int8 = step_weights(args.scale)
     inputs = {k: torch.randn(1, k, dtype=torch.bfloat16) for _, k in shapes}
 
     def step(impl: str) -> Callable[[], None]:

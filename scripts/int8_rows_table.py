@@ -25,15 +25,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from common.bench.report import command_line, write_table  # noqa: E402
-from common.io.presets import preset_args  # noqa: E402
 from common.ops.int8_linear import int8_linear  # noqa: E402
 from common.ops.w8a8_linear import w8a8_linear  # noqa: E402
-from models.llama import LlamaForCausalLM  # noqa: E402
-from scripts.int8_kernel_table import step_shapes  # noqa: E402
+from scripts.int8_kernel_table import step_weights  # noqa: E402
 
 
 def main() -> None:
@@ -44,15 +41,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "results/llama65b/cpu/int8_kernels_rows")
     args = p.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
-    mcfg = OmegaConf.load(ROOT / "configs/model/llama65b.yaml")
-    mcfg.scale = args.scale
-    shapes = step_shapes(preset_args(mcfg, LlamaForCausalLM))
-    torch.manual_seed(0)
-    bf16 = [torch.randn(n, k, dtype=torch.bfloat16) for n, k in shapes]
-    int8 = [
-        (torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n, dtype=torch.bfloat16))
-        for n, k in shapes
-    ]
+    shapes, bf16, int8 = step_weights(args.scale)
     smooth = {k: torch.rand(k, dtype=torch.bfloat16) + 0.5 for _, k in shapes}
     inputs = {(m, k): torch.randn(m, k, dtype=torch.bfloat16) for m in rows for _, k in shapes}
 

@@ -16,10 +16,10 @@ from common.io.checkpoint import from_seed
 from common.io.presets import build_model
 from common.io.quantized import load_quantized, save_quantized
 from common.quant.scheme import configured_scheme, get_scheme
-from common.transforms.forwards import forwards, random_batches
+from common.transforms.forwards import forwards
 from common.transforms.registry import apply_transforms
 from models.llama import LlamaForCausalLM
-from tests.tiny import TINY_LLAMA, recipe_config
+from tests.tiny import TINY_LLAMA, random_batches, recipe_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = dataclasses.replace(TINY_LLAMA, tie_word_embeddings=True)

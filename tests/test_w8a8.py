@@ -22,10 +22,10 @@ from common.ops.w8a8_linear import (
 from common.quant.scheme import configured_scheme
 from common.quant.smooth import collect, smooth
 from common.quant.w8a8 import W8A8, W8A8Linear, _activation_linears
-from common.transforms.forwards import forwards, random_batches
+from common.transforms.forwards import forwards
 from common.transforms.fusion import fuse_projections
 from models.llama import LlamaForCausalLM
-from tests.tiny import TINY_LLAMA
+from tests.tiny import TINY_LLAMA, random_batches
 
 needs_vnni = pytest.mark.skipif(not builds("int8_vnni"), reason="this CPU has no AVX512-VNNI")
 ROWS = [1, 2, 3, 4, 5, 8, 13, 16, 17, 40]  # every register block size, its tails, past 16

@@ -3,6 +3,7 @@
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from models.llama import LlamaArgs
@@ -24,3 +25,9 @@ TINY_LLAMA = LlamaArgs(
     num_key_value_heads=2,  # GQA, so the sdpa path takes enable_gqa
     max_position_embeddings=96,
 )
+
+
+def random_batches(vocab: int, batches: int, length: int, seed: int = 0) -> list[torch.Tensor]:
+    """Seeded uniform token ids [1, length]: calibration batches for tests that need no text."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (1, length), generator=gen) for _ in range(batches)]

@@ -87,7 +87,9 @@ def file_requests(path: str, max_new: int, tokenizer, ignore_eos: bool) -> list[
     an optional "max_new_tokens": INT. Any other line is `FILE:LINE: what is wrong`."""
     p = Path(path)
     if not p.is_file() and not p.is_absolute() and (ROOT / p).is_file():
-        p = ROOT / p  # a file shipped with the project (configs/workload/chat_prompts.jsonl), from anywhere
+        p = (
+            ROOT / p
+        )  # a file shipped with the project (configs/workload/chat_prompts.jsonl), from anywhere
     if not p.is_file():
         raise RecipeError(f"workload.path {path!r} is not a file")
     if not _is_int(max_new) or max_new <= 0:

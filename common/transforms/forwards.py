@@ -28,10 +28,3 @@ def forwards(batches: Iterable[Tensor]) -> Iterator[Callable[[nn.Module], Tensor
                 return model.logits(model(ids, positions, ctx))
 
         yield run
-
-
-def random_batches(vocab: int, batches: int, length: int, seed: int = 0) -> list[Tensor]:
-    """Seeded uniform token ids: a placeholder where no calibration text is given (the
-    statistics of real text differ; issue 14 §2 brings datasets)."""
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (1, length), generator=gen) for _ in range(batches)]
