@@ -73,14 +73,10 @@ python $llama +opt=flash_attn,w8a8 model.path="$smol-w8a8"
 python scripts/attention_prefill_table.py
 # Why greedy agreement is low on random weights: rounding alone flips near-tied logits.
 python scripts/fidelity_floor.py
-# Fidelity on a trained model: the small preset trained briefly on Python's stdlib source
-# (offline, ~20 min), then the default opts and the same floor pairs on it, with held-out
-# prompts; trigram repeats are banned so greedy text does not fall into loops.
-ckpt=$HOME/.cache/llm-recipes/llama-small-stdlib
-python scripts/train_small_lm.py --steps 200
-python $llama +opt=flash_attn,int8 model.path="$ckpt" workload=file workload.path="$ckpt/prompts.jsonl" \
-  workload.ignore_eos=true generation.no_repeat_ngram_size=3
-python scripts/fidelity_floor.py --model-path "$ckpt" --no-repeat-ngram-size 3
+# Fidelity on a trained model: the default opts and the same floor pairs on the real
+# SmolLM2-135M-Instruct and its chat prompts, whose peaked logits do not flip under rounding.
+python $llama +opt=flash_attn,int8 model.path="$smollm2" workload=chat bench.results_dir=results/smollm2-135m
+python scripts/fidelity_floor.py --model-path "$smollm2" --workload chat
 
 # The Qwen-VL recipe on the `vl` workload (12 requests of one 560x560 image, 400 tokens, + 32 text tokens,
 # each image one seen before with probability 0.5): the vision-feature cache and prefix
