@@ -142,19 +142,20 @@ python scripts/spec_workloads.py --tokenizer "$sm" --out $wl/smollm2
 python scripts/spec_workloads.py --vocab 32000 --out $wl/small
 # A 2-layer drafter with SmolLM2's tokenizer, distilled from it on built-in text (~15 min).
 python scripts/train_draft.py --teacher "$sm" --out "$draft"
-spec_rows='bench.variants=[[static_kv,flash_attn],[static_kv,flash_attn,spec_decode]]'
-k_sweep='bench.sweep={key: spec.k, values: [2, 4, 8]}'
-rounds=bench.rounds=2  # each command: 9 rows (baseline, without, with speculation at 3 k) x 2 rounds
+# One row without speculation, then speculation at k = 2, 4, 8 (rows carry their own spec.k,
+# so the rows that do not speculate run once, not once per k); 2 rounds each.
+spec_rows="bench.variants=[[static_kv,flash_attn],[static_kv,flash_attn,spec_decode,'spec.k=2'],[static_kv,flash_attn,spec_decode,'spec.k=4'],[static_kv,flash_attn,spec_decode,'spec.k=8']]"
+rounds=bench.rounds=2
 for kind in copy free; do
   # (a) greedy speculative decoding vs k, per drafter: acceptance, tokens per verification,
   # TPOT and decode tok/s against the same opts without speculation (identical tokens).
-  python $llama model.path="$sm" workload=file workload.path=$wl/smollm2/$kind.jsonl "$spec_rows" "$k_sweep" $rounds \
+  python $llama model.path="$sm" workload=file workload.path=$wl/smollm2/$kind.jsonl "$spec_rows" $rounds \
     spec.method=ngram bench.results_dir=results/decoding/smollm2-$kind-ngram
-  python $llama model.path="$sm" workload=file workload.path=$wl/smollm2/$kind.jsonl "$spec_rows" "$k_sweep" $rounds \
+  python $llama model.path="$sm" workload=file workload.path=$wl/smollm2/$kind.jsonl "$spec_rows" $rounds \
     spec.method=draft spec.draft.path="$draft" bench.results_dir=results/decoding/smollm2-$kind-draft
-  python $llama workload=file workload.path=$wl/small/$kind.jsonl workload.ignore_eos=true "$spec_rows" "$k_sweep" $rounds \
+  python $llama workload=file workload.path=$wl/small/$kind.jsonl workload.ignore_eos=true "$spec_rows" $rounds \
     spec.method=ngram bench.results_dir=results/decoding/small-$kind-ngram
-  python $llama workload=file workload.path=$wl/small/$kind.jsonl workload.ignore_eos=true "$spec_rows" "$k_sweep" $rounds \
+  python $llama workload=file workload.path=$wl/small/$kind.jsonl workload.ignore_eos=true "$spec_rows" $rounds \
     spec.method=draft spec.draft.scale=tiny bench.results_dir=results/decoding/small-$kind-draft
 done
 # Where speculation hurts: 32 requests under continuous batching at batch 16 (a verification
