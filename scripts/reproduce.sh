@@ -86,7 +86,7 @@ python scripts/fidelity_floor.py --model-path "$smollm2" --workload chat
 qwen=recipes/qwen_vl/run.py
 python $qwen 'bench.variants=[[vision_cache],[paged_kv,prefix_cache],[vision_cache,flash_attn,int8]]' \
   workload.num_requests=12 bench.rounds=2
-python $qwen model=qwen2_5_vl 'bench.variants=[[vision_cache],[paged_kv,prefix_cache,vision_cache],[vision_cache,flash_attn,int8]]' \
+python $qwen model=qwen2_5_vl 'bench.variants=[[vision_cache],[vision_cache,flash_attn,int8]]' \
   workload.num_requests=12 bench.rounds=2
 python $qwen workload.batch_size=4 workload.num_requests=12 bench.rounds=2 \
   'bench.variants=[[cont_batch],[cont_batch,vision_overlap],[vision_cache,cont_batch,vision_overlap]]'
