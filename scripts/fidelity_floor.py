@@ -1,15 +1,14 @@
 """Why greedy-token agreement is low on seeded random weights: the floor set by rounding.
 
     python scripts/fidelity_floor.py [--scale small]
-    python scripts/fidelity_floor.py --model-path DIR [--no-repeat-ngram-size 3]
+    python scripts/fidelity_floor.py --model-path DIR [--workload chat]
 
-On the LLaMA recipe's latency workload, the baseline (bf16, eager attention) generates
-greedily; every pair below is then teacher-forced on those tokens and compared by argmax
-agreement and logit error. Pairs that differ only in rounding show how often near-tied
-logits flip with no change in the math; the int8 pair in fp32 shows int8 weights alone.
-A checkpoint's DIR/prompts.jsonl, if any, gives the prompts; --no-repeat-ngram-size keeps an
-undertrained model's greedy text out of repetition loops, where every variant agrees
-trivially (agreement still compares raw argmaxes). Writes
+On a recipe workload (configs/workload/NAME.yaml; default latency), the baseline (bf16,
+eager attention) generates greedily; every pair below is then teacher-forced on those tokens
+and compared by argmax agreement and logit error. Pairs that differ only in rounding show how
+often near-tied logits flip with no change in the math; the int8 pair in fp32 shows int8
+weights alone. With --model-path, a real checkpoint (e.g. SmolLM2-135M-Instruct on its chat
+prompts) shows the same pairs on a trained model's peaked logits. Writes
 results/llama65b/cpu/fidelity_floor.{md,json} (with --model-path,
 fidelity_floor-<dir name>.{md,json}) atomically.
 """
@@ -30,6 +29,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from common.bench.report import command_line, write_table  # noqa: E402
 from common.bench.workload import build_requests  # noqa: E402
 from common.core.request import SamplingParams  # noqa: E402
+from common.device.probe import cpu_info  # noqa: E402
 from common.device.select import Device  # noqa: E402
 from common.engine.engine import Engine  # noqa: E402
 from common.io.checkpoint import from_pretrained, from_seed  # noqa: E402
@@ -51,13 +51,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scale", default="small")
     p.add_argument("--model-path", type=Path, help="an HF checkpoint instead of seeded weights")
+    p.add_argument("--workload", default="latency", help="a configs/workload/ name")
     p.add_argument("--no-repeat-ngram-size", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     results = ROOT / "results/llama65b/cpu"
     mcfg = OmegaConf.load(ROOT / "configs/model/llama65b.yaml")
     mcfg.scale = args.scale
-    wcfg = OmegaConf.load(ROOT / "configs/workload/latency.yaml")
+    workload = ROOT / "configs/workload" / f"{args.workload}.yaml"
+    if not workload.is_file():
+        choices = sorted(f.stem for f in workload.parent.glob("*.yaml"))
+        p.error(f"unknown workload {args.workload!r}; choose one of {', '.join(choices)}")
+    wcfg = OmegaConf.load(workload)
     tokenizer = None
     if args.model_path:
         out = args.out or results / f"fidelity_floor-{args.model_path.name}"
@@ -66,11 +71,7 @@ def main() -> None:
             dtype: from_pretrained(LlamaForCausalLM, args.model_path, "cpu", dtype)
             for dtype in (torch.float32, torch.bfloat16)
         }
-        if (args.model_path / "prompts.jsonl").is_file():
-            wcfg = OmegaConf.merge(
-                OmegaConf.load(ROOT / "configs/workload/file.yaml"),
-                {"path": str(args.model_path / "prompts.jsonl"), "ignore_eos": True},
-            )
+        if wcfg.kind == "file":
             tokenizer = load_tokenizer(args.model_path)
     else:
         out = args.out or results / "fidelity_floor"
@@ -115,7 +116,8 @@ def main() -> None:
         f"# Greedy agreement floor: {what}",
         "",
         f"- command: `{command_line()}`",
-        f"- model: llama-65b {what}; workload: {wcfg.kind} "
+        f"- machine: {cpu_info()}",
+        f"- model: llama-65b {what}; workload: {args.workload} "
         f"({len(requests)} prompts, {sum(map(len, outputs))} teacher-forced tokens)"
         + (
             f", no_repeat_ngram_size {args.no_repeat_ngram_size}"

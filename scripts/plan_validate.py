@@ -9,8 +9,9 @@ and its JSON gives the measured TTFT, TPOT and output tok/s. Next to it the simu
 (common/parallel/simulate.py) predicts the same for this machine, calibrated by measurement,
 never a constant:
 - bandwidth and FLOP/s: common/parallel/calibrate.py times the model's own matmul shapes
-  (one rank's shard) with T x P processes at once, each with cores / (T x P) threads, and a
-  gloo all-reduce for the link;
+  (one rank's shard) with T x P processes at once, each with cores / (T x P) threads; the
+  link: a gloo all-reduce of one token's hidden state after each half of a layer's matmuls,
+  as a forward runs them (so arrival skew between ranks counts);
 - the overhead per layer: the same recipe run with the model narrowed to width 64 (same
   layers, vocabulary and runtime; its math is negligible) at each batch, TPOT / (layers + 1).
 Keys the runtime does not have yet (parallel.tp, parallel.pp) are skipped with a note.
@@ -121,7 +122,8 @@ def main() -> None:
                 skipped.append(f"tp={tp} pp={pp}: the runtime has no {', '.join(missing)} yet")
                 continue
             world = tp * pp
-            hw = calibrate(world, shard_shapes(args, tp), dtype, layer_overhead=0.0)
+            shapes = shard_shapes(args, tp)
+            hw = calibrate(world, shapes, dtype, 0.0, [shapes[:4], shapes[4:7]], args.hidden_size)
             calibrations[f"tp{tp} pp{pp}"] = hw.notes
             par = [f"{k}={n}" for k, n in (("parallel.tp", tp), ("parallel.pp", pp)) if n > 1]
             for b in a.batches:

@@ -8,7 +8,7 @@ import transformers
 from common.core.request import Request
 from common.device.select import Device
 from common.engine.engine import Engine
-from common.engine.scheduler import SchedulerConfig
+from common.engine.scheduler import SchedulerParams
 from common.io.checkpoint import from_pretrained
 from common.kv.spec import KVSpec
 from common.quant.scheme import get_scheme
@@ -41,7 +41,7 @@ CASES = {
     "paged": {
         "kv": KVSpec("paged", block_size=4),
         "attention": "flash",
-        "scheduler": SchedulerConfig("continuous", max_batch=2),
+        "scheduler": SchedulerParams("continuous", max_batch=2),
     },
     "int8": {"kv": KVSpec("contiguous", int8=True), "attention": "flash", "int8": True},
 }

@@ -16,7 +16,7 @@ from common import ops
 from common.core.request import Request
 from common.device.select import Device
 from common.engine.engine import Engine
-from common.engine.scheduler import SchedulerConfig
+from common.engine.scheduler import SchedulerParams
 from common.io.checkpoint import from_seed
 from common.kv.spec import KVSpec
 from common.quant.scheme import get_scheme
@@ -77,7 +77,7 @@ def test_paged_continuous_batching_decodes_in_one_graph():
     step (different prompt and output lengths, max batch 3), yet every decode step runs the
     one graph padded to three rows."""
     reqs = [([5, 17, 33, 8, 61, 22, 9], 7), ([40, 3], 3), ([12, 70, 44, 19, 88], 5), ([77], 6)]
-    sched = SchedulerConfig(kind="continuous", max_batch=3)
+    sched = SchedulerParams(kind="continuous", max_batch=3)
 
     def run(model, static: bool) -> list[list[int]]:
         eng = Engine(model, CPU, KVSpec("paged", block_size=4, static=static), "flash", sched)

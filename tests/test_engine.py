@@ -14,7 +14,7 @@ from common.core.errors import RecipeError
 from common.core.request import Completion, Request, SamplingParams
 from common.device.select import Device
 from common.engine.engine import Engine
-from common.engine.scheduler import SchedulerConfig
+from common.engine.scheduler import SchedulerParams
 from common.io.checkpoint import from_seed
 from models.llama import LlamaArgs, LlamaForCausalLM
 
@@ -183,7 +183,7 @@ def test_stop_string_needs_a_tokenizer_and_stops_on_it() -> None:
 def test_static_batches_of_online_arrivals_on_row_storage(kv: str) -> None:
     """Online static batching on row KV: a batch takes the requests that have arrived (up to
     max_batch) and runs to its longest member; outputs as alone, times from arrival."""
-    eng = Engine(model(), CPU, kv, scheduler=SchedulerConfig("static", max_batch=2))
+    eng = Engine(model(), CPU, kv, scheduler=SchedulerParams("static", max_batch=2))
     reqs = [Request(list(p), NEW) for p in PROMPTS]
     outs = eng.generate(reqs, arrivals=[0.0, 0.0, 0.01, 0.3])
     assert tokens(outs) == reference()

@@ -16,7 +16,7 @@ from common.device.select import Device
 from common.engine.engine import Engine
 from common.engine.plan import ScheduledSeq, StepPlan
 from common.engine.runner import ModelRunner
-from common.engine.scheduler import SchedulerConfig
+from common.engine.scheduler import SchedulerParams
 from common.io.checkpoint import from_seed
 from common.kv.block_pool import block_extra, hash_block
 from common.kv.manager import PagedKVManager
@@ -172,7 +172,7 @@ def test_prefix_keys_with_extra_content_share_kv_only_when_equal(same_image: boo
     other = image if same_image else (1, 2 * BS, b"image-2")
     reqs = [Request(prompt, 3, extra_keys=(image,)), Request(prompt, 3, extra_keys=(other,))]
     spec = KVSpec("paged", block_size=BS, prefix_cache=True)
-    eng = Engine(model(), CPU, spec, "eager", SchedulerConfig("static", max_batch=1))
+    eng = Engine(model(), CPU, spec, "eager", SchedulerParams("static", max_batch=1))
     fed: list[int] = []
     forward = eng.runner.forward
     eng.runner.forward = lambda store, ids, *a: fed.append(ids.shape[1]) or forward(store, ids, *a)

@@ -21,6 +21,7 @@ from common.io.checkpoint import from_seed
 from common.kv.rows import make_rows
 from common.kv.spec import KVSpec
 from common.parallel.calculator import Serving, max_batch, max_context, peak_bytes, serving_memory
+from common.parallel.calibrate import calibrate
 from common.parallel.hardware import Hardware, Link, from_spec
 from common.parallel.layout import Layout
 from common.parallel.measured import weight_bytes
@@ -276,3 +277,13 @@ def test_calibrated_schemes_size_as_the_modules_they_store() -> None:
     assert get_scheme("gptq").weight_format() == get_scheme("int4").weight_format()
     assert get_scheme("awq").weight_format() == get_scheme("int4").weight_format()
     assert GPTQ(bits=8).weight_format() == get_scheme("int8").weight_format()
+
+
+def test_calibration_measures_this_machine_as_two_ranks() -> None:
+    """Two gloo ranks: every figure is a measurement (finite, positive), and the all-reduce
+    after each segment of work costs time (latency above zero), as in a forward."""
+    shapes = [(64, 32), (32, 64)]
+    hw = calibrate(2, shapes, torch.float32, 1e-4, [shapes[:1], shapes[1:]], 32, min_bytes=1 << 20)
+    assert hw.devices_per_node == 2 and hw.layer_overhead == 1e-4
+    assert 0 < hw.mem_bw < float("inf") and 0 < hw.flops["fp32"] < float("inf")
+    assert 0 < hw.intra.bandwidth < float("inf") and 0 < hw.intra.latency < 0.1

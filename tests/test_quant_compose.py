@@ -13,7 +13,7 @@ from tiny import TINY_LLAMA
 from common.core.request import Request
 from common.device.select import Device
 from common.engine.engine import Engine
-from common.engine.scheduler import SchedulerConfig
+from common.engine.scheduler import SchedulerParams
 from common.io.checkpoint import from_seed
 from common.kv.spec import KVSpec
 from common.quant.calibrated import AWQ, GPTQ
@@ -35,7 +35,7 @@ SCHEMES = {
 COMBOS = {  # combination class -> (KV spec, attention backend, scheduler)
     "flash_attn": (KVSpec("contiguous"), "flash", None),
     "paged_kv": (KVSpec("paged", block_size=4), "sdpa", None),
-    "paged_kv+cont_batch": (KVSpec("paged", block_size=4), "flash", SchedulerConfig("continuous")),
+    "paged_kv+cont_batch": (KVSpec("paged", block_size=4), "flash", SchedulerParams("continuous")),
 }
 
 
@@ -49,7 +49,7 @@ def quantized(scheme: str) -> LlamaForCausalLM:
     return SCHEMES[scheme].quantize(model, calibration)
 
 
-def _generate(model, kv: KVSpec, attn: str, sched: SchedulerConfig | None) -> list[list[int]]:
+def _generate(model, kv: KVSpec, attn: str, sched: SchedulerParams | None) -> list[list[int]]:
     eng = Engine(model, CPU, kv, attn, sched)
     return [c.tokens for c in eng.generate([Request(list(p), NEW) for p in PROMPTS])]
 

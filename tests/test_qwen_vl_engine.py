@@ -12,7 +12,7 @@ from vl_helpers import ARGS, image_request, synthetic_image
 
 from common.device.select import Device
 from common.engine.engine import Engine
-from common.engine.scheduler import SchedulerConfig
+from common.engine.scheduler import SchedulerParams
 from common.io.checkpoint import from_seed
 from common.kv.feature_cache import FeatureCache
 from common.kv.spec import KVSpec
@@ -53,10 +53,10 @@ ENGINES = {
     "dynamic_static": dict(kv_kind="dynamic"),
     "contiguous_static": dict(kv_kind="contiguous", attention="sdpa"),
     "paged_static": dict(kv_kind="paged", attention="flash"),
-    "paged_continuous": dict(kv_kind="paged", scheduler=SchedulerConfig("continuous", max_batch=2)),
+    "paged_continuous": dict(kv_kind="paged", scheduler=SchedulerParams("continuous", max_batch=2)),
     # 7-token chunks cut the images' placeholder runs across steps
     "paged_chunked": dict(
-        kv_kind="paged", scheduler=SchedulerConfig("continuous", max_batch=3, max_tokens_per_step=7)
+        kv_kind="paged", scheduler=SchedulerParams("continuous", max_batch=3, max_tokens_per_step=7)
     ),
     "no_kv_cache": dict(kv_kind="none"),
 }
@@ -119,7 +119,7 @@ def test_vision_cache_skips_encoder_for_repeated_images(model) -> None:
 
 
 def test_encode_overlap_gives_same_tokens(model) -> None:
-    sched = SchedulerConfig("continuous", max_batch=1)
+    sched = SchedulerParams("continuous", max_batch=1)
     overlap = Engine(model, CPU, "paged", scheduler=sched, encode_overlap=True)
     assert [c.tokens for c in overlap.generate(requests())] == alone(model)
     stats = overlap.stats
@@ -162,7 +162,7 @@ def test_text_model_refuses_images() -> None:
 def test_qwen2_vl_class_runs_too() -> None:
     cls = Qwen2VLForConditionalGeneration
     model = from_seed(cls, ARGS[cls], seed=2)
-    engine = Engine(model, CPU, "paged", scheduler=SchedulerConfig("continuous", max_batch=2))
+    engine = Engine(model, CPU, "paged", scheduler=SchedulerParams("continuous", max_batch=2))
     got = [c.tokens for c in engine.generate(requests())]
     assert got == alone(model)
 

@@ -12,7 +12,7 @@ from tiny import TINY_LLAMA
 from common.core.request import Request, SamplingParams
 from common.device.select import Device
 from common.engine.engine import Engine
-from common.engine.scheduler import SchedulerConfig
+from common.engine.scheduler import SchedulerParams
 from common.engine.spec import SpecConfig
 from common.io.checkpoint import from_seed
 from models.llama import LlamaForCausalLM
@@ -27,7 +27,7 @@ def model() -> LlamaForCausalLM:
 
 
 def engine(kv: str, sched: str, spec: SpecConfig | None = None) -> Engine:
-    return Engine(model(), Device("cpu"), kv, "eager", SchedulerConfig(sched), spec=spec)
+    return Engine(model(), Device("cpu"), kv, "eager", SchedulerParams(sched), spec=spec)
 
 
 def request(i: int, seed: int | None) -> Request:

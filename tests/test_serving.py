@@ -15,7 +15,7 @@ from common.core.errors import RecipeError
 from common.core.request import Request
 from common.device.select import Device
 from common.engine.engine import Engine
-from common.engine.scheduler import Scheduler, SchedulerConfig, Sequence
+from common.engine.scheduler import Scheduler, SchedulerParams, Sequence
 from common.io.checkpoint import from_seed
 from common.kv.ops import KVOps
 from common.kv.spec import KVSpec
@@ -51,7 +51,7 @@ def alone() -> list[list[int]]:
 
 def serving(spec: KVSpec, attention: str = "eager", **kw) -> Engine:
     """An engine under the scheduler; continuous batching unless kw says otherwise."""
-    return Engine(model(), CPU, spec, attention, SchedulerConfig(**{"kind": "continuous", **kw}))
+    return Engine(model(), CPU, spec, attention, SchedulerParams(**{"kind": "continuous", **kw}))
 
 
 def serve(spec: KVSpec, attention: str = "eager", **kw) -> list:
@@ -151,7 +151,7 @@ def step(sched: Scheduler, token: int = 2) -> list[int]:
 @pytest.mark.parametrize("kind", ["static", "continuous"])
 def test_scheduler_never_exceeds_the_budget_and_finishes_each_request_once(kind: str) -> None:
     kv = CountingKV(capacity=60)
-    sched = Scheduler(kv, SchedulerConfig(kind, "fcfs", max_batch=4, max_tokens_per_step=16))
+    sched = Scheduler(kv, SchedulerParams(kind, "fcfs", max_batch=4, max_tokens_per_step=16))
     rng = random.Random(0)
     seqs = [Sequence(i, [1] * rng.randint(1, 30), rng.randint(1, 20), None) for i in range(12)]
     for s in seqs:
@@ -167,7 +167,7 @@ def test_scheduler_never_exceeds_the_budget_and_finishes_each_request_once(kind:
 
 
 def test_static_waits_for_the_longest_member() -> None:
-    sched = Scheduler(CountingKV(10_000), SchedulerConfig("static", "fcfs", max_batch=2))
+    sched = Scheduler(CountingKV(10_000), SchedulerParams("static", "fcfs", max_batch=2))
     seqs = [Sequence(i, [1, 2], new, None) for i, new in enumerate([1, 5, 1])]
     for s in seqs:
         sched.add(s)
@@ -246,7 +246,7 @@ def test_plan_is_plain_data_with_chunks_within_the_budget() -> None:
     from common.kv.manager import PagedKVManager
 
     kv = PagedKVManager(64, BS)
-    sched = Scheduler(kv, SchedulerConfig("continuous", max_batch=4, max_tokens_per_step=8))
+    sched = Scheduler(kv, SchedulerParams("continuous", max_batch=4, max_tokens_per_step=8))
     for i, n in enumerate([13, 3]):
         sched.add(Sequence(i, list(range(1, n + 1)), 2, None))
     plans = []

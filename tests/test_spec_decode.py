@@ -15,7 +15,7 @@ from common.core.errors import RecipeError
 from common.core.request import Request, SamplingParams
 from common.device.select import Device
 from common.engine.engine import Engine
-from common.engine.scheduler import SchedulerConfig
+from common.engine.scheduler import SchedulerParams
 from common.engine.spec import SpecConfig
 from common.engine.spec.ngram import lookup
 from common.engine.spec.verify import verify
@@ -52,7 +52,7 @@ def engine(kv="dynamic", attn="eager", sched="static", int8=False, spec=None, dr
 
     return Engine(
         model(0, args), CPU, KVSpec(kv, int8), attn,
-        SchedulerConfig(sched, max_batch=max_batch), spec=spec, draft_model=draft,
+        SchedulerParams(sched, max_batch=max_batch), spec=spec, draft_model=draft,
     )  # fmt: skip
 
 
@@ -187,7 +187,7 @@ def _first_decided_token(spec: SpecConfig, draft, n: int, temperature: float = 1
     args = replace(ARGS, vocab_size=16)
     prompt = list(range(16)) * 2  # lookup finds every first token: each request speculates
     params = SamplingParams(do_sample=True, temperature=temperature)
-    eng = Engine(model(0, args), CPU, "paged", "eager", SchedulerConfig("continuous", max_batch=n),
+    eng = Engine(model(0, args), CPU, "paged", "eager", SchedulerParams("continuous", max_batch=n),
                  spec=spec, draft_model=None if draft is None else model(draft, args))  # fmt: skip
     outs = eng.generate([Request(prompt, 3, params) for _ in range(n)], seed=0)
     return eng, prompt, params, [c.tokens for c in outs]

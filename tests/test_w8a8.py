@@ -280,7 +280,7 @@ def test_w8a8_composes_with_kv_attention_and_scheduling(combo):
     from common.core.request import Request
     from common.device.select import Device
     from common.engine.engine import Engine
-    from common.engine.scheduler import SchedulerConfig
+    from common.engine.scheduler import SchedulerParams
     from common.kv.spec import KVSpec
 
     model = W8A8().quantize(_tiny(outliers=True), _calibration())
@@ -292,7 +292,7 @@ def test_w8a8_composes_with_kv_attention_and_scheduling(combo):
 
     kind, attn, sched = COMBOS[combo]
     kv = KVSpec(kind, block_size=4) if kind == "paged" else KVSpec(kind)
-    got = generate(kv, attn, SchedulerConfig(sched) if sched else None)
+    got = generate(kv, attn, SchedulerParams(sched) if sched else None)
     assert got == generate(KVSpec("dynamic"), "eager", None)
 
 

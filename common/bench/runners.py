@@ -12,7 +12,7 @@ from common.bench.workload import batches
 from common.core.request import Completion, Request
 from common.engine.engine import Engine
 from common.engine.pipeline import Pipeline
-from common.engine.scheduler import SchedulerConfig
+from common.engine.scheduler import SchedulerParams
 
 
 @dataclass
@@ -33,9 +33,9 @@ class Runner:
     peak_memory: Callable[[], int] | None = None
 
 
-def scheduler_config(sched: Any) -> SchedulerConfig:
-    """The `scheduler:` config group as the engine's SchedulerConfig."""
-    return SchedulerConfig(
+def scheduler_config(sched: Any) -> SchedulerParams:
+    """The `scheduler:` config group as the engine's SchedulerParams."""
+    return SchedulerParams(
         sched.kind,
         sched.policy,
         sched.max_batch,

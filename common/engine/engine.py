@@ -21,7 +21,7 @@ from common.engine.beam import BeamConfig, beam_search
 from common.engine.multimodal import check_items
 from common.engine.runner import ModelRunner
 from common.engine.sampler import make_generator
-from common.engine.scheduler import Scheduler, SchedulerConfig, Sequence, Speculation
+from common.engine.scheduler import Scheduler, SchedulerParams, Sequence, Speculation
 from common.engine.spec import Drafter, SpecConfig
 from common.engine.spec.draft import DraftModelDrafter
 from common.engine.spec.ngram import NgramDrafter
@@ -40,7 +40,7 @@ class Engine:
         device: Device,
         kv_kind: str | KVSpec = "dynamic",
         attention: str = "eager",
-        scheduler: SchedulerConfig | None = None,
+        scheduler: SchedulerParams | None = None,
         tokenizer: Any | None = None,
         feature_cache_bytes: int | None = None,
         encode_overlap: bool = False,
@@ -53,7 +53,7 @@ class Engine:
         the language model runs."""
         self.model, self.device = model, device
         self.kv = kv_kind if isinstance(kv_kind, KVSpec) else KVSpec(kv_kind)
-        self.sched = scheduler or SchedulerConfig()
+        self.sched = scheduler or SchedulerParams()
         if not self.kv.paged and (
             self.sched.kind == "continuous" or self.sched.max_tokens_per_step is not None
         ):

@@ -40,7 +40,10 @@ class Speculation:
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
+class SchedulerParams:
+    """How the scheduler batches (built from the `scheduler:` config group, whose schema is
+    common.core.config.SchedulerConfig)."""
+
     kind: str = "static"
     policy: str = "fcfs"
     max_batch: int | None = None  # None: every request of a call in one batch
@@ -98,7 +101,7 @@ class Scheduler:
     def __init__(
         self,
         kv: KVManager,
-        config: SchedulerConfig,
+        config: SchedulerParams,
         stop: StopRule | None = None,
         spec: Speculation | None = None,
     ) -> None:

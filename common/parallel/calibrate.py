@@ -5,8 +5,11 @@ bus, so W processes measure at once, each with its share of the threads:
 - memory bandwidth as decode sees it: a batch-1 matmul over weight matrices of the model's
   shapes, together larger than the caches (bytes / time, less the same calls' dispatch time);
 - compute: the same matmuls on `rows` rows (FLOPs / time);
-- the link: gloo all-reduces of a small message (latency: 2(W - 1) hops) and a large one
-  (bandwidth, by the ring formula of simulate.py).
+- the link: bandwidth from a large gloo all-reduce against a small one, back to back (the ring
+  formula of simulate.py); latency as a forward sees it: each all-reduce of one token's hidden
+  state follows the slice of a layer's matmuls that precedes it in the model (attention, then
+  MLP), averaged over many, less the slices alone. Back-to-back calls on idle ranks would read
+  low: in a forward, ranks arrive at different times and gloo's threads must wake.
 The per-layer overhead (what a forward costs beyond its math) depends on the model code,
 so the caller measures it (scripts/plan_validate.py times a narrow copy of the model).
 """
@@ -17,6 +20,8 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -62,17 +67,38 @@ def measure_matmuls(
     return copies * per_set / max(t_read - t_calls, 1e-9), flops / t_rows
 
 
-def measure_link(world: int, repeats: int = 20) -> tuple[float, float]:
-    """(bandwidth bytes/s, latency s) of this process group's ring all-reduce."""
-    small = torch.zeros(SMALL // 4)
-    large = torch.zeros(LARGE // 4)
-    dist.barrier()
-    t_small = _best(lambda: dist.all_reduce(small), repeats)
-    t_large = _best(lambda: dist.all_reduce(large), repeats // 4 or 1)
+def _mean(fn, repeats: int) -> float:
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) / repeats
+
+
+def measure_link(
+    world: int, segments: list[Callable[[], object]], message: torch.Tensor, repeats: int = 100
+) -> tuple[float, float]:
+    """(bandwidth bytes/s, latency s per hop) of this process group's ring all-reduce; the
+    latency of `message` all-reduced after each of `segments` (a rank's work between two
+    collectives), in the mean, less the segments alone."""
     hops = 2 * (world - 1)
-    latency = t_small / hops
-    bandwidth = (world - 1) / world * 2 * LARGE / max(t_large - hops * latency, 1e-9)
-    return bandwidth, latency
+    small, large = torch.zeros(SMALL // 4), torch.zeros(LARGE // 4)
+    dist.barrier()
+    t_small = _best(lambda: dist.all_reduce(small), 20)
+    t_large = _best(lambda: dist.all_reduce(large), 5)
+    bandwidth = (world - 1) / world * 2 * LARGE / max(t_large - t_small, 1e-9)
+    t_work = _mean(lambda: [seg() for seg in segments], repeats)
+    t_both = _mean(lambda: [(seg(), dist.all_reduce(message)) for seg in segments], repeats)
+    return bandwidth, max(t_both - t_work, 0.0) / (len(segments) * hops)
+
+
+def _segments(
+    groups: list[list[tuple[int, int]]], dtype: torch.dtype
+) -> list[Callable[[], object]]:
+    """Batch-1 F.linear over each group's weights ([out, in] shapes), one callable per group."""
+    weights = [[torch.randn(n, k).to(dtype) for n, k in g] for g in groups]
+    xs = {k: torch.randn(1, k).to(dtype) for g in groups for _, k in g}
+    return [partial(lambda ws: [F.linear(xs[w.shape[1]], w) for w in ws], ws) for ws in weights]
 
 
 def _rank(rank: int, world: int, port: int, job: dict, out: str) -> None:
@@ -87,7 +113,10 @@ def _rank(rank: int, world: int, port: int, job: dict, out: str) -> None:
             job["rows"],
             job["min_bytes"],
         )
-        link = measure_link(world)
+        dtype = getattr(torch, job["dtype"])
+        with torch.no_grad():
+            segments = _segments([[tuple(s) for s in g] for g in job["segments"]], dtype)
+            link = measure_link(world, segments, torch.zeros(1, job["hidden"], dtype=dtype))
         if rank == 0:
             Path(out).write_text(json.dumps({"mem_bw": bw, "flops": flops, "link": link}))
     finally:
@@ -107,11 +136,15 @@ def calibrate(
     shapes: list[tuple[int, int]],
     dtype: torch.dtype,
     layer_overhead: float,
+    segments: list[list[tuple[int, int]]],
+    hidden: int,
     rows: int = 256,
     min_bytes: int = 256 << 20,
     cores: int | None = None,
 ) -> Hardware:
-    """This CPU as `world` devices of cores / world threads each, measured."""
+    """This CPU as `world` devices of cores / world threads each, measured. shapes: one
+    rank's matmuls ([out, in]) for bandwidth and FLOP/s; segments: the matmuls a rank runs
+    between two all-reduces of a [1, hidden] activation (a layer's attention, then its MLP)."""
     cores = cores or os.cpu_count() or 1
     threads = max(1, cores // world)
     job = dict(
@@ -120,6 +153,8 @@ def calibrate(
         rows=rows,
         min_bytes=min_bytes,
         threads=threads,
+        segments=segments,
+        hidden=hidden,
     )
     if world == 1:
         previous = torch.get_num_threads()

@@ -165,7 +165,7 @@ def forward_cost(
     if first:
         comm += all_reduce_time(act, st.tp, tp_link)  # vocab-parallel embedding
     if last:
-        comm += all_gather_time(rows * s.vocab * st.tp * 4, st.tp, tp_link)  # fp32 logits
+        comm += all_gather_time(rows * s.vocab * st.tp * e, st.tp, tp_link)  # the logits
     else:
         comm += send_time(act, _stage_link(hw, st.tp, stage))
     return Cost(

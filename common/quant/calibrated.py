@@ -27,6 +27,7 @@ from common.quant.int4 import (
     Int4Linear,
     Int4Table,
     check_group_size,
+    int4_quantization_config,
     int4_state_dict,
     load_int4_state_dict,
     quantize_int4,
@@ -193,13 +194,7 @@ class AWQ(_SavedAsInt4Or8):
         return quantize_int4(model, self.group_size, skip)
 
     def quantization_config(self) -> dict[str, object]:
-        return {
-            "quant_method": "llm_recipes",
-            "scheme": self.name,
-            "bits": 4,
-            "group_size": self.group_size,
-            "symmetric": False,
-        }
+        return int4_quantization_config(self.name, self.group_size)
 
 
 @torch.no_grad()

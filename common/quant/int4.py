@@ -178,6 +178,19 @@ def quantize_int4(
     return _replace(model, skip, table_for or rtn, INT4_MODULES)
 
 
+def int4_quantization_config(scheme: str, group_size: int) -> dict[str, object]:
+    """What a checkpoint of group-wise int4 weights (RTN or calibrated) records of them."""
+    return {
+        "quant_method": "llm_recipes",
+        "scheme": scheme,
+        "bits": 4,
+        "group_size": group_size,
+        "symmetric": False,
+        "granularity": "per_group",
+        "modules": ["Linear", "Embedding"],
+    }
+
+
 def check_group_size(group_size: int) -> None:
     if group_size not in GROUP_SIZES:
         raise RecipeError(
@@ -210,15 +223,7 @@ class Int4WeightOnly:
         return quantize_int4(model, self.group_size, skip)
 
     def quantization_config(self) -> dict[str, object]:
-        return {
-            "quant_method": "llm_recipes",
-            "scheme": self.name,
-            "bits": 4,
-            "group_size": self.group_size,
-            "symmetric": False,
-            "granularity": "per_group",
-            "modules": ["Linear", "Embedding"],
-        }
+        return int4_quantization_config(self.name, self.group_size)
 
     def state_dict(self, model: nn.Module) -> dict[str, Tensor]:
         return int4_state_dict(model)
