@@ -120,8 +120,8 @@ python scripts/plan_validate.py
 # vs outside ops, and the per-op breakdown, unfused / fused / compiled (~10 min).
 python scripts/decode_profile.py model.scale=small
 # The numbers, every row in one run, with the llama.cpp peer (bf16 against baseline
-# rows, q8_0 against int8 rows); compile time has its own column (~25 min).
-python $llama bench.peers=[llama_cpp] \
+# rows, q8_0 against int8 rows); compile time has its own column (~10 min).
+python $llama bench.peers=[llama_cpp] bench.rounds=2 \
   'bench.variants=[[fuse],[fuse,compile],[flash_attn,int8],[flash_attn,int8,fuse,compile]]'
 # What inductor's C++ wrapper and freezing (weights as constants) do to the compiled step.
 python $llama +opt=fuse,compile bench.rounds=2 'bench.sweep={key: compile.cpp_wrapper, values: [false, true]}'
