@@ -12,8 +12,10 @@ never a constant:
   (one rank's shard) with T x P processes at once, each with cores / (T x P) threads; the
   link: a gloo all-reduce of one token's hidden state after each half of a layer's matmuls,
   as a forward runs them (so arrival skew between ranks counts);
-- the overhead per layer: the same recipe run with the model narrowed to width 64 (same
-  layers, vocabulary and runtime; its math is negligible) at each batch, TPOT / (layers + 1).
+- the overhead per layer: the same recipe run, under the same layout, with the model narrowed
+  to width 64 (same layers, vocabulary and runtime; its math is negligible) at each batch:
+  what its TPOT leaves beyond the simulation of the narrowed model with no overhead (so a TP
+  rank's extra Python and collective calls count, and the link latency is not counted twice).
 Keys the runtime does not have yet (parallel.tp, parallel.pp) are skipped with a note.
 Writes results/planning/validate.md and .json.
 """
@@ -40,6 +42,7 @@ from common.device.probe import cpu_info  # noqa: E402
 from common.device.select import resolve_dtype, select_device  # noqa: E402
 from common.nn.causal_lm import ModelArgs  # noqa: E402
 from common.parallel.calibrate import calibrate  # noqa: E402
+from common.parallel.hardware import Hardware  # noqa: E402
 from common.parallel.layout import Layout, shard  # noqa: E402
 from common.parallel.simulate import Strategy, Workload, simulate  # noqa: E402
 from common.quant.formats import FLOAT  # noqa: E402
@@ -56,12 +59,11 @@ def runtime_keys() -> set[str]:
     return {f"parallel.{k}" for k in (defaults.get("parallel") or {})}
 
 
-def model_args(scale: str) -> tuple[ModelArgs, dict]:
+def model_args(scale: str) -> ModelArgs:
     sys.path.insert(0, str(ROOT / "scripts"))
     from plan import load_model  # noqa: PLC0415  (the planner's model loader)
 
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/model/llama65b.yaml"))
-    return load_model("llama65b", scale).args, cfg["presets"][scale]
+    return load_model("llama65b", scale).args
 
 
 def shard_shapes(args: ModelArgs, tp: int) -> list[tuple[int, int]]:
@@ -100,21 +102,14 @@ def main() -> None:
     a = p.parse_args()
     if min(a.tp + a.pp + a.batches) < 1 or min(a.prompt_len, a.output_len, a.rounds) < 1:
         p.error("sizes, lengths and rounds must be >= 1")
-    args, preset = model_args(a.scale)
+    args = model_args(a.scale)
     dtype = resolve_dtype("auto", select_device("cpu"))
     have = runtime_keys()
     base = [f"model.scale={a.scale}", "workload=latency", "hardware=auto",
             f"workload.prompt_len={a.prompt_len}", f"workload.max_new_tokens={a.output_len}"]  # fmt: skip
     narrow = [f"model.presets.{a.scale}.{k}={v}" for k, v in NARROW.items()]
-    overhead = {}  # batch -> seconds per layer beyond the math, from the narrowed model
-    for b in a.batches:
-        m = run_recipe(
-            [*base, *narrow, f"workload.num_prompts={b}", f"workload.batch_size={b}"], a.rounds
-        )
-        if isinstance(m, str):
-            sys.exit(f"error: the narrowed run at batch {b} failed: {m}")
-        overhead[b] = 1e-3 * m["tpot_ms"] / (preset["num_hidden_layers"] + 1)
-    rows, skipped, calibrations = [], [], {}
+    narrow_args = dataclasses.replace(args, **NARROW)
+    rows, skipped, calibrations, overhead = [], [], {}, {}
     for tp in a.tp:
         for pp in a.pp:
             keys = [k for k, n in (("parallel.tp", tp), ("parallel.pp", pp)) if n > 1]
@@ -132,19 +127,22 @@ def main() -> None:
                     par_b = [*par, f"parallel.micro_batches={mb}"]
                 else:
                     par_b = par
-                measured = run_recipe(
-                    [*base, *par_b, f"workload.num_prompts={b}", f"workload.batch_size={b}"],
-                    a.rounds,
-                )
-                if isinstance(measured, str):
-                    skipped.append(f"tp={tp} pp={pp} batch={b}: the run failed: {measured}")
+                run_b = [*base, *par_b, f"workload.num_prompts={b}", f"workload.batch_size={b}"]
+                st = Strategy(tp, pp, 1, b, FLOAT, micro_batches=mb)
+                work = Workload(b, a.prompt_len, a.output_len)
+                narrowed = run_recipe([*run_b, *narrow], a.rounds)
+                measured = run_recipe(run_b, a.rounds)
+                if failed := next((m for m in (narrowed, measured) if isinstance(m, str)), None):
+                    skipped.append(f"tp={tp} pp={pp} batch={b}: the run failed: {failed}")
                     continue
+                layer_s = layer_overhead(narrow_args, dtype, st, work, hw, narrowed["tpot_ms"])
+                overhead[f"tp{tp} pp{pp} b{b}"] = layer_s
                 sim = simulate(
                     args,
                     dtype,
-                    Strategy(tp, pp, 1, b, FLOAT, micro_batches=mb),
-                    Workload(b, a.prompt_len, a.output_len),
-                    dataclasses.replace(hw, layer_overhead=overhead[b]),
+                    st,
+                    work,
+                    dataclasses.replace(hw, layer_overhead=layer_s),
                     kv_passes=KV_PASSES,
                 )
                 rows.append(
@@ -158,6 +156,20 @@ def main() -> None:
                     }  # fmt: skip
                 )
     write(a, rows, skipped, calibrations, overhead, dtype)
+
+
+def layer_overhead(
+    narrow_args: ModelArgs, dtype, st: Strategy, w: Workload, hw: Hardware, tpot_ms: float
+) -> float:
+    """Seconds per layer that the narrowed model's measured TPOT leaves beyond its simulation
+    without overhead (TPOT is linear in the overhead term, so two simulations solve it)."""
+
+    def tpot(per_layer: float) -> float:
+        hw_o = dataclasses.replace(hw, layer_overhead=per_layer)
+        return simulate(narrow_args, dtype, st, w, hw_o, kv_passes=KV_PASSES).tpot
+
+    base = tpot(0.0)
+    return max(0.0, (1e-3 * tpot_ms - base) / (tpot(1.0) - base))
 
 
 def _err(pair: tuple[float, float]) -> float:
@@ -184,8 +196,9 @@ def write(
         f"= batch, prompt {a.prompt_len}, {a.output_len} new tokens, {a.rounds} rounds "
         "(baseline opts: dynamic KV cache, eager attention)",
         "predicted: common/parallel/simulate.py with this machine measured "
-        "(common/parallel/calibrate.py); per-layer overhead from the same runs narrowed to "
-        "width 64: " + ", ".join(f"batch {b}: {1e6 * s:.0f} us" for b, s in overhead.items()),
+        "(common/parallel/calibrate.py); per-layer overhead from the same runs (same layout "
+        "and batch) narrowed to width 64, beyond their simulation without it: "
+        + ", ".join(f"{k}: {1e6 * s:.0f} us" for k, s in overhead.items()),
         *(f"calibration {k}: {'; '.join(v)}" for k, v in calibrations.items()),
         *(f"skipped {s}" for s in skipped),
         "err = (predicted - measured) / measured; target: TPOT and throughput within 20%",

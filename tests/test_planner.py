@@ -178,6 +178,23 @@ def test_pipeline_bubble_shrinks_with_micro_batches() -> None:
     assert full.throughput > one.throughput
 
 
+def test_validation_overhead_is_what_the_narrowed_run_leaves_beyond_its_simulation() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "plan_validate", ROOT / "scripts/plan_validate.py"
+    )
+    pv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pv)
+    hw, w = A100, W
+    for st in (strategy(tp=2), strategy(pp=2, mb=2)):
+        ideal = simulate(LLAMA, torch.bfloat16, st, w, hw, kv_passes=pv.KV_PASSES).tpot
+        per_layer = pv.layer_overhead(LLAMA, torch.bfloat16, st, w, hw, 1e3 * ideal + 5.0)
+        with_it = dataclasses.replace(hw, layer_overhead=per_layer)
+        tpot = simulate(LLAMA, torch.bfloat16, st, w, with_it, kv_passes=pv.KV_PASSES).tpot
+        assert per_layer > 0 and tpot == pytest.approx(ideal + 5e-3)
+    # a narrowed run faster than the simulated link: no negative overhead
+    assert pv.layer_overhead(LLAMA, torch.bfloat16, st, w, hw, 1e3 * ideal / 2) == 0
+
+
 def test_strategies_that_do_not_fit_are_dropped() -> None:
     plans, dropped = plan(LLAMA, torch.bfloat16, A100, W, [FLOAT], [False])
     assert dropped > 0 and plans
