@@ -149,13 +149,14 @@ rounds=bench.rounds=2
 for kind in copy free; do
   # (a) greedy speculative decoding vs k, per drafter: acceptance, tokens per verification,
   # TPOT and decode tok/s against the same opts without speculation (identical tokens).
+  # One round on the seeded preset: its rows show cost at LLaMA-65B's shape ratios.
   python $llama model.path="$sm" workload=file workload.path=$wl/smollm2/$kind.jsonl "$spec_rows" $rounds \
     spec.method=ngram bench.results_dir=results/decoding/smollm2-$kind-ngram
   python $llama model.path="$sm" workload=file workload.path=$wl/smollm2/$kind.jsonl "$spec_rows" $rounds \
     spec.method=draft spec.draft.path="$draft" bench.results_dir=results/decoding/smollm2-$kind-draft
-  python $llama workload=file workload.path=$wl/small/$kind.jsonl workload.ignore_eos=true "$spec_rows" $rounds \
+  python $llama workload=file workload.path=$wl/small/$kind.jsonl workload.ignore_eos=true "$spec_rows" bench.rounds=1 \
     spec.method=ngram bench.results_dir=results/decoding/small-$kind-ngram
-  python $llama workload=file workload.path=$wl/small/$kind.jsonl workload.ignore_eos=true "$spec_rows" $rounds \
+  python $llama workload=file workload.path=$wl/small/$kind.jsonl workload.ignore_eos=true "$spec_rows" bench.rounds=1 \
     spec.method=draft spec.draft.scale=tiny bench.results_dir=results/decoding/small-$kind-draft
 done
 # bf16 rounds a (k + 1)-token verification differently from a 1-token step, so a near tie can
