@@ -9,13 +9,14 @@ and its JSON gives the measured TTFT, TPOT and output tok/s. Next to it the simu
 (common/parallel/simulate.py) predicts the same for this machine, calibrated by measurement,
 never a constant:
 - bandwidth and FLOP/s: common/parallel/calibrate.py times the model's own matmul shapes
-  (one rank's shard) with T x P processes at once, each with cores / (T x P) threads; the
-  link: a gloo all-reduce of one token's hidden state after each half of a layer's matmuls,
-  as a forward runs them (so arrival skew between ranks counts);
-- the overhead per layer: the same recipe run, under the same layout, with the model narrowed
-  to width 64 (same layers, vocabulary and runtime; its math is negligible) at each batch:
-  what its TPOT leaves beyond the simulation of the narrowed model with no overhead (so a TP
-  rank's extra Python and collective calls count, and the link latency is not counted twice).
+  (one rank's shard) with T x P processes at once, each with cores / (T x P) threads, and
+  the link's bandwidth from a large gloo all-reduce;
+- the overhead per layer, collectives' latency included: the same recipe run, under the same
+  layout, with the model narrowed to width 64 (same layers, vocabulary, runtime and
+  collectives; its math is negligible) at each batch: what its TPOT leaves beyond the
+  simulation of the narrowed model with no overhead and no link latency. The calibration's
+  own latency reading (all-reduces between matmul slices) is reported but not used: it
+  moved 3x between runs on one machine, while the narrowed run times the real calls.
 Keys the runtime does not have yet (parallel.tp, parallel.pp) are skipped with a note.
 Writes results/planning/validate.md and .json.
 """
@@ -42,7 +43,7 @@ from common.device.probe import cpu_info  # noqa: E402
 from common.device.select import resolve_dtype, select_device  # noqa: E402
 from common.nn.causal_lm import ModelArgs  # noqa: E402
 from common.parallel.calibrate import calibrate  # noqa: E402
-from common.parallel.hardware import Hardware  # noqa: E402
+from common.parallel.hardware import Hardware, Link  # noqa: E402
 from common.parallel.layout import Layout, shard  # noqa: E402
 from common.parallel.simulate import Strategy, Workload, simulate  # noqa: E402
 from common.quant.formats import FLOAT  # noqa: E402
@@ -119,6 +120,9 @@ def main() -> None:
             world = tp * pp
             shapes = shard_shapes(args, tp)
             hw = calibrate(world, shapes, dtype, 0.0, [shapes[:4], shapes[4:7]], args.hidden_size)
+            hw = dataclasses.replace(  # latency: in the narrowed run's overhead (docstring)
+                hw, intra=Link(hw.intra.bandwidth, 0.0), inter=Link(hw.inter.bandwidth, 0.0)
+            )
             calibrations[f"tp{tp} pp{pp}"] = hw.notes
             par = [f"{k}={n}" for k, n in (("parallel.tp", tp), ("parallel.pp", pp)) if n > 1]
             for b in a.batches:
@@ -196,8 +200,9 @@ def write(
         f"= batch, prompt {a.prompt_len}, {a.output_len} new tokens, {a.rounds} rounds "
         "(baseline opts: dynamic KV cache, eager attention)",
         "predicted: common/parallel/simulate.py with this machine measured "
-        "(common/parallel/calibrate.py); per-layer overhead from the same runs (same layout "
-        "and batch) narrowed to width 64, beyond their simulation without it: "
+        "(common/parallel/calibrate.py, its all-reduce latency reported, not used); per-layer "
+        "overhead, collectives' latency included, from the same runs (same layout and batch) "
+        "narrowed to width 64, beyond their simulation without it: "
         + ", ".join(f"{k}: {1e6 * s:.0f} us" for k, s in overhead.items()),
         *(f"calibration {k}: {'; '.join(v)}" for k, v in calibrations.items()),
         *(f"skipped {s}" for s in skipped),

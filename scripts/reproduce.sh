@@ -158,6 +158,11 @@ for kind in copy free; do
   python $llama workload=file workload.path=$wl/small/$kind.jsonl workload.ignore_eos=true "$spec_rows" $rounds \
     spec.method=draft spec.draft.scale=tiny bench.results_dir=results/decoding/small-$kind-draft
 done
+# bf16 rounds a (k + 1)-token verification differently from a 1-token step, so a near tie can
+# flip a greedy token; in fp32 the speculative row's tokens are the non-speculative ones.
+python $llama model.path="$sm" model.dtype=float32 workload=file workload.path=$wl/smollm2/copy.jsonl \
+  "bench.variants=[[static_kv,flash_attn],[static_kv,flash_attn,spec_decode,'spec.k=8']]" $rounds \
+  spec.method=ngram bench.results_dir=results/decoding/smollm2-copy-ngram-fp32
 # Where speculation hurts: 32 requests under continuous batching at batch 16 (a verification
 # costs k + 1 tokens of compute per sequence once the batch is compute-bound), and the same
 # with speculation switched off above 4 running sequences (spec.max_batch).

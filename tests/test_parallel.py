@@ -99,6 +99,30 @@ def test_a_failing_rank_ends_the_run(tmp_path: Path) -> None:
     assert _last_error(proc.stderr + proc.stdout, proc.returncode) == "rank 1 cannot go on"
 
 
+def test_cpu_ranks_get_disjoint_cores_and_as_many_threads(tmp_path: Path) -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("needs 2 cores")
+    script = tmp_path / "bind.py"
+    script.write_text(
+        "import os, torch\n"
+        "from common.parallel.launch import init_distributed\n"
+        "init_distributed('cpu', 2, 60)\n"
+        "pinned = ','.join(map(str, sorted(os.sched_getaffinity(0))))\n"
+        "print('rank', os.environ['RANK'], pinned, torch.get_num_threads(), flush=True)\n"
+    )
+    proc = _torchrun(script, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    seen = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("rank "):
+            _, rank, pinned, threads = line.split()
+            seen[int(rank)] = ({int(c) for c in pinned.split(",")}, int(threads))
+    half = len(cores) // 2
+    assert seen[0][0] == set(cores[:half]) and seen[1][0] == set(cores[half : 2 * half])
+    assert seen[0][1] == seen[1][1] == half
+
+
 def test_part_slices_pads_and_zeros() -> None:
     full = torch.arange(12.0).view(6, 2)
     two_blocks = Part(0, ((0, 2), (4, 5)), 3)  # a fused gate_up shard: a block of each half

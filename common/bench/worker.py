@@ -88,13 +88,13 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
     from common.bench.peers import peer_runner
     from common.io.presets import build_draft, build_model
 
-    if cfg.bench.threads:
-        torch.set_num_threads(int(cfg.bench.threads))
     ops.pin(pinned_kernels(cfg))
     par = cfg.parallel
     if under_torchrun():
         die_with_parent_now()
     init_distributed(select_device(cfg.hardware.device).type, par.tp * par.pp, par.timeout_s)
+    if cfg.bench.threads:  # after init_distributed, which gives each CPU rank its cores
+        torch.set_num_threads(int(cfg.bench.threads))
     device = select_device(cfg.hardware.device)  # now with its rank and group
     dtype = resolve_dtype(cfg.model.dtype, device)
     tp = TensorParallel(device.rank, par.tp, device.group) if par.tp > 1 else None

@@ -30,6 +30,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from common.parallel.hardware import DTYPE_NAMES, Hardware, Link
+from common.parallel.launch import bind_cpu_rank
 
 SMALL, LARGE = 4 << 10, 4 << 20  # all-reduce message bytes: latency-bound, bandwidth-bound
 
@@ -102,6 +103,7 @@ def _segments(
 
 
 def _rank(rank: int, world: int, port: int, job: dict, out: str) -> None:
+    bind_cpu_rank(rank, world)  # as the recipe's ranks run (launch.init_distributed)
     torch.set_num_threads(job["threads"])
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

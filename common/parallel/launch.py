@@ -51,6 +51,21 @@ def torchrun_prefix(
     ]
 
 
+def bind_cpu_rank(local_rank: int, local_world: int) -> None:
+    """Give this CPU rank its own share of the node's cores, and as many torch threads.
+    Left alone, torchrun runs every rank with one thread free to roam every core, so a
+    collective waits for the other rank to be scheduled back behind whatever holds its core;
+    pinned, small gloo all-reduces between matmuls take less time and vary far less. Called
+    before any thread starts, so gloo's and OpenMP's threads inherit it."""
+    cores = sorted(os.sched_getaffinity(0))
+    share = len(cores) // local_world
+    if share == 0:  # more ranks than cores: nothing to split
+        return
+    mine = cores[local_rank * share : (local_rank + 1) * share]
+    os.sched_setaffinity(0, mine)
+    torch.set_num_threads(len(mine))
+
+
 def init_distributed(device_type: str, world_size: int, timeout_s: float) -> None:
     """Join the process group torchrun set up (a no-op for one process)."""
     if world_size == 1 or (dist.is_available() and dist.is_initialized()):
@@ -68,6 +83,8 @@ def init_distributed(device_type: str, world_size: int, timeout_s: float) -> Non
     local = int(os.environ["LOCAL_RANK"])
     if device_type in ("cuda", "npu"):
         getattr(torch, device_type).set_device(local)  # one device per rank on a node
+    else:
+        bind_cpu_rank(local, int(os.environ["LOCAL_WORLD_SIZE"]))
     dist.init_process_group(BACKENDS[device_type], timeout=timedelta(seconds=timeout_s))
 
 
