@@ -94,6 +94,9 @@ python $qwen workload.batch_size=4 workload.num_requests=12 bench.rounds=2 \
 # Beyond one device (docs/parallelism.md). Tensor parallel: one process vs two ranks under
 # torchrun (gloo over loopback, one thread per rank: the same two cores), batch 1 and batch 8.
 python $llama +opt=flash_attn 'bench.sweep={key: parallel.tp, values: [1, 2]}'
+# What binding each CPU rank to its own cores does (torchrun alone leaves them roaming).
+python $llama +opt=flash_attn parallel.tp=2 'bench.sweep={key: parallel.cpu_bind, values: [false, true]}' \
+  bench.rounds=2 bench.results_dir=results/parallel/cpu_bind
 python $llama +opt=flash_attn workload=throughput workload.num_requests=16 workload.batch_size=8 \
   'bench.sweep={key: parallel.tp, values: [1, 2]}' bench.rounds=2
 # Pipeline parallel: throughput and bubble vs micro-batch count, two stages vs one device, on
