@@ -94,6 +94,9 @@ python $qwen workload.batch_size=4 workload.num_requests=12 bench.rounds=2 \
 # Beyond one device (docs/parallelism.md). Tensor parallel: one process vs two ranks under
 # torchrun (gloo over loopback, one thread per rank: the same two cores), batch 1 and batch 8.
 python $llama +opt=flash_attn 'bench.sweep={key: parallel.tp, values: [1, 2]}'
+# What binding each CPU rank to its own cores does (torchrun alone leaves them roaming).
+python $llama +opt=flash_attn parallel.tp=2 'bench.sweep={key: parallel.cpu_bind, values: [false, true]}' \
+  bench.rounds=2 bench.results_dir=results/parallel/cpu_bind
 python $llama +opt=flash_attn workload=throughput workload.num_requests=16 workload.batch_size=8 \
   'bench.sweep={key: parallel.tp, values: [1, 2]}' bench.rounds=2
 # Pipeline parallel: throughput and bubble vs micro-batch count, two stages vs one device, on
@@ -148,37 +151,40 @@ spec_rows="bench.variants=[[static_kv,flash_attn],[static_kv,flash_attn,spec_dec
 rounds=bench.rounds=2
 for kind in copy free; do
   # (a) greedy speculative decoding vs k, per drafter: acceptance, tokens per verification,
-  # TPOT and decode tok/s against the same opts without speculation (identical tokens).
+  # TPOT and decode tok/s against the same opts without speculation.
   python $llama model.path="$sm" workload=file workload.path=$wl/smollm2/$kind.jsonl "$spec_rows" $rounds \
     spec.method=ngram bench.results_dir=results/decoding/smollm2-$kind-ngram
   python $llama model.path="$sm" workload=file workload.path=$wl/smollm2/$kind.jsonl "$spec_rows" $rounds \
     spec.method=draft spec.draft.path="$draft" bench.results_dir=results/decoding/smollm2-$kind-draft
-  python $llama workload=file workload.path=$wl/small/$kind.jsonl workload.ignore_eos=true "$spec_rows" $rounds \
+  # One round on the seeded preset: its rows show cost at LLaMA-65B's shape ratios.
+  python $llama workload=file workload.path=$wl/small/$kind.jsonl workload.ignore_eos=true "$spec_rows" bench.rounds=1 \
     spec.method=ngram bench.results_dir=results/decoding/small-$kind-ngram
-  python $llama workload=file workload.path=$wl/small/$kind.jsonl workload.ignore_eos=true "$spec_rows" $rounds \
-    spec.method=draft spec.draft.scale=tiny bench.results_dir=results/decoding/small-$kind-draft
 done
+# The seeded tiny preset as drafter of the seeded small one: random weights on both sides, so
+# this shows a drafter's cost when its drafts are rejected (free generation would add nothing).
+python $llama workload=file workload.path=$wl/small/copy.jsonl workload.ignore_eos=true "$spec_rows" bench.rounds=1 \
+  spec.method=draft spec.draft.scale=tiny bench.results_dir=results/decoding/small-copy-draft
 # bf16 rounds a (k + 1)-token verification differently from a 1-token step, so a near tie can
 # flip a greedy token; in fp32 the speculative row's tokens are the non-speculative ones.
 python $llama model.path="$sm" model.dtype=float32 workload=file workload.path=$wl/smollm2/copy.jsonl \
-  "bench.variants=[[static_kv,flash_attn],[static_kv,flash_attn,spec_decode,'spec.k=8']]" $rounds \
+  "bench.variants=[[static_kv,flash_attn],[static_kv,flash_attn,spec_decode,'spec.k=8']]" bench.rounds=1 \
   spec.method=ngram bench.results_dir=results/decoding/smollm2-copy-ngram-fp32
 # Where speculation hurts: 32 requests under continuous batching at batch 16 (a verification
 # costs k + 1 tokens of compute per sequence once the batch is compute-bound), and the same
 # with speculation switched off above 4 running sequences (spec.max_batch).
 python $llama model.path="$sm" workload=throughput workload.num_requests=32 workload.batch_size=16 \
-  workload.prompt_len=[64,256] workload.max_new_tokens=[32,128] spec.k=4 bench.rounds=2 \
+  workload.prompt_len=[64,256] workload.max_new_tokens=[32,128] spec.k=4 bench.rounds=1 \
   'bench.variants=[[paged_kv,cont_batch,flash_attn],[paged_kv,cont_batch,flash_attn,spec_decode]]' \
   bench.results_dir=results/decoding/smollm2-load-ngram
 python $llama model.path="$sm" workload=throughput workload.num_requests=32 workload.batch_size=16 \
-  workload.prompt_len=[64,256] workload.max_new_tokens=[32,128] spec.k=4 spec.max_batch=4 bench.rounds=2 \
+  workload.prompt_len=[64,256] workload.max_new_tokens=[32,128] spec.k=4 spec.max_batch=4 bench.rounds=1 \
   'bench.variants=[[paged_kv,cont_batch,flash_attn],[paged_kv,cont_batch,flash_attn,spec_decode]]' \
   bench.results_dir=results/decoding/smollm2-load-ngram-max4
 # (b) beam search: tok/s and KV bytes for 1/2/4 beams, paged (beams fork and share the
 # prompt's blocks) vs contiguous rows (every beam a full copy).
 python $llama model.path="$sm" workload=file workload.path=$wl/smollm2/free.jsonl workload.max_new_tokens=64 \
   'bench.variants=[[static_kv,flash_attn],[paged_kv,flash_attn]]' 'bench.sweep={key: generation.num_beams, values: [1, 2, 4]}' \
-  bench.rounds=2 bench.results_dir=results/decoding/smollm2-beams
+  bench.rounds=1 bench.results_dir=results/decoding/smollm2-beams
 # (c) each logits processor's cost per step at batch 1 and 16, and agreement with transformers'.
 python scripts/sampling_table.py
 

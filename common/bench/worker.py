@@ -92,7 +92,8 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
     par = cfg.parallel
     if under_torchrun():
         die_with_parent_now()
-    init_distributed(select_device(cfg.hardware.device).type, par.tp * par.pp, par.timeout_s)
+    device_type = select_device(cfg.hardware.device).type
+    init_distributed(device_type, par.tp * par.pp, par.timeout_s, par.cpu_bind)
     if cfg.bench.threads:  # after init_distributed, which gives each CPU rank its cores
         torch.set_num_threads(int(cfg.bench.threads))
     device = select_device(cfg.hardware.device)  # now with its rank and group

@@ -180,6 +180,7 @@ class ParallelConfig:
     master_addr: str = "127.0.0.1"
     master_port: int | None = None  # null: a free port (one node only)
     timeout_s: float = 300.0  # a collective waiting longer fails the run instead of hanging
+    cpu_bind: bool = True  # CPU ranks: each on its own share of the cores (launch.bind_cpu_rank)
 
     def check(self) -> None:
         for key in ("tp", "pp", "micro_batches", "nnodes"):

@@ -66,7 +66,9 @@ def bind_cpu_rank(local_rank: int, local_world: int) -> None:
     torch.set_num_threads(len(mine))
 
 
-def init_distributed(device_type: str, world_size: int, timeout_s: float) -> None:
+def init_distributed(
+    device_type: str, world_size: int, timeout_s: float, cpu_bind: bool = True
+) -> None:
     """Join the process group torchrun set up (a no-op for one process)."""
     if world_size == 1 or (dist.is_available() and dist.is_initialized()):
         return
@@ -83,7 +85,7 @@ def init_distributed(device_type: str, world_size: int, timeout_s: float) -> Non
     local = int(os.environ["LOCAL_RANK"])
     if device_type in ("cuda", "npu"):
         getattr(torch, device_type).set_device(local)  # one device per rank on a node
-    else:
+    elif cpu_bind:
         bind_cpu_rank(local, int(os.environ["LOCAL_WORLD_SIZE"]))
     dist.init_process_group(BACKENDS[device_type], timeout=timedelta(seconds=timeout_s))
 
