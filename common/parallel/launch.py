@@ -53,10 +53,9 @@ def torchrun_prefix(
 
 def bind_cpu_rank(local_rank: int, local_world: int) -> None:
     """Give this CPU rank its own share of the node's cores, and as many torch threads.
-    Left alone, torchrun runs every rank with one thread free to roam every core, so a
-    collective waits for the other rank to be scheduled back behind whatever holds its core;
-    pinned, small gloo all-reduces between matmuls take less time and vary far less. Called
-    before any thread starts, so gloo's and OpenMP's threads inherit it."""
+    Left alone, torchrun runs every rank with one thread (OMP_NUM_THREADS=1) free to roam
+    every core: on a many-core node most cores idle, and ranks migrate onto each other's.
+    Called before any thread starts, so gloo's and OpenMP's threads inherit it."""
     cores = sorted(os.sched_getaffinity(0))
     share = len(cores) // local_world
     if share == 0:  # more ranks than cores: nothing to split
