@@ -28,6 +28,7 @@ from transformers.generation import logits_process as hf  # noqa: E402
 
 from common.bench.report import command_line, write_table  # noqa: E402
 from common.core.request import SamplingParams  # noqa: E402
+from common.device.probe import cpu_info  # noqa: E402
 from common.engine.sampler import process_logits, sample_with_probs  # noqa: E402
 
 PROCESSORS = {  # name -> (our SamplingParams fields, transformers' processors in its order)
@@ -108,6 +109,7 @@ def main() -> None:
         "# Logits processors: cost per sampling step and agreement with transformers",
         "",
         f"- command: `{command_line()}`",
+        f"- machine: {cpu_info()}",
         f"- vocabulary {args.vocab}, histories of {args.history} tokens, float32 logits, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}; {args.rounds} "
         "interleaved rounds, median (min–max)",
