@@ -191,8 +191,8 @@ def test_validation_overhead_is_what_the_narrowed_run_leaves_beyond_its_simulati
         with_it = dataclasses.replace(hw, layer_overhead=per_layer)
         tpot = simulate(LLAMA, torch.bfloat16, st, w, with_it, kv_passes=pv.KV_PASSES).tpot
         assert per_layer > 0 and tpot == pytest.approx(ideal + 5e-3)
-    # a narrowed run faster than the simulated link: no negative overhead
-    assert pv.layer_overhead(LLAMA, torch.bfloat16, st, w, hw, 1e3 * ideal / 2) == 0
+        # a narrowed run faster than its simulation: no negative overhead
+        assert pv.layer_overhead(LLAMA, torch.bfloat16, st, w, hw, 1e3 * ideal / 2) == 0
 
 
 def test_strategies_that_do_not_fit_are_dropped() -> None:
