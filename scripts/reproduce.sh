@@ -161,9 +161,11 @@ for kind in copy free; do
     spec.method=ngram bench.results_dir=results/decoding/small-$kind-ngram
 done
 # The seeded tiny preset as drafter of the seeded small one: random weights on both sides, so
-# this shows a drafter's cost when its drafts are rejected (free generation would add nothing).
+# this shows a drafter's cost when its drafts are rejected, on copy and on free generation.
 python $llama workload=file workload.path=$wl/small/copy.jsonl workload.ignore_eos=true "$spec_rows" bench.rounds=1 \
   spec.method=draft spec.draft.scale=tiny bench.results_dir=results/decoding/small-copy-draft
+python $llama workload=file workload.path=$wl/small/free.jsonl workload.ignore_eos=true "$spec_rows" bench.rounds=1 \
+  spec.method=draft spec.draft.scale=tiny bench.results_dir=results/decoding/small-free-draft
 # bf16 rounds a (k + 1)-token verification differently from a 1-token step, so a near tie can
 # flip a greedy token; in fp32 the speculative row's tokens are the non-speculative ones.
 python $llama model.path="$sm" model.dtype=float32 workload=file workload.path=$wl/smollm2/copy.jsonl \
@@ -180,6 +182,11 @@ python $llama model.path="$sm" workload=throughput workload.num_requests=32 work
   workload.prompt_len=[64,256] workload.max_new_tokens=[32,128] spec.k=4 spec.max_batch=4 bench.rounds=1 \
   'bench.variants=[[paged_kv,cont_batch,flash_attn],[paged_kv,cont_batch,flash_attn,spec_decode]]' \
   bench.results_dir=results/decoding/smollm2-load-ngram-max4
+# ... and with the distilled drafter: k forwards of its own per verification, at low acceptance.
+python $llama model.path="$sm" workload=throughput workload.num_requests=32 workload.batch_size=16 \
+  workload.prompt_len=[64,256] workload.max_new_tokens=[32,128] spec.k=4 bench.rounds=1 \
+  'bench.variants=[[paged_kv,cont_batch,flash_attn],[paged_kv,cont_batch,flash_attn,spec_decode]]' \
+  spec.method=draft spec.draft.path="$draft" bench.results_dir=results/decoding/smollm2-load-draft
 # (b) beam search: tok/s and KV bytes for 1/2/4 beams, paged (beams fork and share the
 # prompt's blocks) vs contiguous rows (every beam a full copy).
 python $llama model.path="$sm" workload=file workload.path=$wl/smollm2/free.jsonl workload.max_new_tokens=64 \
