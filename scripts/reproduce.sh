@@ -161,9 +161,11 @@ for kind in copy free; do
     spec.method=ngram bench.results_dir=results/decoding/small-$kind-ngram
 done
 # The seeded tiny preset as drafter of the seeded small one: random weights on both sides, so
-# this shows a drafter's cost when its drafts are rejected (free generation would add nothing).
+# this shows a drafter's cost when its drafts are rejected, on copy and on free generation.
 python $llama workload=file workload.path=$wl/small/copy.jsonl workload.ignore_eos=true "$spec_rows" bench.rounds=1 \
   spec.method=draft spec.draft.scale=tiny bench.results_dir=results/decoding/small-copy-draft
+python $llama workload=file workload.path=$wl/small/free.jsonl workload.ignore_eos=true "$spec_rows" bench.rounds=1 \
+  spec.method=draft spec.draft.scale=tiny bench.results_dir=results/decoding/small-free-draft
 # bf16 rounds a (k + 1)-token verification differently from a 1-token step, so a near tie can
 # flip a greedy token; in fp32 the speculative row's tokens are the non-speculative ones.
 python $llama model.path="$sm" model.dtype=float32 workload=file workload.path=$wl/smollm2/copy.jsonl \
@@ -180,6 +182,11 @@ python $llama model.path="$sm" workload=throughput workload.num_requests=32 work
   workload.prompt_len=[64,256] workload.max_new_tokens=[32,128] spec.k=4 spec.max_batch=4 bench.rounds=1 \
   'bench.variants=[[paged_kv,cont_batch,flash_attn],[paged_kv,cont_batch,flash_attn,spec_decode]]' \
   bench.results_dir=results/decoding/smollm2-load-ngram-max4
+# ... and with the distilled drafter: k forwards of its own per verification, at low acceptance.
+python $llama model.path="$sm" workload=throughput workload.num_requests=32 workload.batch_size=16 \
+  workload.prompt_len=[64,256] workload.max_new_tokens=[32,128] spec.k=4 bench.rounds=1 \
+  'bench.variants=[[paged_kv,cont_batch,flash_attn],[paged_kv,cont_batch,flash_attn,spec_decode]]' \
+  spec.method=draft spec.draft.path="$draft" bench.results_dir=results/decoding/smollm2-load-draft
 # (b) beam search: tok/s and KV bytes for 1/2/4 beams, paged (beams fork and share the
 # prompt's blocks) vs contiguous rows (every beam a full copy).
 python $llama model.path="$sm" workload=file workload.path=$wl/smollm2/free.jsonl workload.max_new_tokens=64 \
@@ -189,16 +196,18 @@ python $llama model.path="$sm" workload=file workload.path=$wl/smollm2/free.json
 python scripts/sampling_table.py
 
 # Quantization (docs/quantization.md): every weight scheme against bf16 in one table per
-# model. Rows may carry their own settings ('quant.group_size=32', act-order, the LM head
-# kept in float); add [w8a8] rows here
-# once SmoothQuant lands. On SmolLM2-135M-Instruct (real weights, chat prompts rendered with
-# its chat template): bytes, decode tok/s, TTFT, perplexity on held-out text, agreement.
-quant_rows="[[int8],[int4],[int4,'quant.group_size=32'],[gptq],[gptq,'quant.act_order=true'],[awq],[awq,'quant.skip=[lm_head]'],[int8,kv_int8],[int4,kv_int8]]"
+# model. Rows carry their own settings (group 32, act-order, the tied LM head kept in float,
+# SmoothQuant without smoothing). On SmolLM2-135M-Instruct (real weights, the chat prompts
+# rendered with its chat template, 32 new tokens): bytes, decode tok/s, TTFT, perplexity on
+# held-out text, agreement. One round (every row quantizes and calibrates in its own process,
+# ~25 min): the quality columns are deterministic, speed comes from the preset table below.
+quant_rows="[[int8],[int4],[int4,'quant.group_size=32'],[gptq],[gptq,'quant.act_order=true'],[awq],[awq,'quant.skip=[lm_head]'],[w8a8],[w8a8,'quant.smooth=false'],[int8,kv_int8],[int4,kv_int8]]"
 smol=$HOME/.cache/llm-recipes/SmolLM2-135M-Instruct
 python scripts/get_checkpoint.py smollm2-135m-instruct
-python $llama model.path="$smol" model.dtype=bfloat16 workload=chat "bench.variants=$quant_rows" bench.rounds=2
-# The same rows on the seeded small preset (speed at LLaMA-65B's shape ratios).
-python $llama model.dtype=bfloat16 "bench.variants=$quant_rows"
+python $llama model.path="$smol" workload=chat workload.max_new_tokens=32 "bench.variants=$quant_rows" \
+  bench.rounds=1 bench.warmup=0 bench.results_dir=results/quant/smollm2
+# The same rows on the seeded small preset, batch 1, two rounds (speed at LLaMA-65B's shape ratios).
+python $llama "bench.variants=$quant_rows" bench.rounds=2 bench.results_dir=results/quant/small
 # Which modules int4 hurts most on the real model (suggests quant.skip).
 python scripts/quant_sensitivity.py --model-path "$smol" --scheme int4
 
