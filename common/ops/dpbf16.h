@@ -6,6 +6,7 @@
 #pragma once
 #include <immintrin.h>
 
+#include "channel_blocks.h"
 #include "convert.h"
 
 #if !defined(__AVX512BF16__) || !defined(__AVX512BW__)
@@ -60,24 +61,19 @@ void rows_block(const uint16_t* x, const typename W::T* const* w, const Finish& 
   }
 }
 
-// x [M, K] bf16, w [N, K] -> y [M, N] bf16. Threads split the output channels in contiguous
-// ranges, each streaming its part of the weights once.
+// x [M, K] bf16, w [N, K] -> y [M, N] bf16. One row: 8 weight streams per block; more rows:
+// 4, against up to 4 row blocks.
 template <class W, class Finish>
 void matmul(const uint16_t* x, const typename W::T* w, const Finish& finish, uint16_t* y,
             int64_t M, int64_t N, int64_t K, int nthreads) {
-  const bool one = M == 1;  // one row: 8 weight streams; more rows: 4 x up to 4 row blocks
-  const int NB = one ? 8 : 4;
-  const int64_t blocks = (N + NB - 1) / NB;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t n0 = b * NB;
-    const int nb = int(N - n0 < NB ? N - n0 : NB);
-    const typename W::T* rows[8];
-    for (int j = 0; j < NB; ++j) rows[j] = w + (n0 + (j < nb ? j : 0)) * K;  // tail: re-read row 0
-    if (one)
+  using Rows = const typename W::T* const*;
+  if (M == 1)
+    for_channel_blocks<8>(w, N, K, nthreads, [&](Rows rows, int64_t n0, int nb) {
       block<W, 1, 8>(x, rows, finish, y, n0, nb, N, K);
-    else
+    });
+  else
+    for_channel_blocks<4>(w, N, K, nthreads, [&](Rows rows, int64_t n0, int nb) {
       rows_block<W, 4>(x, rows, finish, y, M, n0, nb, N, K);
-  }
+    });
 }
 }  // namespace dpbf16
