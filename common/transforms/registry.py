@@ -22,6 +22,7 @@ from common.quant.scheme import configured_scheme
 from common.quant.skip import skip_filter
 from common.transforms.calibrate import layerwise
 from common.transforms.compile import compile_decode
+from common.transforms.fast_linear import route_linears
 from common.transforms.forwards import forwards
 from common.transforms.fusion import fuse_kernels, fuse_projections
 
@@ -127,12 +128,22 @@ def _describe(config: dict) -> str:
     return f"{config.get('scheme')} ({', '.join(f'{k}={v}' for k, v in extra.items())})"
 
 
+def _fast_linear(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
+    return route_linears(model) if cfg.fast_linear else model
+
+
 def _compile(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
     return compile_decode(model, cfg.compile) if cfg.compile.enabled else model
 
 
 # transform(model, cfg, tokenizer) -> model; the tokenizer (or None) encodes calibration text.
-TRANSFORMS: list[Callable[[nn.Module, Any, Any], nn.Module]] = [_fuse, _quantize, _compile]
+# fast_linear after _quantize: the schemes swap exactly nn.Linear, and it takes what they leave.
+TRANSFORMS: list[Callable[[nn.Module, Any, Any], nn.Module]] = [
+    _fuse,
+    _quantize,
+    _fast_linear,
+    _compile,
+]
 
 
 def apply_transforms(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
