@@ -118,14 +118,15 @@ def check_saved_quantization(saved: dict, quant: Any) -> None:
     if asked != saved:
         raise RecipeError(
             f"the checkpoint is quantized as {_describe(saved)} but the opts ask for "
-            f"{_describe(asked)}; run it with the opts it was made with, or load the float "
-            "checkpoint"
+            f"{_describe(asked)}; run it with the opts it was made with (none for a checkpoint "
+            "quantized by another tool), or load the float checkpoint"
         )
 
 
 def _describe(config: dict) -> str:
     extra = {k: v for k, v in config.items() if k in ("alpha", "smooth", "group_size", "bits")}
-    return f"{config.get('scheme')} ({', '.join(f'{k}={v}' for k, v in extra.items())})"
+    name = config.get("scheme") or f"{config.get('quant_method')} format"  # another tool's
+    return f"{name} ({', '.join(f'{k}={v}' for k, v in extra.items())})"
 
 
 def _fast_linear(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
