@@ -35,7 +35,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DEFAULT_VARIANTS = "baseline;fuse;compile;fuse,compile;flash_attn,int8;flash_attn,int8,fuse,compile"
+DEFAULT_VARIANTS = (
+    "baseline;fuse;compile;fuse,compile;fuse,fast_linear;fuse,fast_linear,compile;"
+    "flash_attn,int8;flash_attn,int8,fuse,compile"
+)
 MODELS = {"llama65b": "models.llama:LlamaForCausalLM", "chatglm": "models.glm:GlmForCausalLM"}
 # Ops that only make views or metadata: not kernel calls.
 VIEWS = {

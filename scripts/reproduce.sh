@@ -126,6 +126,10 @@ python scripts/decode_profile.py model.scale=small
 # rows, q8_0 against int8 rows); compile time has its own column (~10 min).
 python $llama bench.peers=[llama_cpp] bench.rounds=2 \
   'bench.variants=[[fuse],[fuse,compile],[flash_attn,int8],[flash_attn,int8,fuse,compile]]'
+# Our own bf16 matrix-vector kernel (fast_linear) against torch's, eager and compiled, beside
+# the same llama.cpp rows.
+python $llama bench.peers=[llama_cpp] bench.rounds=2 \
+  'bench.variants=[[fuse],[fuse,fast_linear],[fuse,compile],[fuse,fast_linear,compile],[flash_attn,int8,fuse,compile]]'
 # What inductor's C++ wrapper and freezing (weights as constants) do to the compiled step.
 python $llama +opt=fuse,compile bench.rounds=2 'bench.sweep={key: compile.cpp_wrapper, values: [false, true]}'
 python $llama +opt=fuse,compile bench.rounds=2 'bench.sweep={key: compile.freezing, values: [false, true]}'

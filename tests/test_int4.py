@@ -91,11 +91,11 @@ def test_linear_module_under_each_pinned_kernel(impl: str, own_choices) -> None:
     assert any(f"{impl} (pinned)" in v for v in ops.chosen().values())
 
 
-def _tiny(tie: bool = True, hidden: int = 64) -> LlamaForCausalLM:
+def _tiny(tie: bool = True, hidden: int = 64, bias: bool = False) -> LlamaForCausalLM:
     args = LlamaArgs(
         vocab_size=128, hidden_size=hidden, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=tie,
+        tie_word_embeddings=tie, attention_bias=bias,
     )  # fmt: skip
     return from_seed(LlamaForCausalLM, args, 0)
 
@@ -169,3 +169,29 @@ def test_quantized_checkpoint_roundtrip(tmp_path, tie: bool) -> None:
         )
     with pytest.raises(RecipeError, match="is not the int4 scheme"):
         scheme.load_state_dict(_tiny(tie), state, {"scheme": "int8"})
+
+
+def test_checkpoint_loads_onto_the_meta_model_with_biases_and_a_float_tied_head(tmp_path) -> None:
+    """load_quantized builds on the meta device: every tensor is assigned, quantized linears
+    keep their biases, and a tied head kept in float stays tied to its embedding; a table
+    that does not fit its weight is a clear error."""
+    from safetensors.torch import load_file, save_file
+
+    from common.io.quantized import load_quantized, save_quantized
+    from common.transforms.forwards import forwards
+
+    src = _tiny(tie=True, bias=True)
+    scheme = Int4WeightOnly(32)
+    scheme.quantize(src, skip=lambda name, m: name in ("lm_head", "model.embed_tokens"))
+    out = save_quantized(src, scheme, tmp_path / "q")
+    dst = load_quantized(LlamaForCausalLM, out, "cpu", torch.float32)
+    assert dst.model.layers[0].self_attn.q_proj.bias is not None
+    assert dst.lm_head.weight is dst.model.embed_tokens.weight
+    (run,) = forwards([torch.randint(0, 128, (1, 6))])
+    assert torch.equal(run(dst), run(src))
+
+    state = load_file(out / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.zeros"
+    save_file({**state, name: state[name][:, :1].contiguous()}, out / "model.safetensors")
+    with pytest.raises(RecipeError, match=rf"{name} \(64, 1\), expected \(64, 3\)"):
+        load_quantized(LlamaForCausalLM, out, "cpu", torch.float32)

@@ -151,9 +151,9 @@ def test_corrupt_or_mismatched_checkpoints_fail_with_one_line(tmp_path):
     _one_line(e)
 
     config = json.loads((out / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
     (out / "config.json").write_text(json.dumps(config))
-    with pytest.raises(RecipeError, match="quant_method 'gptq'") as e:
+    with pytest.raises(RecipeError, match="quant_method 'awq'") as e:
         load_quantized(LlamaForCausalLM, out, "cpu", torch.float32)
     _one_line(e)
 

@@ -418,6 +418,7 @@ class RecipeConfig:
     offload_dir: str | None = None  # disk: where the layer file goes (null: a temp dir)
     offload_cold: bool = False  # disk: drop the file's page cache before each forward
     compile: CompileConfig = field(default_factory=CompileConfig)
+    fast_linear: bool = False  # float linears through the dispatched bf16_linear op
     kernels: dict[str, str | None] = field(default_factory=dict)  # op -> pinned implementation
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     spec: SpecDecodeConfig = field(default_factory=SpecDecodeConfig)

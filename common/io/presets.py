@@ -61,7 +61,8 @@ def build_model(
                 "parallel.tp/pp need the float checkpoint (the opt quantizes each rank's shard)"
             )
         model = load_quantized(model_cls, mcfg.path, device, dtype)
-        scheme = model.quantization_config["scheme"]
+        saved = model.quantization_config  # another tool's (GPTQ) names no scheme of ours
+        scheme = saved.get("scheme") or f"{saved.get('quant_method')}-format"
         return model, load_tokenizer(mcfg.path), f"{scheme} checkpoint {mcfg.path}"
     if mcfg.path:
         model = from_pretrained(model_cls, mcfg.path, device, dtype, mcfg.allow_pickle, place)

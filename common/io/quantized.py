@@ -8,6 +8,8 @@ options), and the tokenizer files are copied. Loading builds the model on the me
 lets the scheme swap in its modules from the saved tables, and checks names, shapes and
 values as strictly as a float checkpoint; the loaded model remembers its quantization_config,
 so asking for other quantization opts on it is an error (common/transforms/registry.py).
+GPTQ checkpoints written by AutoGPTQ, GPTQModel or transformers (quant_method "gptq") load
+the same way into the int4 modules (common/quant/gptq_format.py).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from common.io.checkpoint import (
     read_hf_config,
 )
 from common.nn.causal_lm import CausalLM
+from common.quant.gptq_format import METHOD as GPTQ
+from common.quant.gptq_format import gptq_format, load_gptq
 from common.quant.scheme import SCHEMES, QuantScheme, get_scheme
 from common.transforms.fusion import fuse_projections
 
@@ -109,12 +113,12 @@ def load_quantized(
     saved = quantization_config(path)
     if saved is None:
         raise RecipeError(f"{path} is a float checkpoint (config.json has no {KEY})")
-    name = saved.get("scheme")
-    if saved.get("quant_method") != "llm_recipes" or name not in SCHEMES:
-        method = saved.get("quant_method")
+    name, method = saved.get("scheme"), saved.get("quant_method")
+    gptq = gptq_format(saved, path) if method == GPTQ else None  # AutoGPTQ/GPTQModel layout
+    if gptq is None and (method != "llm_recipes" or name not in SCHEMES):
         raise RecipeError(
             f"{path}: {KEY} quant_method {method!r} scheme {name!r} is not one this project "
-            f"writes; it reads quant_method 'llm_recipes' with scheme {', '.join(SCHEMES)}"
+            f"reads: quant_method 'llm_recipes' with scheme {', '.join(SCHEMES)}, or {GPTQ!r}"
         )
     scheme_config = {k: v for k, v in saved.items() if k != FUSED}
     model = build_empty(lambda: cls(cls.args_cls.from_hf_config(config)))
@@ -135,7 +139,10 @@ def load_quantized(
                 ) from e
             _check_finite(key, entry.file, value, dtype)
             state[key] = value.to(dtype) if value.is_floating_point() else value
-    model = get_scheme(name).load_state_dict(model, state, scheme_config)
+    if gptq is not None:
+        model = load_gptq(model, state, gptq, dtype)
+    else:
+        model = get_scheme(name).load_state_dict(model, state, scheme_config)
     meta = [n for n, t in model.state_dict().items() if t.is_meta]
     if meta:
         raise RecipeError(f"quantized checkpoint {path} lacks {', '.join(meta[:5])}")

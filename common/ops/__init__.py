@@ -2,6 +2,7 @@
 machine by a short measurement (dispatch.py). Model code calls these entry points only."""
 
 from common.ops.attention import decode_attention
+from common.ops.bf16_linear import bf16_linear
 from common.ops.dispatch import chosen, pin, reset
 from common.ops.int4_linear import int4_linear
 from common.ops.int8_linear import int8_linear
@@ -12,6 +13,7 @@ from common.ops.w8a8_linear import w8a8_linear
 __all__ = [
     "add_rms_norm",
     "apply_rotary",
+    "bf16_linear",
     "chosen",
     "decode_attention",
     "int4_linear",

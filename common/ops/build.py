@@ -18,8 +18,8 @@ from pathlib import Path
 
 from common.core.errors import RecipeError
 
-SOURCES = Path(__file__).resolve().parent  # NAME.cpp and the header they share
-HEADERS = ("convert.h",)
+SOURCES = Path(__file__).resolve().parent  # NAME.cpp and the headers they share
+HEADERS = ("channel_blocks.h", "convert.h", "dpbf16.h")
 
 # Vectorizable reductions without -ffast-math (which on gcc < 13 also sets flush-to-zero
 # for the whole process when the library loads).

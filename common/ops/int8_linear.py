@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +26,7 @@ from torch import Tensor
 from common.ops.build import load_cpp
 from common.ops.dispatch import Impl, Op
 from common.ops.library import kernel_op
+from common.ops.working_set import weight_copies
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -115,29 +115,6 @@ def npu_mm(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
     return torch_npu.npu_weight_quant_batchmatmul(x2d, weight_int8.t(), antiquant_scale=scales)
 
 
-_WORKING_SET_CAP = 256 << 20  # bytes of weight copies the measurement cycles through, at most
-
-
-@functools.cache
-def _l3_bytes() -> int:
-    try:
-        size = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
-    except OSError:
-        return 32 << 20
-    return int(size.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(size[-1], 0)
-
-
-def _bench_args(args: tuple[Tensor, Tensor, Tensor]) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """Copies of the weight filling twice the L3 cache (up to 256 MiB), so each timed call
-    reads its weight from where a real decode step does: a model's weights together exceed
-    a small L3 (and fit a huge one, where the copies fit too)."""
-    x2d, weight_int8, scales = args
-    if not x2d.is_cpu:
-        return [args]
-    copies = min(2 * _l3_bytes(), _WORKING_SET_CAP) // max(weight_int8.numel(), 1)
-    return [args] + [(x2d, weight_int8.clone(), scales) for _ in range(min(copies, 64))]
-
-
 int8_linear = Op(
     "int8_linear",
     [
@@ -167,5 +144,5 @@ int8_linear = Op(
     ],
     rows=lambda x2d, w, s: x2d.shape[0],
     size=lambda x2d, w, s: w.numel(),  # int8 weight bytes
-    bench_args=_bench_args,
+    bench_args=weight_copies,
 )

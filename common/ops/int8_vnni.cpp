@@ -10,6 +10,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "channel_blocks.h"
 #include "convert.h"
 
 #if !defined(__AVX512VNNI__) || !defined(__AVX512BW__)
@@ -106,25 +107,19 @@ void rows_block(const int8_t* q, const float* xs, const int32_t* qsum, const int
   }
 }
 
-// y[m, n] = (sum_k q[m, k] w[n, k]) * (xs[m] * ws[n]). Threads split the output channels in
-// contiguous ranges, so each streams its own part of the weights once.
+// y[m, n] = (sum_k q[m, k] w[n, k]) * (xs[m] * ws[n]). One row: 8 weight streams per block;
+// more rows: 4, against up to 4 row blocks.
 template <class T>
 void mm(const int8_t* q, const float* xs, const int32_t* qsum, const int8_t* w, const T* ws, T* y,
         int64_t M, int64_t N, int64_t K, int64_t Kp, int nthreads) {
-  const bool one = M == 1;  // one row: 8 weight streams; more rows: 4 x up to 4 row blocks
-  const int NB = one ? 8 : 4;
-  const int64_t blocks = (N + NB - 1) / NB;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t n0 = b * NB;
-    const int nb = int(N - n0 < NB ? N - n0 : NB);
-    const int8_t* rows[8];
-    for (int j = 0; j < NB; ++j) rows[j] = w + (n0 + (j < nb ? j : 0)) * K;  // tail: re-read row 0
-    if (one)
+  if (M == 1)
+    for_channel_blocks<8>(w, N, K, nthreads, [&](const int8_t* const* rows, int64_t n0, int nb) {
       block<1, 8>(q, xs, qsum, rows, ws, y, n0, nb, N, K, Kp);
-    else
+    });
+  else
+    for_channel_blocks<4>(w, N, K, nthreads, [&](const int8_t* const* rows, int64_t n0, int nb) {
       rows_block<4>(q, xs, qsum, rows, ws, y, M, n0, nb, N, K, Kp);
-  }
+    });
 }
 
 struct Scratch {

@@ -25,12 +25,11 @@ from torch import Tensor
 
 from common.ops.build import load_cpp
 from common.ops.dispatch import Impl, Op
-from common.ops.int8_linear import _l3_bytes
 from common.ops.library import kernel_op
+from common.ops.working_set import weight_copies
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _MIN_AMAX = 1e-8  # an all-zero row quantizes to zeros (the C++ kernel uses the same floor)
-_WORKING_SET_CAP = 256 << 20
 
 
 def quantize_rows(x2d: Tensor, smooth: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -121,16 +120,6 @@ def npu_mm(x2d: Tensor, weight_int8: Tensor, scales: Tensor, smooth: Tensor | No
     )
 
 
-def _bench_args(args: tuple) -> list[tuple]:
-    """Copies of the weight filling twice the L3 (up to 256 MiB), as for int8_linear: timed
-    calls read weights from memory, as a decode step does."""
-    x2d, weight_int8, scales, smooth = args
-    if not x2d.is_cpu:
-        return [args]
-    copies = min(2 * _l3_bytes(), _WORKING_SET_CAP) // max(weight_int8.numel(), 1)
-    return [args] + [(x2d, weight_int8.clone(), scales, smooth) for _ in range(min(copies, 64))]
-
-
 def _int_mm_fits(x2d: Tensor, w: Tensor, s: Tensor, smooth: Tensor | None) -> bool:
     # cuda's _int_mm needs more than 16 rows and dimensions in multiples of 8 (unverified).
     return x2d.is_cpu or (x2d.shape[0] > 16 and w.shape[0] % 8 == 0 and w.shape[1] % 8 == 0)
@@ -146,5 +135,5 @@ w8a8_linear = Op(
     ],
     rows=lambda x2d, w, s, smooth: x2d.shape[0],
     size=lambda x2d, w, s, smooth: w.numel(),  # int8 weight bytes
-    bench_args=_bench_args,
+    bench_args=weight_copies,
 )

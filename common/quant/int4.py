@@ -24,7 +24,7 @@ from common.core.errors import RecipeError
 from common.ops.int4_linear import ROW_ALIGN, dequantize_rows, pack, unpack_rows
 from common.quant.formats import WeightFormat
 from common.quant.formats import int4 as int4_format
-from common.quant.int8 import _identity, _replace
+from common.quant.int8 import _identity, _replace, load_rest
 
 GROUP_SIZES = (32, 64, 128)
 _MIN_RANGE = 1e-6  # a constant group still gets a usable scale
@@ -236,7 +236,14 @@ class Int4WeightOnly:
         return load_int4_state_dict(model, state, int(config["group_size"]))
 
 
-_PACKED = (".weight_packed", ".scales_and_zeros")
+_PACKED = (".weight_packed", ".scales_and_zeros")  # an int4 module's buffers
+_TABLE = ("qweight", "scales", "zeros")  # its tensors in a checkpoint
+
+
+def pack_nibbles(q: Tensor) -> Tensor:
+    """q [N, K'] (0..15, K' even) -> uint8 [N, K'/2], the checkpoint layout: two values per
+    byte, even column in the low nibble."""
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
 
 
 def int4_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -253,7 +260,7 @@ def int4_state_dict(model: nn.Module) -> dict[str, Tensor]:
             rows = torch.arange(getattr(m, "out_features", getattr(m, "num_embeddings", n)))
             q = unpack_rows(m.weight_packed, rows, k_pad)
             sz = m.scales_and_zeros[:, : len(rows)].transpose(0, 1)  # [N, G, 2]
-            out[f"{name}.qweight"] = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+            out[f"{name}.qweight"] = pack_nibbles(q)
             out[f"{name}.scales"], out[f"{name}.zeros"] = (
                 sz[..., 0].contiguous(),
                 sz[..., 1].contiguous(),
@@ -266,13 +273,26 @@ def int4_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def load_int4_state_dict(model: nn.Module, state: dict[str, Tensor], group_size: int) -> nn.Module:
-    """Turn a float model of the same architecture into the saved int4 one (no rounding)."""
+    """Turn a float model of the same architecture (on the meta device or not) into the saved
+    int4 one (no rounding); a table that does not fit its weight is an error."""
     saved = {k.removesuffix(".qweight") for k in state if k.endswith(".qweight")}
 
     def table(names: list[str], weight: Tensor) -> Int4Table:
         n = next(n for n in names if n in saved)
+        rows, cols = weight.shape
+        groups = -(-cols // group_size)
+        half, grid = (rows, groups * group_size // 2), (rows, groups)
+        shapes = {"qweight": half, "scales": grid, "zeros": grid}
+        for leaf, shape in shapes.items():
+            found = state.get(f"{n}.{leaf}")
+            if found is None or tuple(found.shape) != shape:
+                raise RecipeError(
+                    f"quantized checkpoint does not fit the model: {n}.{leaf} "
+                    f"{'absent' if found is None else tuple(found.shape)}, expected {shape} for "
+                    f"a {tuple(weight.shape)} weight in groups of {group_size}"
+                )
         packed = state[f"{n}.qweight"]
-        q = torch.stack([packed & 15, packed >> 4], -1).flatten(1)[:, : weight.shape[1]]
+        q = torch.stack([packed & 15, packed >> 4], -1).flatten(1)[:, :cols]
         return Int4Table.build(q, state[f"{n}.scales"], state[f"{n}.zeros"], group_size)
 
     sharing: dict[int, set[str]] = {}
@@ -281,17 +301,9 @@ def load_int4_state_dict(model: nn.Module, state: dict[str, Tensor], group_size:
             sharing.setdefault(id(m.weight), set()).add(name)
     quantized = {w for w, names in sharing.items() if names & saved}
     model = _replace(model, lambda name, m: id(m.weight) not in quantized, table, INT4_MODULES)
-    rest = {k: v for k, v in state.items() if k.rpartition(".")[0] not in saved}
-    missing, unexpected = model.load_state_dict(rest, strict=False)
-    loaded = {_identity(t) for t in state.values()}
-    current = model.state_dict()
-    unread = [k for k in missing if not k.endswith(_PACKED) and _identity(current[k]) not in loaded]
-    if unexpected or unread:
-        raise RecipeError(
-            f"quantized checkpoint does not fit the model: missing {unread[:5]}, "
-            f"unexpected {unexpected[:5]}"
-        )
-    return model
+    taken = {f"{n}.{leaf}" for n in saved for leaf in _TABLE}
+    rest = {k: v for k, v in state.items() if k not in taken}  # biases stay: loaded as saved
+    return load_rest(model, rest, state, _PACKED)
 
 
 def fake_rtn(weight: Tensor, group_size: int) -> Tensor:

@@ -235,21 +235,47 @@ def load_int8(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
     model = _replace(model, lambda name, m: id(m.weight) not in quantized, saved)
     rest = {k: v for k, v in state.items() if k.removesuffix(".weight") not in tables}
     rest = {k: v for k, v in rest.items() if not k.endswith(".weight_scale")}
+    return load_rest(model, rest, state)
+
+
+def load_rest(
+    model: nn.Module, rest: dict[str, Tensor], state: dict[str, Tensor], built: tuple[str, ...] = ()
+) -> nn.Module:
+    """Load the tensors no quantized table took (`rest`) by assignment, so a model on the meta
+    device works; a name that fits nowhere or a tensor left unloaded is an error. A missing
+    name is fine when its tensor is one of `state`'s (tied: shared) or ends with one of
+    `built` (buffers the quantized modules made from their tables)."""
     try:
-        missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+        missing, unexpected = model.load_state_dict(_tied(model, rest), strict=False, assign=True)
     except RuntimeError as e:  # a shape mismatch: torch's message lists every one
         lines = [x.strip() for x in str(e).splitlines() if "size mismatch" in x]
         detail = (lines or [x.strip() for x in str(e).splitlines()][1:] or [str(e)])[0]
         raise RecipeError(f"quantized checkpoint does not fit the model: {detail}") from e
     loaded = {_identity(t) for t in state.values()}
     current = model.state_dict()
-    unread = [k for k in missing if _identity(current[k]) not in loaded]  # tied: shared
+    unread = [k for k in missing if not k.endswith(built) and _identity(current[k]) not in loaded]
     if unexpected or unread:
         raise RecipeError(
             f"quantized checkpoint does not fit the model: missing {unread[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
     return model
+
+
+def _tied(model: nn.Module, rest: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`rest` plus, for a parameter registered under several names (a float tied LM head),
+    one new Parameter under all of them: assigning it by one name alone would untie them."""
+    current = model.state_dict(keep_vars=True)
+    names: dict[int, list[str]] = {}
+    for name, t in current.items():
+        names.setdefault(id(t), []).append(name)
+    out = dict(rest)
+    for key, value in rest.items():
+        aliases = names.get(id(current[key]), []) if key in current else []
+        if len(aliases) > 1 and isinstance(current[key], nn.Parameter):
+            shared = nn.Parameter(value, requires_grad=current[key].requires_grad)
+            out.update({a: shared for a in aliases if a == key or a not in rest})
+    return out
 
 
 def _identity(t: Tensor) -> tuple:

@@ -22,6 +22,7 @@ from common.quant.scheme import configured_scheme
 from common.quant.skip import skip_filter
 from common.transforms.calibrate import layerwise
 from common.transforms.compile import compile_decode
+from common.transforms.fast_linear import route_linears
 from common.transforms.forwards import forwards
 from common.transforms.fusion import fuse_kernels, fuse_projections
 
@@ -117,14 +118,19 @@ def check_saved_quantization(saved: dict, quant: Any) -> None:
     if asked != saved:
         raise RecipeError(
             f"the checkpoint is quantized as {_describe(saved)} but the opts ask for "
-            f"{_describe(asked)}; run it with the opts it was made with, or load the float "
-            "checkpoint"
+            f"{_describe(asked)}; run it with the opts it was made with (none for a checkpoint "
+            "quantized by another tool), or load the float checkpoint"
         )
 
 
 def _describe(config: dict) -> str:
     extra = {k: v for k, v in config.items() if k in ("alpha", "smooth", "group_size", "bits")}
-    return f"{config.get('scheme')} ({', '.join(f'{k}={v}' for k, v in extra.items())})"
+    name = config.get("scheme") or f"{config.get('quant_method')} format"  # another tool's
+    return f"{name} ({', '.join(f'{k}={v}' for k, v in extra.items())})"
+
+
+def _fast_linear(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
+    return route_linears(model) if cfg.fast_linear else model
 
 
 def _compile(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
@@ -132,7 +138,13 @@ def _compile(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
 
 
 # transform(model, cfg, tokenizer) -> model; the tokenizer (or None) encodes calibration text.
-TRANSFORMS: list[Callable[[nn.Module, Any, Any], nn.Module]] = [_fuse, _quantize, _compile]
+# fast_linear after _quantize: the schemes swap exactly nn.Linear, and it takes what they leave.
+TRANSFORMS: list[Callable[[nn.Module, Any, Any], nn.Module]] = [
+    _fuse,
+    _quantize,
+    _fast_linear,
+    _compile,
+]
 
 
 def apply_transforms(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
