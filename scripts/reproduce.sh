@@ -212,6 +212,12 @@ python $llama model.path="$smol" workload=chat workload.max_new_tokens=32 "bench
   bench.rounds=1 bench.warmup=0 bench.results_dir=results/quant/smollm2
 # The same rows on the seeded small preset, batch 1, two rounds (speed at LLaMA-65B's shape ratios).
 python $llama "bench.variants=$quant_rows" bench.rounds=2 bench.results_dir=results/quant/small
+# The LM head (and its tied embedding) kept in float, one round.
+python $llama model.path="$smol" workload=chat workload.max_new_tokens=32 bench.rounds=1 bench.warmup=0 \
+  "bench.variants=[[int8,'quant.skip=[lm_head]'],[int4,'quant.skip=[lm_head]'],[gptq,'quant.skip=[lm_head]'],[gptq,'quant.skip=[lm_head]','quant.act_order=true']]" \
+  bench.results_dir=results/quant/smollm2-head
+# int4 at group 128 and 32 against llama.cpp's q4_0 on the same seeded weights.
+python $llama bench.peers=[llama_cpp] bench.rounds=2 "bench.variants=[[int4],[int4,'quant.group_size=32']]"
 # Which modules int4 hurts most on the real model (suggests quant.skip).
 python scripts/quant_sensitivity.py --model-path "$smol" --scheme int4
 
