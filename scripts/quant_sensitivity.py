@@ -90,7 +90,7 @@ def main() -> None:
     )
     quant = SimpleNamespace(
         weights=args.scheme, group_size=args.group_size, bits=args.bits, act_order=False,
-        damp=0.01, awq_grid=20,
+        damp=0.01, awq_grid=20, clip=True,
     )  # fmt: skip
     scheme = configured_scheme(quant)
     base = perplexity(model, held_out)

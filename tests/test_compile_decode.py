@@ -89,6 +89,19 @@ def test_paged_continuous_batching_decodes_in_one_graph():
     assert compile_stats(model).graphs == 1
 
 
+def test_batches_of_many_lengths_share_a_graph():
+    """One request per batch, each a different length (a chat workload): the contiguous cache
+    is sized in powers of two, so these batches reuse one graph instead of compiling one per
+    length until torch.compile's recompile limit fails the run."""
+    reqs = [Request([3 + i] * (2 + 5 * i), 4 + i) for i in range(10)]  # final lengths 6..60
+    sched = SchedulerParams(kind="static", max_batch=1)
+    model = compile_decode(_model(False, False), _settings())
+    eng = Engine(model, CPU, KVSpec("contiguous", static=True), "flash", sched)
+    eager = Engine(_model(False, False), CPU, KVSpec("contiguous"), "flash", sched)
+    assert [c.tokens for c in eng.generate(reqs)] == [c.tokens for c in eager.generate(reqs)]
+    assert compile_stats(model).graphs == 1
+
+
 def test_static_storage_alone_changes_nothing():
     """Static shapes (full-length reads with lengths) without compiling: same tokens."""
     model = _model(False, False)

@@ -10,7 +10,7 @@ import pytest
 
 from common.bench.cli import compose_config, rewrite_opt_args
 from common.bench.destination import claim, identity_hash, run_identity
-from common.bench.plan import plan
+from common.bench.plan import MAX_NAME, plan, results_name
 from common.bench.preflight import preflight
 from common.core.config import CONFIG_DIR, typed
 from common.core.errors import RecipeError
@@ -191,3 +191,15 @@ def test_a_dead_runs_lock_is_taken_over(tmp_path: Path) -> None:
     (tmp_path / ".latency-baseline.lock").write_text(f"{pid} {identity_hash(identity())}")
     with claim(stem, identity(), "cmd") as dest:
         assert dest.stem == stem
+
+
+def test_a_long_row_list_still_names_a_file(tmp_path: Path) -> None:
+    """Rows with long overrides: the name is cut and hashed, so the results still write, and
+    another row list never shares it."""
+    rows = [["gptq", f"quant.skip=[lm_head,layers.{i}.mlp,layers.29.mlp]"] for i in range(12)]
+    cfg = compose_config("llama65b", TINY)
+    name = results_name(cfg, [], rows)
+    assert len(name.encode()) <= MAX_NAME and name.startswith("latency-vs-gptq+quant_skip=")
+    assert results_name(cfg, [], rows[:-1]) != name
+    with claim(tmp_path / name, identity(), "cmd") as dest:
+        dest.stem.with_name(dest.stem.name + "@01234567.json").write_text("{}")

@@ -9,7 +9,7 @@ from torch import nn
 
 from common.core.errors import RecipeError
 from common.io.checkpoint import from_seed
-from common.quant.awq import search_scales
+from common.quant.awq import search_clip, search_scales
 from common.quant.calibrated import AWQ, GPTQ
 from common.quant.data import (
     byte_encoder,
@@ -18,7 +18,7 @@ from common.quant.data import (
     token_blocks,
 )
 from common.quant.gptq import Hessian, gptq
-from common.quant.int4 import Int4Linear, fake_rtn, quantize_int4
+from common.quant.int4 import Int4Embedding, Int4Linear, fake_rtn, quantize_int4, quantize_rtn
 from common.quant.int8 import Int8WeightOnlyLinear
 from common.transforms.calibrate import layerwise
 from models.llama import LlamaArgs, LlamaForCausalLM
@@ -87,6 +87,31 @@ def test_awq_search_never_worse_than_round_to_nearest() -> None:
     )
     assert s.shape == (128,) and (s > 0).all()
     assert err(s) < err(torch.ones(128))
+
+
+@pytest.mark.parametrize("k", [128, 96])  # 96: a last group narrower than 64
+def test_awq_clip_never_worse_than_round_to_nearest(k: int) -> None:
+    x, w = _correlated_inputs(k=k), torch.randn(48, k)
+    w[:, 5] *= 8  # an outlier weight widens its groups' grids
+    clipped = search_clip(x, w, 64)
+    err = lambda v: float((x @ fake_rtn(v, 64).t() - x @ w.t()).pow(2).mean())  # noqa: E731
+    assert clipped.shape == w.shape and (clipped.abs() <= w.abs() + 1e-6).all()
+    assert err(clipped) < err(w)
+
+
+def test_gptq_rounds_the_tied_head_and_its_embedding_shares_the_table() -> None:
+    """The walk's last step is the head; GPTQ's table there is not round to nearest, and the
+    tied embedding looks up the very same table (stored once)."""
+    model = _model()
+    model.lm_head.weight = model.model.embed_tokens.weight  # tie them
+    weight = model.lm_head.weight.detach().clone()
+    steps = list(layerwise(model, _blocks()))
+    assert steps[-1].module is model and list(steps[-1].inputs) == ["lm_head"]
+    model = GPTQ(4, 32).quantize(model, iter(steps))
+    head, embed = model.lm_head, model.model.embed_tokens
+    assert isinstance(head, Int4Linear) and isinstance(embed, Int4Embedding)
+    assert head.weight_packed is embed.weight_packed
+    assert not torch.equal(head.weight_packed, quantize_rtn(weight, 32).packed)
 
 
 def _output_error(model: nn.Module, ref: torch.Tensor, blocks: torch.Tensor) -> float:

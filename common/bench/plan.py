@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,7 +133,21 @@ def results_name(cfg: Any, opts: list[str], rows: list[list[str]] | None) -> str
         f"with-{p}" for p in cfg.bench.peers
     ]
     name = "-".join([f"{'sweep-' if cfg.bench.sweep else ''}{cfg.workload.kind}", label, *extras])
-    return name + _job_suffix()
+    return _fit(name + _job_suffix())
+
+
+# File names are limited to 255 bytes; the results add a lock prefix, `@<hash>` and a suffix.
+MAX_NAME = 200
+
+
+def _fit(name: str) -> str:
+    """A name too long for the file system: its head and a hash of the whole (the table's
+    title and command still say every row)."""
+    if len(name.encode()) <= MAX_NAME:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    head = name.encode()[: MAX_NAME - len(digest) - 1].decode(errors="ignore")
+    return f"{head}~{digest}"
 
 
 def _job_suffix() -> str:
@@ -140,7 +155,7 @@ def _job_suffix() -> str:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return ""  # one run, or called outside a Hydra app
     hc = HydraConfig.get()
-    if hc.mode != RunMode.MULTIRUN:
-        return ""
     return "@" + re.sub(r"[^\w=,+-]+", "_", hc.job.override_dirname)

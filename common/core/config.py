@@ -106,6 +106,7 @@ class QuantConfig:
     act_order: bool = False
     damp: float = 0.01
     awq_grid: int = 20
+    clip: bool = True  # gptq/awq int4: search each group's clipping range
     skip: list[str] = field(default_factory=list)
     calib: CalibConfig = field(default_factory=CalibConfig)
     alpha: float = 0.5  # w8a8: SmoothQuant's migration strength

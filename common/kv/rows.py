@@ -19,6 +19,7 @@ from common.core.errors import RecipeError
 from common.kv.quant import KVTensor, kv_map, kv_nbytes, kv_read, kv_write, kv_zeros
 from common.kv.spec import KVSpec
 
+STATIC_MIN_SLOTS = 128
 _NEVER = torch.iinfo(torch.int64).max  # key position of padding: above every query position
 
 
@@ -196,6 +197,13 @@ class ContiguousCache(RowStorage):
         self.lengths[row] = min(int(self.lengths[row]), keep)
 
 
+def _bucket(max_len: int) -> int:
+    """Slots for a static-shape cache sized by its batch: the next power of two (at least
+    STATIC_MIN_SLOTS), so a compiled decode step serves batches of many lengths with a few
+    graphs instead of one per length (torch.compile stops recompiling after a few)."""
+    return max(STATIC_MIN_SLOTS, 1 << (max_len - 1).bit_length())
+
+
 def make_rows(
     spec: KVSpec,
     num_layers: int,
@@ -217,7 +225,7 @@ def make_rows(
         raise RecipeError(
             f"a sequence needs {max_len} KV slots but kv_cache.max_len is {spec.max_len}"
         )
-    slots = spec.max_len or max_len
+    slots = spec.max_len or (_bucket(max_len) if spec.static else max_len)
     return ContiguousCache(
         num_layers, rows, kv_heads, head_dim, slots, dtype, device, spec.int8, spec.static
     )

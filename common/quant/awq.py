@@ -6,15 +6,17 @@ model's outputs exactly.
 Per group of linears reading one input: s = mean|x|^alpha (normalized), alpha searched on a
 grid in [0, 1) for the least output error of the int4-rounded linears on the calibration
 inputs. alpha = 0 is s = 1, plain round to nearest, so the search never does worse than it
-on those inputs.
+on those inputs. Then each group's weights are clipped to a searched fraction of their peak
+(AWQ's auto-clip: a narrower grid rounds the bulk of the group finer), except q and k.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from common.quant.int4 import fake_rtn
+from common.quant.int4 import clip_groups, fake_rtn
 
 MAX_TOKENS = 2048  # calibration rows the search evaluates (a seeded subset)
 
@@ -40,3 +42,17 @@ def search_scales(x: Tensor, weights: list[Tensor], group_size: int, grid: int =
         if err < best:
             best, best_s = err, s
     return best_s
+
+
+@torch.no_grad()
+def search_clip(x: Tensor, weight: Tensor, group_size: int) -> Tensor:
+    """AWQ's clipping search on inputs x [T, K]: weight [N, K] clamped per group where that
+    lowers the output error of its int4 rounding (common/quant/int4.py clip_groups)."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    n, cols = weight.shape
+    k = -(-cols // group_size) * group_size  # a last partial group: padded as int4 stores it
+    x = F.pad(x, (0, k - cols))  # zero inputs: padded columns add no error
+    weight = torch.cat([weight, weight[:, -1:].expand(n, k - cols)], 1)
+    xg = x.view(x.shape[0], -1, group_size)
+    hessian = torch.einsum("tgi,tgj->gij", xg, xg) / x.shape[0]  # [G, g, g]
+    return clip_groups(weight, hessian, group_size)[:, :cols]

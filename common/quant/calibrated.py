@@ -4,7 +4,9 @@ Both consume a layer-wise calibration (common/transforms/calibrate.py walks the 
 each decoder layer in order, the inputs its linears see when the layers before it are already
 quantized, and the groups of linears that read one input with what produces it. A scheme
 replaces the layer's linears in place before the walk runs the layer to feed the next one.
-Embedding tables and the LM head are rounded to nearest afterwards (one tied table).
+The walk ends with a step for the LM head (the model itself, its input the final norm's
+output): GPTQ rounds the head there too, the most sensitive matrix of a small model, and a
+tied embedding shares its table; what no step rounded is rounded to nearest.
 Both produce the int4 (or, GPTQ with bits=8, the int8) modules, so they run the same kernels.
 """
 
@@ -19,12 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from common.core.errors import RecipeError
-from common.quant.awq import search_scales
+from common.quant.awq import search_clip, search_scales
 from common.quant.formats import INT8, WeightFormat
 from common.quant.formats import int4 as int4_format
 from common.quant.gptq import Hessian, gptq
 from common.quant.int4 import (
-    Int4Linear,
     Int4Table,
     check_group_size,
     int4_quantization_config,
@@ -32,9 +33,10 @@ from common.quant.int4 import (
     load_int4_state_dict,
     quantize_int4,
 )
-from common.quant.int8 import Int8WeightOnly, Int8WeightOnlyLinear, quantize_int8
+from common.quant.int8 import Int8WeightOnly, quantize_int8
 
 Skip = Callable[[str, nn.Module], bool]
+NO_CLIP = ("q_proj", "k_proj", "qkv_proj")  # linears AWQ never clips
 
 
 @dataclass
@@ -58,11 +60,8 @@ class LayerStep:
     groups: list[ScaleGroup] = field(default_factory=list)
 
     def skipped(self, skip: Skip | None, name: str) -> bool:
-        return skip is not None and skip(f"{self.prefix}.{name}", self.module.get_submodule(name))
-
-    def replace(self, name: str, new: nn.Module) -> None:
-        parent, _, attr = name.rpartition(".")
-        setattr(self.module.get_submodule(parent), attr, new)
+        full = f"{self.prefix}.{name}" if self.prefix else name
+        return skip is not None and skip(full, self.module.get_submodule(name))
 
 
 def _need(calibration: Iterable[LayerStep] | None, scheme: str) -> Iterable[LayerStep]:
@@ -106,19 +105,25 @@ class GPTQ(_SavedAsInt4Or8):
     calibrated = True
 
     def __init__(
-        self, bits: int = 4, group_size: int = 128, act_order: bool = False, damp: float = 0.01
+        self,
+        bits: int = 4,
+        group_size: int = 128,
+        act_order: bool = False,
+        damp: float = 0.01,
+        clip: bool = True,
     ) -> None:
         if bits not in (4, 8):
             raise RecipeError(f"quant.bits must be 4 or 8 for gptq, got {bits!r}")
         check_group_size(group_size)
         self.bits, self.group_size, self.act_order, self.damp = bits, group_size, act_order, damp
+        self.clip = clip
 
     @property
     def kernels(self) -> tuple[str, ...]:
         return ("int4_linear",) if self.bits == 4 else ("int8_linear",)
 
     def configured(self, quant: Any) -> GPTQ:
-        return type(self)(quant.bits, quant.group_size, quant.act_order, quant.damp)
+        return type(self)(quant.bits, quant.group_size, quant.act_order, quant.damp, quant.clip)
 
     def quantize(
         self,
@@ -128,26 +133,32 @@ class GPTQ(_SavedAsInt4Or8):
     ) -> nn.Module:
         for step in _need(calibration, self.name):
             hessians: dict[int, Hessian] = {}  # linears sharing an input share its Hessian
+            tables: dict[int, Int4Table | tuple[Tensor, Tensor]] = {}  # id(weight) -> table
             for name, x in step.inputs.items():
                 if step.skipped(skip, name):
                     continue
-                linear = step.module.get_submodule(name)
                 if id(x) not in hessians:
                     hessians[id(x)] = Hessian(x.shape[-1], x.device)
                     hessians[id(x)].add(x)
-                q, scales, zeros = gptq(
-                    linear.weight, hessians[id(x)].h, self.bits, self.group_size,
-                    self.act_order, self.damp,
-                )  # fmt: skip
-                step.replace(name, self._module(linear, q, scales, zeros))
-        if self.bits == 8:
-            return quantize_int8(model, skip)
-        return quantize_int4(model, self.group_size, skip)
+                weight = step.module.get_submodule(name).weight
+                tables[id(weight)] = self._table(weight, hessians[id(x)].h)
+            # Swap the rounded linears in; in the head step (the model) also whatever is left
+            # in float, so a tied embedding gets the head's table.
+            self._swap(step.module, partial(_skipped, step, skip), tables)
+        return self._swap(model, skip, {})
 
-    def _module(self, linear: nn.Linear, q: Tensor, scales: Tensor, zeros: Tensor | None):
+    def _table(self, weight: Tensor, hessian: Tensor) -> Int4Table | tuple[Tensor, Tensor]:
+        q, scales, zeros = gptq(
+            weight, hessian, self.bits, self.group_size, self.act_order, self.damp, self.clip
+        )
+        return (q, scales) if self.bits == 8 else Int4Table.build(q, scales, zeros, self.group_size)
+
+    def _swap(self, module: nn.Module, skip: Skip | None, tables: dict) -> nn.Module:
+        """Quantize module's float linears and embeddings: GPTQ's tables where it made one,
+        round to nearest elsewhere."""
         if self.bits == 8:
-            return Int8WeightOnlyLinear.from_linear(linear, (q, scales))
-        return Int4Linear.from_linear(linear, Int4Table.build(q, scales, zeros, self.group_size))
+            return quantize_int8(module, skip, lambda names, w: tables.get(id(w)))
+        return quantize_int4(module, self.group_size, skip, lambda names, w: tables.get(id(w)))
 
     def quantization_config(self) -> dict[str, object]:
         return {
@@ -162,22 +173,23 @@ class GPTQ(_SavedAsInt4Or8):
 
 
 class AWQ(_SavedAsInt4Or8):
-    """Activation-aware scaling (common/quant/awq.py) folded into the float model, then int4
-    round to nearest."""
+    """Activation-aware scaling (common/quant/awq.py) folded into the float model, each
+    group's weights clipped where that lowers the output error, then int4 round to nearest."""
 
     name = "awq"
     calibrated = True
     kernels = ("int4_linear",)
 
-    def __init__(self, group_size: int = 128, grid: int = 20) -> None:
+    def __init__(self, group_size: int = 128, grid: int = 20, clip: bool = True) -> None:
         check_group_size(group_size)
         if grid < 1:
             raise RecipeError(f"quant.awq_grid must be >= 1, got {grid!r}")
-        self.group_size, self.grid = group_size, grid
+        self.group_size, self.grid, self.clip = group_size, grid, clip
 
     def configured(self, quant: Any) -> AWQ:
-        return type(self)(quant.group_size, quant.awq_grid)
+        return type(self)(quant.group_size, quant.awq_grid, quant.clip)
 
+    @torch.no_grad()
     def quantize(
         self,
         model: nn.Module,
@@ -185,11 +197,18 @@ class AWQ(_SavedAsInt4Or8):
         skip: Skip | None = None,
     ) -> nn.Module:
         for step in _need(calibration, self.name):
+            inputs = dict(step.inputs)  # each linear's input once the scales are folded
             for group in step.groups:
                 linears = [step.module.get_submodule(n) for n in group.linears]
                 x = step.inputs[group.linears[0]]
                 s = search_scales(x, [m.weight for m in linears], self.group_size, self.grid)
                 fold_scales(s, linears, group.prev, group.rows)
+                inputs.update(dict.fromkeys(group.linears, x / s))
+            for name, x in inputs.items():
+                # Clipping q and k would shift every attention score: AWQ leaves them be.
+                if self.clip and not name.endswith(NO_CLIP) and not step.skipped(skip, name):
+                    w = step.module.get_submodule(name).weight
+                    w.copy_(search_clip(x, w, self.group_size))
             quantize_int4(step.module, self.group_size, partial(_skipped, step, skip))
         return quantize_int4(model, self.group_size, skip)
 

@@ -12,9 +12,10 @@ front on the natural column order ("static groups") so the kernel's contiguous g
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from common.quant.int4 import group_params
+from common.quant.int4 import clip_groups, group_params
 
 _BLOCK = 128  # columns per lazy update; a multiple of every group size
 
@@ -40,18 +41,20 @@ def gptq(
     group_size: int,
     act_order: bool = False,
     damp: float = 0.01,
+    clip: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """weight [N, K], hessian [K, K] -> (q, scales, zeros). bits=4: q [N, K] uint8 0..15
     with asymmetric (scales, zeros) [N, ceil(K/g)] (W ≈ (q - 8) * scale + zero); bits=8:
     q [N, K] int8 with symmetric per-output-channel scales [N] and zeros None. Params are
-    rounded to weight.dtype, as stored."""
+    rounded to weight.dtype, as stored. clip (int4): each group's grid spans a clipped range,
+    searched for the least output error under the group's block of the Hessian."""
     n, k = weight.shape
     w = weight.detach().float().clone()
     h = hessian.float().clone()
     dead = h.diagonal() == 0  # inputs never active: any value, set them to zero
     h[dead, dead] = 1
     w[:, dead] = 0
-    scales, zeros = _params(w, bits, group_size, weight.dtype)
+    scales, zeros = _params(w, bits, group_size, weight.dtype, h if clip else None)
     perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(k)
     w, h = w[:, perm], h[perm][:, perm]
     h.diagonal().add_(damp * h.diagonal().mean())
@@ -68,7 +71,10 @@ def gptq(
             col = int(perm[i1 + i])
             if bits == 4 and not act_order and col % group_size == 0:  # groups as they come
                 end = min(i + group_size, i2 - i1)
-                s, z = group_params(_pad_group(w1[:, i:end], group_size), group_size, weight.dtype)
+                wg = _pad_group(w1[:, i:end], group_size)
+                if clip:
+                    wg = clip_groups(wg, _block(h, i1 + i, group_size)[None], group_size)
+                s, z = group_params(wg, group_size, weight.dtype)
                 scales[:, col // group_size], zeros[:, col // group_size] = s[:, 0], z[:, 0]
             qi, deq = _round(w1[:, i], bits, scales, zeros, col, group_size)
             q[:, i1 + i] = qi
@@ -85,13 +91,24 @@ def _pad_group(w: Tensor, group_size: int) -> Tensor:
     return torch.cat([w, w[:, -1:].expand(-1, group_size - w.shape[1])], 1)
 
 
-def _params(w: Tensor, bits: int, group_size: int, dtype: torch.dtype):
-    """Initial params: per group (int4; act_order keeps these, static groups) or per row (int8)."""
+def _block(h: Tensor, start: int, size: int) -> Tensor:
+    """h[start:start+size, start:start+size], zero-padded to [size, size] past h's end."""
+    b = h[start : start + size, start : start + size]
+    return F.pad(b, (0, size - b.shape[1], 0, size - b.shape[0]))
+
+
+def _params(w: Tensor, bits: int, group_size: int, dtype: torch.dtype, h: Tensor | None):
+    """Initial params: per group (int4; act_order keeps these, static groups; clipped when
+    given the Hessian h) or per row (int8)."""
     if bits == 8:
         return (w.abs().amax(1) / 127).clamp(min=1e-8).to(dtype), None
     n, k = w.shape
     pad = -(-k // group_size) * group_size - k
     padded = torch.cat([w, w[:, -1:].expand(n, pad)], 1) if pad else w
+    if h is not None:
+        starts = range(0, padded.shape[1], group_size)
+        blocks = torch.stack([_block(h, j, group_size) for j in starts])
+        padded = clip_groups(padded, blocks, group_size)
     return group_params(padded, group_size, dtype)
 
 

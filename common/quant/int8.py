@@ -100,12 +100,19 @@ _INT8_MODULES = {
 
 
 def quantize_int8(
-    model: nn.Module, skip: Callable[[str, nn.Module], bool] | None = None
+    model: nn.Module,
+    skip: Callable[[str, nn.Module], bool] | None = None,
+    table_for: Callable[[list[str], Tensor], Table | None] | None = None,
 ) -> nn.Module:
     """Replace every nn.Linear and nn.Embedding (unless skip(name, module)) with its int8
     version, in place. A weight shared by several modules (a tied LM head) is quantized once
-    and its int8 table shared, so it still counts once."""
-    return _replace(model, skip, lambda names, weight: _quantize_per_channel(weight))
+    and its int8 table shared, so it still counts once. table_for(names, weight) overrides
+    round to nearest where it returns a table (GPTQ supplies its own)."""
+
+    def table(names: list[str], weight: Tensor) -> Table:
+        return (table_for and table_for(names, weight)) or _quantize_per_channel(weight)
+
+    return _replace(model, skip, table)
 
 
 Table = tuple[Tensor, Tensor]  # (int8 [N, K], scales [N])

@@ -3,7 +3,8 @@
 Calibration token blocks go through the embedding once; then each decoder layer in turn gets
 its linears' inputs captured (one forward of the layer on the current hidden states), is
 handed to the scheme, which quantizes it in place, and runs again to produce the next layer's
-inputs, so later layers are calibrated on what the quantized earlier ones produce.
+inputs, so later layers are calibrated on what the quantized earlier ones produce. A last
+step hands over the model itself with the LM head's input (the final norm's output).
 Attention here is plain causal SDPA over each block: no cache, no engine.
 """
 
@@ -120,3 +121,5 @@ def layerwise(model: CausalLM, blocks: Tensor) -> Iterator[LayerStep]:
         groups = scale_groups(layer)
         yield LayerStep(layer, f"model.layers.{i}", _capture(layer, h, cos, sin), groups)
         h = _run(layer, h, cos, sin)
+    # The LM head's step: the model itself, its head reading the final norm's output.
+    yield LayerStep(model, "", {"lm_head": decoder.norm(h).reshape(-1, h.shape[-1]).float()})
