@@ -206,14 +206,14 @@ python scripts/sampling_table.py
 # new tokens): bytes, decode tok/s, TTFT, perplexity on held-out text, agreement. One round
 # (every row quantizes and calibrates in its own process, ~35 min): the quality columns are
 # deterministic, speed comes from the preset table below.
-smol_rows="[[int8],[int8,'quant.skip=[lm_head]'],[gptq,'quant.bits=8'],[int4],[int4,'quant.group_size=32'],[gptq],[gptq,'quant.act_order=true'],[gptq,'quant.act_order=true','quant.clip=false'],[gptq,'quant.act_order=true','quant.skip=[lm_head,layers.11.mlp,layers.29.mlp]'],[awq],[awq,'quant.clip=false'],[w8a8],[w8a8,'quant.smooth=false'],[int8,kv_int8],[int4,kv_int8]]"
+smol_rows="[[int8],[int8,'quant.skip=[lm_head]'],[gptq,'quant.bits=8'],[int4],[int4,'quant.group_size=32'],[gptq],[gptq,'quant.act_order=true'],[gptq,'quant.act_order=true','quant.clip=false'],[gptq,'quant.act_order=true','quant.skip=[lm_head,layers.11.mlp,layers.29.mlp]'],[awq],[awq,'quant.clip=false'],[w8a8],[w8a8,'quant.smooth=false'],[int8,kv_int8]]"
 smol=$HOME/.cache/llm-recipes/SmolLM2-135M-Instruct
 python scripts/get_checkpoint.py smollm2-135m-instruct
 python $llama model.path="$smol" workload=chat workload.max_new_tokens=32 "bench.variants=$smol_rows" \
   bench.rounds=1 bench.warmup=0 bench.results_dir=results/quant/smollm2
 # The scheme rows on the seeded small preset, batch 1, two rounds (speed at LLaMA-65B's shape
 # ratios; perplexity needs real weights).
-quant_rows="[[int8],[int4],[int4,'quant.group_size=32'],[gptq],[gptq,'quant.act_order=true'],[awq],[awq,'quant.skip=[lm_head]'],[w8a8],[w8a8,'quant.smooth=false'],[int8,kv_int8],[int4,kv_int8]]"
+quant_rows="[[int8],[int4],[int4,'quant.group_size=32'],[gptq],[gptq,'quant.act_order=true'],[awq],[awq,'quant.skip=[lm_head]'],[w8a8],[w8a8,'quant.smooth=false'],[int8,kv_int8]]"
 python $llama "bench.variants=$quant_rows" bench.rounds=2 bench.results_dir=results/quant/small
 # int4 at group 128 and 32 against llama.cpp's q4_0 on the same seeded weights.
 python $llama bench.peers=[llama_cpp] bench.rounds=2 "bench.variants=[[int4],[int4,'quant.group_size=32']]"
