@@ -206,7 +206,7 @@ python scripts/sampling_table.py
 # new tokens): bytes, decode tok/s, TTFT, perplexity on held-out text, agreement. One round
 # (every row quantizes and calibrates in its own process, ~35 min): the quality columns are
 # deterministic, speed comes from the preset table below.
-smol_rows="[[int8],[int8,'quant.skip=[lm_head]'],[gptq,'quant.bits=8'],[int4],[int4,'quant.group_size=32'],[gptq],[gptq,'quant.act_order=true'],[gptq,'quant.act_order=true','quant.clip=false'],[gptq,'quant.act_order=true','quant.skip=[lm_head,layers.11.mlp,layers.29.mlp]'],[awq],[awq,'quant.clip=false'],[w8a8],[w8a8,'quant.smooth=false'],[int8,kv_int8]]"
+smol_rows="[[int8],[int8,'quant.skip=[lm_head]'],[gptq,'quant.bits=8'],[int4],[int4,'quant.group_size=32'],[gptq],[gptq,'quant.act_order=true'],[gptq,'quant.act_order=true','quant.clip=false'],[gptq,'quant.act_order=true','quant.skip=[lm_head,layers.11.mlp,layers.29.mlp]'],[awq],[awq,'quant.clip=false'],[w8a8],[w8a8,'quant.smooth=false'],[int8,kv_int8],[int4,kv_int8]]"
 smol=$HOME/.cache/llm-recipes/SmolLM2-135M-Instruct
 python scripts/get_checkpoint.py smollm2-135m-instruct
 python $llama model.path="$smol" workload=chat workload.max_new_tokens=32 "bench.variants=$smol_rows" \
