@@ -155,7 +155,9 @@ def _job_suffix() -> str:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return ""  # one run, or called outside a Hydra app
+    if not HydraConfig.initialized():  # called outside a Hydra app
+        return ""
     hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return ""
     return "@" + re.sub(r"[^\w=,+-]+", "_", hc.job.override_dirname)

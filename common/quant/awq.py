@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.quant.int4 import clip_groups, fake_rtn
+from common.quant.int4 import clip_groups, fake_rtn, pad_groups
 
 MAX_TOKENS = 2048  # calibration rows the search evaluates (a seeded subset)
 
@@ -48,11 +48,9 @@ def search_scales(x: Tensor, weights: list[Tensor], group_size: int, grid: int =
 def search_clip(x: Tensor, weight: Tensor, group_size: int) -> Tensor:
     """AWQ's clipping search on inputs x [T, K]: weight [N, K] clamped per group where that
     lowers the output error of its int4 rounding (common/quant/int4.py clip_groups)."""
-    x = x.reshape(-1, x.shape[-1]).float()
-    n, cols = weight.shape
-    k = -(-cols // group_size) * group_size  # a last partial group: padded as int4 stores it
-    x = F.pad(x, (0, k - cols))  # zero inputs: padded columns add no error
-    weight = torch.cat([weight, weight[:, -1:].expand(n, k - cols)], 1)
+    cols = weight.shape[1]
+    weight = pad_groups(weight, group_size)  # a last partial group: padded as int4 stores it
+    x = F.pad(x.reshape(-1, cols).float(), (0, weight.shape[1] - cols))  # zeros: no error
     xg = x.view(x.shape[0], -1, group_size)
     hessian = torch.einsum("tgi,tgj->gij", xg, xg) / x.shape[0]  # [G, g, g]
     return clip_groups(weight, hessian, group_size)[:, :cols]

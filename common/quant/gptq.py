@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.quant.int4 import clip_groups, group_params
+from common.quant.int4 import clip_groups, group_params, pad_groups
 
 _BLOCK = 128  # columns per lazy update; a multiple of every group size
 
@@ -71,7 +71,7 @@ def gptq(
             col = int(perm[i1 + i])
             if bits == 4 and not act_order and col % group_size == 0:  # groups as they come
                 end = min(i + group_size, i2 - i1)
-                wg = _pad_group(w1[:, i:end], group_size)
+                wg = pad_groups(w1[:, i:end], group_size)
                 if clip:
                     wg = clip_groups(wg, _block(h, i1 + i, group_size)[None], group_size)
                 s, z = group_params(wg, group_size, weight.dtype)
@@ -86,11 +86,6 @@ def gptq(
     return (q.to(torch.uint8), scales, zeros) if bits == 4 else (q.to(torch.int8), scales, None)
 
 
-def _pad_group(w: Tensor, group_size: int) -> Tensor:
-    """A last group narrower than group_size, padded with its last column (range unchanged)."""
-    return torch.cat([w, w[:, -1:].expand(-1, group_size - w.shape[1])], 1)
-
-
 def _block(h: Tensor, start: int, size: int) -> Tensor:
     """h[start:start+size, start:start+size], zero-padded to [size, size] past h's end."""
     b = h[start : start + size, start : start + size]
@@ -102,9 +97,7 @@ def _params(w: Tensor, bits: int, group_size: int, dtype: torch.dtype, h: Tensor
     given the Hessian h) or per row (int8)."""
     if bits == 8:
         return (w.abs().amax(1) / 127).clamp(min=1e-8).to(dtype), None
-    n, k = w.shape
-    pad = -(-k // group_size) * group_size - k
-    padded = torch.cat([w, w[:, -1:].expand(n, pad)], 1) if pad else w
+    padded = pad_groups(w, group_size)
     if h is not None:
         starts = range(0, padded.shape[1], group_size)
         blocks = torch.stack([_block(h, j, group_size) for j in starts])

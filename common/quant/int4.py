@@ -85,14 +85,19 @@ class Int4Table:
         return cls(pack(q).to(scales.device), sz.transpose(0, 1).contiguous(), group_size, n, k)
 
 
+def pad_groups(w: Tensor, group_size: int) -> Tensor:
+    """w [N, K] widened to a multiple of group_size with each row's last value: it cannot
+    widen the last group's range, so a partial group is quantized over its real columns."""
+    n, k = w.shape
+    pad = _ceil_to(k, group_size) - k
+    return torch.cat([w, w[:, -1:].expand(n, pad)], 1) if pad else w
+
+
 def quantize_rtn(weight: Tensor, group_size: int) -> Int4Table:
     """Round to nearest, group-wise. The last group of a K that group_size does not divide is
     quantized over its real columns only."""
-    n, k = weight.shape
-    k_pad = _ceil_to(k, group_size)
-    w = weight.detach().float()
-    if k_pad != k:  # pad with each row's last value: it cannot widen the last group's range
-        w = torch.cat([w, w[:, -1:].expand(n, k_pad - k)], 1)
+    k = weight.shape[1]
+    w = pad_groups(weight.detach().float(), group_size)
     scales, zeros = group_params(w, group_size, weight.dtype)
     return Int4Table.build(round_to_grid(w, scales, zeros)[:, :k], scales, zeros, group_size)
 
@@ -341,10 +346,7 @@ def clip_groups(weight: Tensor, hessian: Tensor, group_size: int) -> Tensor:
 def fake_rtn(weight: Tensor, group_size: int) -> Tensor:
     """weight [N, K] after round-to-nearest int4 and dequantization (float32), as
     quantize_rtn would store it: for searches that compare rounding choices."""
-    n, k = weight.shape
-    k_pad = _ceil_to(k, group_size)
-    w = weight.float()
-    if k_pad != k:
-        w = torch.cat([w, w[:, -1:].expand(n, k_pad - k)], 1)
+    k = weight.shape[1]
+    w = pad_groups(weight.float(), group_size)
     scales, zeros = group_params(w, group_size, weight.dtype)
     return fake_quantize(w, scales, zeros)[:, :k]
