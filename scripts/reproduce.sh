@@ -53,10 +53,9 @@ python $llama workload=throughput bench.peers=[vllm] bench.rounds=2 bench.warmup
 # The ChatGLM (GLM-4) recipe and what its 2 KV heads buy.
 python recipes/chatglm/run.py +opt=flash_attn,int8 bench.ladder=true bench.peers=[hf]
 python scripts/gqa_table.py
-# The decode step's matmuls alone, per int8 kernel (what the dispatch table chooses between).
-python scripts/int8_kernel_table.py
-# The same at 1-16 rows (batched decode): weight-only int8 and int8 x int8 (w8a8) kernels vs bf16.
-python scripts/int8_rows_table.py
+# The decode step's matmuls alone at 1-16 rows, per linear kernel (bf16, weight-only int8,
+# int8 x int8): what the dispatch table chooses between.
+python scripts/linear_kernel_table.py
 # Batched decode with int8 weights: continuous batching, bf16 vs weight-only int8 vs w8a8
 # (int8 should be no slower than bf16 here; 64 requests per pass).
 python $llama workload=throughput bench.rounds=2 bench.warmup=0 \

@@ -238,7 +238,7 @@ def test_alpha_one_flattens_the_norm_fed_inputs():
     assert stats.feeder[q_proj] is model.model.layers[0].input_layernorm
 
 
-def test_rows_table_times_every_kernel_per_rows(tmp_path):
+def test_kernel_table_times_every_linear_kernel_per_rows(tmp_path):
     import json
     import subprocess
     import sys
@@ -246,12 +246,13 @@ def test_rows_table_times_every_kernel_per_rows(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "rows"
-    cmd = [sys.executable, "scripts/int8_rows_table.py", "--scale", "tiny", "--rounds", "1"]
+    cmd = [sys.executable, "scripts/linear_kernel_table.py", "--scale", "tiny", "--rounds", "1"]
     run = subprocess.run([*cmd, "--rows", "1,3", "--out", str(out)], cwd=root, capture_output=True)
     assert run.returncode == 0, run.stderr.decode()
     ms = json.loads(out.with_suffix(".json").read_text())["ms"]
-    assert {"bf16 F.linear", "int8_linear cpp_matvec", "w8a8_linear int_mm"} <= set(ms)
+    assert {"bf16_linear torch", "int8_linear cpp_matvec", "w8a8_linear int_mm"} <= set(ms)
     assert ("w8a8_linear vnni" in ms) == builds("int8_vnni")
+    assert ("bf16_linear cpp_bf16dot" in ms) == builds("bf16dot")
     assert all(set(row) == {"1", "3"} and min(row.values()) > 0 for row in ms.values())
 
 

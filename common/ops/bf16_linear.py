@@ -1,8 +1,9 @@
 """Float linear, y = x @ wᵀ (+ bias), two ways:
 
 - cpp_bf16dot: bf16dot.cpp, bf16 activations and weights on AVX512-BF16 (vdpbf16ps: exact
-  products, fp32 sums, the bias added before the one rounding to bf16), register-blocked
-  for 1-16 rows so batched decode reads the weights once per step; any K (masked tail).
+  products, fp32 sums, the bias added before the one rounding to bf16), one sequential
+  weight stream per thread, each weight row loaded once for up to 8 activation rows, so
+  batched decode reads the weights once per step; any K (masked tail).
   Elsewhere g++ refuses the source and the table skips it.
 - torch: F.linear, every device and dtype (the fallback).
 torch's bf16 matrix-vector product is far from the memory roofline on some CPUs and fine on

@@ -19,7 +19,7 @@ from pathlib import Path
 from common.core.errors import RecipeError
 
 SOURCES = Path(__file__).resolve().parent  # NAME.cpp and the headers they share
-HEADERS = ("channel_blocks.h", "convert.h", "dpbf16.h")
+HEADERS = ("weight_rows.h", "convert.h", "dpbf16.h")
 
 # Vectorizable reductions without -ffast-math (which on gcc < 13 also sets flush-to-zero
 # for the whole process when the library loads).

@@ -4,8 +4,9 @@
   sequential stream of weights; also runs fp32 activations, where int8pack_mm has only a
   scalar loop.
 - cpp_bf16dot: int8_bf16dot.cpp, bf16 activations on AVX512-BF16 (vdpbf16ps on weights
-  widened to bf16, exact products), register-blocked for 1-16 rows so batched decode reads
-  the weights once per step instead of falling back to dequantize + GEMM.
+  widened to bf16, exact products), one sequential weight stream per thread, each row loaded once for up to 8 activation
+  rows, so batched decode reads the weights once per step instead of falling back to
+  dequantize + GEMM.
 - int8pack_mm: torch._weight_int8pack_mm (AVX512/AMX matrix-vector; bf16 only, K % 16 == 0).
 - dequant_mm: dequantize to the activation dtype + F.linear (gpt-fast's formulation, which
   torch.compile fuses).
@@ -82,7 +83,7 @@ def _bf16dot() -> ctypes._CFuncPtr:
 @kernel_op("int8_bf16dot_cpp", _check)
 def int8_bf16dot_cpp(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
     """x2d [M, K] bfloat16 on cpu, weight_int8 [N, K] contiguous, scales [N] bfloat16 ->
-    [M, N] bfloat16, on AVX512-BF16 (int8_bf16dot.cpp), 1-16 rows register-blocked."""
+    [M, N] bfloat16, on AVX512-BF16 (int8_bf16dot.cpp)."""
     y = _check(x2d, weight_int8, scales)
     if not x2d.is_cpu or x2d.dtype != torch.bfloat16:
         raise ValueError(f"int8_bf16dot_cpp needs bfloat16 x on cpu, got {x2d.dtype} {x2d.device}")

@@ -10,7 +10,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "channel_blocks.h"
+#include "weight_rows.h"
 #include "convert.h"
 
 #if !defined(__AVX512VNNI__) || !defined(__AVX512BW__)
@@ -63,63 +63,45 @@ void quant_rows(const T* x, const T* smooth, int8_t* q, float* scale, int32_t* q
   }
 }
 
-// MB activation rows x NB weight rows per block, all accumulators in registers (MB * NB <= 16).
-// A block's NB weight rows are read from memory once and stay in L1/L2 for the next row block.
-template <int MB, int NB, class T>
-inline void block(const int8_t* q, const float* xs, const int32_t* qsum, const int8_t* const* w,
-                  const T* ws, T* y, int64_t n0, int nb, int64_t N, int64_t K, int64_t Kp) {
-  __m512i acc[MB][NB];
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_si512();
+// MB activation rows against weight row w (output channel n), all accumulators in registers.
+template <int MB, class T>
+inline void rows(const int8_t* q, const float* xs, const int32_t* qsum, const int8_t* w,
+                 const T* ws, T* y, int64_t n, int64_t N, int64_t K, int64_t Kp) {
+  __m512i acc[MB];
+  for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_si512();
   const __m512i flip = _mm512_set1_epi8((char)0x80);
   for (int64_t k = 0; k < Kp; k += KB) {
     const __mmask64 mk = K - k >= KB ? ~0ULL : ((1ULL << (K - k)) - 1);
-    __m512i wv[NB];
-    for (int j = 0; j < NB; ++j)
-      wv[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w[j] + k), flip);
-    for (int i = 0; i < MB; ++i) {
-      const __m512i xv = _mm512_loadu_si512(q + i * Kp + k);  // zero-padded to Kp
-      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], wv[j], xv);
-    }
+    const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w + k), flip);
+    for (int i = 0; i < MB; ++i)  // q is zero-padded to Kp
+      acc[i] = _mm512_dpbusd_epi32(acc[i], wv, _mm512_loadu_si512(q + i * Kp + k));
   }
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < nb; ++j) {
-      const int32_t dot = _mm512_reduce_add_epi32(acc[i][j]) - 128 * qsum[i];
-      if constexpr (std::is_same_v<T, int32_t>)
-        y[i * N + n0 + j] = dot;  // the integer product alone (tests)
-      else
-        store(float(dot) * (xs[i] * to_f32(ws[n0 + j])), y + i * N + n0 + j);
-    }
-}
-
-template <int NB, class T>
-void rows_block(const int8_t* q, const float* xs, const int32_t* qsum, const int8_t* const* w,
-                const T* ws, T* y, int64_t M, int64_t n0, int nb, int64_t N, int64_t K, int64_t Kp) {
-  constexpr int MB = 16 / NB;
-  int64_t m = 0;
-  for (; m + MB <= M; m += MB)
-    block<MB, NB>(q + m * Kp, xs + m, qsum + m, w, ws, y + m * N, n0, nb, N, K, Kp);
-  switch (M - m) {  // the last rows, fewer than MB
-#define TAIL(R) case R: if constexpr (R < MB) block<R, NB>(q + m * Kp, xs + m, qsum + m, w, ws, y + m * N, n0, nb, N, K, Kp); break;
-    TAIL(1) TAIL(2) TAIL(3) TAIL(4) TAIL(5) TAIL(6) TAIL(7)
-#undef TAIL
-    default: break;
+  for (int i = 0; i < MB; ++i) {
+    const int32_t dot = _mm512_reduce_add_epi32(acc[i]) - 128 * qsum[i];
+    if constexpr (std::is_same_v<T, int32_t>)
+      y[i * N + n] = dot;  // the integer product alone (tests)
+    else
+      store(float(dot) * (xs[i] * to_f32(ws[n])), y + i * N + n);
   }
 }
 
-// y[m, n] = (sum_k q[m, k] w[n, k]) * (xs[m] * ws[n]). One row: 8 weight streams per block;
-// more rows: 4, against up to 4 row blocks.
+// y[m, n] = (sum_k q[m, k] w[n, k]) * (xs[m] * ws[n]); each weight row is loaded once for up
+// to MB activation rows.
 template <class T>
 void mm(const int8_t* q, const float* xs, const int32_t* qsum, const int8_t* w, const T* ws, T* y,
         int64_t M, int64_t N, int64_t K, int64_t Kp, int nthreads) {
-  if (M == 1)
-    for_channel_blocks<8>(w, N, K, nthreads, [&](const int8_t* const* rows, int64_t n0, int nb) {
-      block<1, 8>(q, xs, qsum, rows, ws, y, n0, nb, N, K, Kp);
-    });
-  else
-    for_channel_blocks<4>(w, N, K, nthreads, [&](const int8_t* const* rows, int64_t n0, int nb) {
-      rows_block<4>(q, xs, qsum, rows, ws, y, M, n0, nb, N, K, Kp);
-    });
+  constexpr int MB = 8;
+  for_each_weight_row(w, N, K, nthreads, [&](const int8_t* wn, int64_t n) {
+    int64_t m = 0;
+    for (; m + MB <= M; m += MB)
+      rows<MB>(q + m * Kp, xs + m, qsum + m, wn, ws, y + m * N, n, N, K, Kp);
+    switch (M - m) {  // the last rows, fewer than MB
+#define TAIL(R) case R: rows<R>(q + m * Kp, xs + m, qsum + m, wn, ws, y + m * N, n, N, K, Kp); break;
+      TAIL(1) TAIL(2) TAIL(3) TAIL(4) TAIL(5) TAIL(6) TAIL(7)
+#undef TAIL
+      default: break;
+    }
+  });
 }
 
 struct Scratch {
