@@ -1,9 +1,11 @@
-"""One rank of tests/test_parallel.py's distributed run (started by torchrun, 2 ranks, gloo).
+"""One rank of tests/test_parallel.py's distributed runs (started by torchrun, gloo).
 
-argv: OUT_DIR CHECKPOINT... ; for each checkpoint, tensor parallel (several KV layouts and
-opts) and pipeline parallel (several micro-batch counts); rank 0 saves what it got.
+argv: OUT_DIR CHECKPOINT... ; for each checkpoint, with 2 ranks: tensor parallel (several KV
+layouts and opts) and pipeline parallel (several micro-batch counts); with 4 ranks: both at
+once, 2 stages of 2 tensor-parallel ranks. Rank 0 saves what it got.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -18,16 +20,31 @@ from common.attention.backends import get_backend  # noqa: E402
 from common.device.select import select_device  # noqa: E402
 from common.engine.pipeline import Pipeline  # noqa: E402
 from common.parallel.launch import init_distributed  # noqa: E402
+from common.parallel.layout import Layout  # noqa: E402
 from common.parallel.measured import weight_bytes  # noqa: E402
+from common.parallel.mesh import rank_role  # noqa: E402
+from common.parallel.placement import combined  # noqa: E402
 from common.parallel.stages import stage_placement  # noqa: E402
 from common.parallel.tensor import TensorParallel  # noqa: E402
 
-init_distributed("cpu", 2, 60)
+world = int(os.environ["WORLD_SIZE"])
+init_distributed("cpu", world, 60)
 device = select_device("cpu")
 out_dir = Path(sys.argv[1])
 ops.reset(out_dir / f"kernel_choices_{device.rank}.json")  # not the user's rankings
 got = {}
-for ckpt in sys.argv[2:]:
+for ckpt in sys.argv[2:] if world == 4 else ():
+    name = Path(ckpt).name
+    role = rank_role("cpu", Layout(tp=2, pp=2))
+    tp = TensorParallel(role.tp_rank, 2, role.tp_group)
+    for micro in (1, 2):
+        model = tp.parallelize(load(ckpt, {}, combined(stage_placement(role.stage, 2), tp.shard)))
+        got[f"{name}/tp_pp/weight_bytes"] = weight_bytes(model)
+        backend = get_backend("eager", device)
+        kv = CASES["rows"]["kv"]
+        pipe = Pipeline(model, role.stage, 2, device.torch, kv, backend, micro, role.pp_group)
+        got[f"{name}/tp_pp/{micro}"] = generate(pipe, device, {})
+for ckpt in sys.argv[2:] if world == 2 else ():
     name = Path(ckpt).name
     for case, opts in CASES.items():
         tp = TensorParallel(device.rank, device.world_size)

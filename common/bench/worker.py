@@ -28,7 +28,9 @@ from common.parallel.launch import init_distributed, is_writer, share, under_tor
 from common.parallel.layout import Layout
 from common.parallel.measured import weight_bytes
 from common.parallel.memory import kv_bytes_per_token
+from common.parallel.mesh import rank_role
 from common.parallel.offload import offload_layers
+from common.parallel.placement import combined
 from common.parallel.stages import stage_placement
 from common.parallel.tensor import TensorParallel
 from common.quant.data import load_texts, token_blocks
@@ -98,8 +100,10 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
         torch.set_num_threads(int(cfg.bench.threads))
     device = select_device(cfg.hardware.device)  # now with its rank and group
     dtype = resolve_dtype(cfg.model.dtype, device)
-    tp = TensorParallel(device.rank, par.tp, device.group) if par.tp > 1 else None
-    place = tp.shard if tp else stage_placement(device.rank, par.pp) if par.pp > 1 else None
+    role = rank_role(device_type, Layout(par.tp, par.pp))
+    tp = TensorParallel(role.tp_rank, par.tp, role.tp_group) if par.tp > 1 else None
+    stage_place = stage_placement(role.stage, par.pp) if par.pp > 1 else None
+    place = combined(stage_place, tp.shard if tp else None)  # prune to the stage, then slice
     model, tokenizer, weights_desc = build_model(cfg.model, model_cls, device.torch, dtype, place)
     requests = build_requests(cfg.workload, model.args.vocab_size, tokenizer, model, cfg.model.path)
     arrivals = arrival_times(cfg.workload, len(requests))
@@ -120,8 +124,9 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
         if par.pp > 1:
             backend = get_backend(cfg.attention.backend, device)
             pipe = Pipeline(
-                model, device.rank, par.pp, device.torch, spec, backend, par.micro_batches
-            )
+                model, role.stage, par.pp, device.torch, spec, backend, par.micro_batches,
+                role.pp_group,
+            )  # fmt: skip
             runner = pipeline_runner(pipe, cfg.scheduler.max_batch, cfg.bench.seed)
         else:
             speculation, draft = spec_config(cfg), None
@@ -143,10 +148,10 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
                 engine.check(r)
             runner = engine_runner(engine, arrivals, cfg.bench.seed)
     slo = (w.slo_ttft_ms, w.slo_tpot_ms) if "slo_ttft_ms" in w else None
-    layout, stage = Layout(par.tp, par.pp), device.rank if par.pp > 1 else 0
+    layout = Layout(par.tp, par.pp)
     kv_int8 = spec.int8 and not cfg.bench.peer  # a peer keeps its own (16-bit) KV
     roof = roofline(
-        model, dtype, float(cfg.bench.bandwidth), kv_int8, layout, stage,
+        model, dtype, float(cfg.bench.bandwidth), kv_int8, layout, role.stage,
         runner.decode_weight_bytes,
     )  # fmt: skip
     runs, outputs = measure(
@@ -164,7 +169,7 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
     writer = is_writer()
     capacity = kv_capacity(
         [len(r.prompt) + r.max_new_tokens for r in requests],
-        kv_bytes_per_token(model.args, dtype, spec.int8, layout, stage),
+        kv_bytes_per_token(model.args, dtype, spec.int8, layout, role.stage),
         spec.block_size,
         cfg.scheduler.max_batch,
         spec.max_len,

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 Read = Callable[[tuple[slice, ...]], Tensor]  # a slice of a checkpoint tensor
 
@@ -42,3 +42,24 @@ class Placement:
     # parameter -> the checkpoint tensor it holds: a tied head on a pipeline stage of its own
     aliases: dict[str, str] = field(default_factory=dict)
     subset: bool = False  # a pipeline stage: the checkpoint's other tensors are not read
+
+
+Place = Callable[[nn.Module], Placement]  # prunes / reshapes a meta model, says what it reads
+
+
+def combined(*places: Place | None) -> Place | None:
+    """Each placement in turn on the same meta model (a pipeline stage's pruning, then tensor
+    parallel's slicing of what is left); their slices, aliases and subset merged."""
+    steps = [p for p in places if p is not None]
+    if len(steps) <= 1:
+        return steps[0] if steps else None
+
+    def place(model: nn.Module) -> Placement:
+        done = [step(model) for step in steps]
+        return Placement(
+            {k: v for p in done for k, v in p.parts.items()},
+            {k: v for p in done for k, v in p.aliases.items()},
+            any(p.subset for p in done),
+        )
+
+    return place

@@ -31,14 +31,10 @@ def check_parallel(
             "compile traces one device's whole decode step; it does not compose with "
             "parallel.tp/pp or offload yet: drop one of them"
         )
-    if par.tp > 1 and par.pp > 1:
-        raise RecipeError(
-            "parallel.tp and parallel.pp together are not supported yet; use one of them"
-        )
     shard(args, Layout(par.tp, par.pp))  # tp divides heads and channels, pp <= layers
     if par.tp * par.pp == 1:
         return
-    where = f"parallel.tp={par.tp}" if par.tp > 1 else f"parallel.pp={par.pp}"
+    where = " ".join(f"parallel.{k}={n}" for k, n in (("tp", par.tp), ("pp", par.pp)) if n > 1)
     if peer:
         raise RecipeError(
             f"bench.peers runs transformers' generate() on one device; drop it with {where}"
