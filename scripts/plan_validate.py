@@ -54,10 +54,10 @@ NARROW = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
 KV_PASSES = 3  # the baseline's dynamic cache: torch.cat reads and writes the KV, attention reads it
 
 
-def runtime_keys() -> set[str]:
-    """The parallel.* keys the recipes accept today."""
+def parallel_defaults() -> dict:
+    """The recipes' parallel.* defaults (the keys the runtime accepts today)."""
     defaults = OmegaConf.load(ROOT / "configs/recipe_defaults.yaml")
-    return {f"parallel.{k}" for k in (defaults.get("parallel") or {})}
+    return dict(defaults.get("parallel") or {})
 
 
 def model_args(scale: str) -> ModelArgs:
@@ -105,7 +105,9 @@ def main() -> None:
         p.error("sizes, lengths and rounds must be >= 1")
     args = model_args(a.scale)
     dtype = resolve_dtype("auto", select_device("cpu"))
-    have = runtime_keys()
+    par_defaults = parallel_defaults()
+    have = {f"parallel.{k}" for k in par_defaults}
+    shm_bytes = int(par_defaults.get("shm_mb", 0) * 2**20)  # as the runs' ranks use
     base = [f"model.scale={a.scale}", "workload=latency", "hardware=auto",
             f"workload.prompt_len={a.prompt_len}", f"workload.max_new_tokens={a.output_len}"]  # fmt: skip
     narrow = [f"model.presets.{a.scale}.{k}={v}" for k, v in NARROW.items()]
@@ -119,7 +121,8 @@ def main() -> None:
                 continue
             world = tp * pp
             shapes = shard_shapes(args, tp)
-            hw = calibrate(world, shapes, dtype, 0.0, [shapes[:4], shapes[4:7]], args.hidden_size)
+            hw = calibrate(world, shapes, dtype, 0.0, [shapes[:4], shapes[4:7]], args.hidden_size,
+                           shm_bytes=shm_bytes)  # fmt: skip
             hw = dataclasses.replace(  # latency: in the narrowed run's overhead (docstring)
                 hw, intra=Link(hw.intra.bandwidth, 0.0), inter=Link(hw.inter.bandwidth, 0.0)
             )

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -19,6 +20,7 @@ from common import ops  # noqa: E402
 from common.attention.backends import get_backend  # noqa: E402
 from common.device.select import select_device  # noqa: E402
 from common.engine.pipeline import Pipeline  # noqa: E402
+from common.parallel.collectives import Collectives  # noqa: E402
 from common.parallel.launch import init_distributed  # noqa: E402
 from common.parallel.layout import Layout  # noqa: E402
 from common.parallel.measured import weight_bytes  # noqa: E402
@@ -44,6 +46,19 @@ for ckpt in sys.argv[2:] if world == 4 else ():
         kv = CASES["rows"]["kv"]
         pipe = Pipeline(model, role.stage, 2, device.torch, kv, backend, micro, role.pp_group)
         got[f"{name}/tp_pp/{micro}"] = generate(pipe, device, {})
+if world == 2:  # shared-memory collectives (4 KB slots) against gloo's
+    comm = Collectives(None, "cpu", 4096)
+    got["shm/slot"] = comm.slot
+    for dtype in (torch.float32, torch.bfloat16):
+        for n in (7, 768, 2048):  # 2048 fp32 values exceed a slot: gloo
+            torch.manual_seed(device.rank)
+            x = torch.randn(n).to(dtype)
+            mine, theirs = x.clone(), x.clone()
+            comm.all_reduce(mine)
+            dist.all_reduce(theirs)
+            parts = [torch.empty_like(x) for _ in range(world)]
+            dist.all_gather(parts, x)
+            got[f"shm/{dtype}/{n}"] = (mine, theirs, comm.all_gather(x), parts)
 for ckpt in sys.argv[2:] if world == 2 else ():
     name = Path(ckpt).name
     for case, opts in CASES.items():
@@ -51,6 +66,9 @@ for ckpt in sys.argv[2:] if world == 2 else ():
         model = tp.parallelize(load(ckpt, opts, tp.shard))
         got[f"{name}/tp/{case}"] = generate(model, device, opts)
         got[f"{name}/tp/{case}"]["weight_bytes"] = weight_bytes(model)
+    tp = TensorParallel(device.rank, device.world_size, shm_bytes=1 << 20)
+    model = tp.parallelize(load(ckpt, {}, tp.shard))
+    got[f"{name}/tp/shm"] = generate(model, device, CASES["rows"])
     for micro in (1, 2):
         model = load(ckpt, {}, stage_placement(device.rank, 2))
         got[f"{name}/pp/weight_bytes"] = weight_bytes(model)

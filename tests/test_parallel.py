@@ -60,6 +60,26 @@ def test_tensor_parallel_matches_one_device(runs, model: str, case: str) -> None
 
 
 @pytest.mark.parametrize("model", MODELS)
+def test_tensor_parallel_over_shared_memory_matches_one_device(runs, model: str) -> None:
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("shared-memory collectives need a core per rank")
+    assert runs[0]["shm/slot"] > 0, "two CPU ranks of one node use shared memory"
+    got, one = runs[0][f"{model}/tp/shm"], runs[1][f"{model}/rows"]
+    assert got["tokens"] == one["tokens"]
+    torch.testing.assert_close(got["logits"], one["logits"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [7, 768, 2048])
+def test_shared_memory_collectives_equal_gloo(runs, dtype, n: int) -> None:
+    """Two ranks' sums round once either way, so they equal gloo's bit for bit; a message
+    larger than a slot goes through gloo."""
+    mine, theirs, gathered, parts = runs[0][f"shm/{dtype}/{n}"]
+    assert torch.equal(mine, theirs)
+    assert all(torch.equal(a, b) for a, b in zip(gathered, parts, strict=True))
+
+
+@pytest.mark.parametrize("model", MODELS)
 def test_a_rank_holds_its_share_of_the_weights(runs, model: str) -> None:
     """Each rank loads only its slices (TP) or its layers (PP): rank 0 holds about half."""
     full = weight_bytes(load(runs[2][model], {}))

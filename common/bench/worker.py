@@ -101,7 +101,8 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
     device = select_device(cfg.hardware.device)  # now with its rank and group
     dtype = resolve_dtype(cfg.model.dtype, device)
     role = rank_role(device_type, Layout(par.tp, par.pp))
-    tp = TensorParallel(role.tp_rank, par.tp, role.tp_group) if par.tp > 1 else None
+    shm = int(par.shm_mb * 2**20)
+    tp = TensorParallel(role.tp_rank, par.tp, role.tp_group, shm) if par.tp > 1 else None
     stage_place = stage_placement(role.stage, par.pp) if par.pp > 1 else None
     place = combined(stage_place, tp.shard if tp else None)  # prune to the stage, then slice
     model, tokenizer, weights_desc = build_model(cfg.model, model_cls, device.torch, dtype, place)

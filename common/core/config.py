@@ -182,11 +182,13 @@ class ParallelConfig:
     master_port: int | None = None  # null: a free port (one node only)
     timeout_s: float = 300.0  # a collective waiting longer fails the run instead of hanging
     cpu_bind: bool = True  # CPU ranks: each on its own share of the cores (launch.bind_cpu_rank)
+    shm_mb: float = 16.0  # CPU ranks of one node: TP messages up to this size via shared memory
 
     def check(self) -> None:
         for key in ("tp", "pp", "micro_batches", "nnodes"):
             _require(getattr(self, key) >= 1, f"parallel.{key}", getattr(self, key), ">= 1")
         _require(self.timeout_s > 0, "parallel.timeout_s", self.timeout_s, "> 0")
+        _require(self.shm_mb >= 0, "parallel.shm_mb", self.shm_mb, ">= 0")
         _require(
             0 <= self.node_rank < self.nnodes, "parallel.node_rank", self.node_rank,
             f"in [0, {self.nnodes})",

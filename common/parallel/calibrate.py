@@ -5,8 +5,9 @@ bus, so W processes measure at once, each with its share of the threads:
 - memory bandwidth as decode sees it: a batch-1 matmul over weight matrices of the model's
   shapes, together larger than the caches (bytes / time, less the same calls' dispatch time);
 - compute: the same matmuls on `rows` rows (FLOPs / time);
-- the link: bandwidth from a large gloo all-reduce against a small one, back to back (the ring
-  formula of simulate.py); latency as a forward sees it: each all-reduce of one token's hidden
+- the link: bandwidth from a large all-reduce against a small one, back to back (the ring
+  formula of simulate.py), through the collectives the recipe's ranks use (collectives.py:
+  shared memory up to `shm_bytes`, else gloo); latency as a forward sees it: each all-reduce of one token's hidden
   state follows the slice of a layer's matmuls that precedes it in the model (attention, then
   MLP), averaged over many, less the slices alone. Back-to-back calls on idle ranks would read
   low: in a forward, ranks arrive at different times and gloo's threads must wake.
@@ -29,6 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from common.parallel.collectives import Collectives
 from common.parallel.hardware import DTYPE_NAMES, Hardware, Link
 from common.parallel.launch import bind_cpu_rank
 
@@ -77,19 +79,23 @@ def _mean(fn, repeats: int) -> float:
 
 
 def measure_link(
-    world: int, segments: list[Callable[[], object]], message: torch.Tensor, repeats: int = 100
+    comm: Collectives,
+    segments: list[Callable[[], object]],
+    message: torch.Tensor,
+    repeats: int = 100,
 ) -> tuple[float, float]:
     """(bandwidth bytes/s, latency s per hop) of this process group's ring all-reduce; the
     latency of `message` all-reduced after each of `segments` (a rank's work between two
     collectives), in the mean, less the segments alone."""
+    world = comm.world
     hops = 2 * (world - 1)
     small, large = torch.zeros(SMALL // 4), torch.zeros(LARGE // 4)
     dist.barrier()
-    t_small = _best(lambda: dist.all_reduce(small), 20)
-    t_large = _best(lambda: dist.all_reduce(large), 5)
+    t_small = _best(lambda: comm.all_reduce(small), 20)
+    t_large = _best(lambda: comm.all_reduce(large), 5)
     bandwidth = (world - 1) / world * 2 * LARGE / max(t_large - t_small, 1e-9)
     t_work = _mean(lambda: [seg() for seg in segments], repeats)
-    t_both = _mean(lambda: [(seg(), dist.all_reduce(message)) for seg in segments], repeats)
+    t_both = _mean(lambda: [(seg(), comm.all_reduce(message)) for seg in segments], repeats)
     return bandwidth, max(t_both - t_work, 0.0) / (len(segments) * hops)
 
 
@@ -118,7 +124,8 @@ def _rank(rank: int, world: int, port: int, job: dict, out: str) -> None:
         dtype = getattr(torch, job["dtype"])
         with torch.no_grad():
             segments = _segments([[tuple(s) for s in g] for g in job["segments"]], dtype)
-            link = measure_link(world, segments, torch.zeros(1, job["hidden"], dtype=dtype))
+            comm = Collectives(None, "cpu", job["shm_bytes"])
+            link = measure_link(comm, segments, torch.zeros(1, job["hidden"], dtype=dtype))
         if rank == 0:
             Path(out).write_text(json.dumps({"mem_bw": bw, "flops": flops, "link": link}))
     finally:
@@ -143,6 +150,7 @@ def calibrate(
     rows: int = 256,
     min_bytes: int = 256 << 20,
     cores: int | None = None,
+    shm_bytes: int = 16 << 20,
 ) -> Hardware:
     """This CPU as `world` devices of cores / world threads each, measured. shapes: one
     rank's matmuls ([out, in]) for bandwidth and FLOP/s; segments: the matmuls a rank runs
@@ -157,6 +165,7 @@ def calibrate(
         threads=threads,
         segments=segments,
         hidden=hidden,
+        shm_bytes=shm_bytes,
     )
     if world == 1:
         previous = torch.get_num_threads()

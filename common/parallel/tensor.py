@@ -1,6 +1,7 @@
 """Tensor parallel, Megatron-LM's layout: attention split by heads, the MLP column- then
 row-parallel, embedding and LM head split by vocabulary; one all-reduce after each
-row-parallel layer (o_proj, down_proj) and after the embedding, one all-gather of the logits.
+row-parallel layer (o_proj, down_proj) and after the embedding, one all-gather of the logits
+(collectives.py: torch.distributed, or shared memory between the CPU ranks of one node).
 
 Two steps, so the other transforms never see a collective:
 1. `shard(model)` before loading: every projection becomes its rank-local shape (on meta)
@@ -24,13 +25,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from common.core.errors import RecipeError
 from common.nn.attention import SelfAttention
 from common.nn.causal_lm import CausalLM
 from common.nn.mlp import FusedGatedMLP, GatedMLP
+from common.parallel.collectives import Collectives
 from common.parallel.layout import Layout, kv_heads_of_rank
 from common.parallel.layout import shard as shard_dims
 from common.parallel.placement import Part, Placement
@@ -46,6 +47,7 @@ class TensorParallel:
     rank: int
     size: int
     group: Any = None  # torch.distributed group; None = the world
+    shm_bytes: int = 0  # CPU ranks of one node: collectives up to this size in shared memory
 
     def shard(self, model: CausalLM) -> Placement:
         """Give every sharded module its local shape (on meta) and return the checkpoint
@@ -105,18 +107,20 @@ class TensorParallel:
 
     def parallelize(self, model: CausalLM) -> CausalLM:
         """Add the collectives (after fusion and quantization swapped the local modules)."""
+        device_type = next(model.parameters()).device.type
+        comm = Collectives(self.group, device_type, self.shm_bytes)
         for m in list(model.modules()):
             if isinstance(m, SelfAttention):
-                m.o_proj = RowParallel(m.o_proj, self.group)
+                m.o_proj = RowParallel(m.o_proj, comm)
             elif isinstance(m, (GatedMLP, FusedGatedMLP)):
-                m.down_proj = RowParallel(m.down_proj, self.group)
+                m.down_proj = RowParallel(m.down_proj, comm)
         vocab_shard = -(-model.args.vocab_size // self.size)
         if model.model.embed_tokens is not None:
             model.model.embed_tokens = VocabParallelEmbedding(
-                model.model.embed_tokens, self.rank * vocab_shard, vocab_shard, self.group
+                model.model.embed_tokens, self.rank * vocab_shard, vocab_shard, comm
             )
         if model.lm_head is not None:
-            model.lm_head = VocabParallelHead(model.lm_head, model.args.vocab_size, self.group)
+            model.lm_head = VocabParallelHead(model.lm_head, model.args.vocab_size, comm)
         return model
 
 
@@ -132,13 +136,13 @@ def _meta_linear(inp: int, out: int, bias: bool) -> nn.Linear:
 class RowParallel(nn.Module):
     """A projection whose input channels are split: each rank's output is a partial sum."""
 
-    def __init__(self, inner: nn.Module, group: Any) -> None:
+    def __init__(self, inner: nn.Module, comm: Collectives) -> None:
         super().__init__()
-        self.inner, self.group = inner, group
+        self.inner, self.comm = inner, comm
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.inner(x)
-        dist.all_reduce(out, group=self.group)
+        self.comm.all_reduce(out)
         return out
 
 
@@ -147,15 +151,15 @@ class VocabParallelEmbedding(nn.Module):
 
     lookup_table = True  # the memory model counts one row read per token
 
-    def __init__(self, inner: nn.Module, start: int, n: int, group: Any) -> None:
+    def __init__(self, inner: nn.Module, start: int, n: int, comm: Collectives) -> None:
         super().__init__()
-        self.inner, self.start, self.n, self.group = inner, start, n, group
+        self.inner, self.start, self.n, self.comm = inner, start, n, comm
 
     def forward(self, ids: Tensor) -> Tensor:
         local = ids - self.start
         outside = (local < 0) | (local >= self.n)
         out = self.inner(local.masked_fill(outside, 0)).masked_fill(outside[..., None], 0)
-        dist.all_reduce(out, group=self.group)
+        self.comm.all_reduce(out)
         return out
 
 
@@ -165,12 +169,9 @@ class VocabParallelHead(nn.Module):
     gather is here rather than in a vocab-parallel argmax (Megatron keeps them split for
     its parallel cross entropy, which generation does not need)."""
 
-    def __init__(self, inner: nn.Module, vocab: int, group: Any) -> None:
+    def __init__(self, inner: nn.Module, vocab: int, comm: Collectives) -> None:
         super().__init__()
-        self.inner, self.vocab, self.group = inner, vocab, group
+        self.inner, self.vocab, self.comm = inner, vocab, comm
 
     def forward(self, hidden: Tensor) -> Tensor:
-        local = self.inner(hidden).contiguous()
-        shards = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(shards, local, group=self.group)
-        return torch.cat(shards, -1)[..., : self.vocab]
+        return torch.cat(self.comm.all_gather(self.inner(hidden)), -1)[..., : self.vocab]
