@@ -6,7 +6,8 @@ time inside ops vs outside them (Python and dispatch overhead), and the ops by t
 
 Each variant runs in a fresh process, built as the recipe's worker builds it (the recipe's
 config, the variant's +opt=..., the given overrides such as model.scale=small or
-model.path=...), on the workload's first prompt at batch 1. One warm-up generation (it
+model.path=...), on the workload's first prompt, `workload.batch_size` copies of it at once
+(default 1; e.g. workload.batch_size=16 for a batched decode step). One warm-up generation (it
 compiles, for compile), then `--steps` decode steps timed without the profiler (step ms and
 tok/s), then the same steps under torch.profiler (CPU):
 
@@ -136,16 +137,16 @@ def profile_one(recipe: str, opts: list[str], overrides: list[str], steps: int) 
         times.append(time.perf_counter() - t0)
         return out
 
-    request = Request(prompt, steps + 1, ignore_eos=True)
-    engine.generate([request])  # warm-up: compiles, measures kernel choices
+    batch = [Request(prompt, steps + 1, ignore_eos=True)] * cfg.workload.batch_size
+    engine.generate(batch)  # warm-up: compiles, measures kernel choices
     times.clear()
     engine.runner.execute = timed
-    engine.generate([request])
+    engine.generate(batch)
     step_s = statistics.median(times)
     times.clear()
     profile_kernels(True)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        engine.generate([request])
+        engine.generate(batch)
     profile_kernels(False)
     profiled_s = sum(times) / len(times)
     top = _top_level(prof.events())
@@ -164,7 +165,8 @@ def profile_one(recipe: str, opts: list[str], overrides: list[str], steps: int) 
         "kernel_calls": sum(calls.values()) / n,
         "view_calls": views / n,
         "step_ms": step_s * 1e3,
-        "tokens_per_s": 1 / step_s,
+        "tokens_per_s": len(batch) / step_s,
+        "batch": len(batch),
         "profiled_step_ms": profiled_s * 1e3,
         "in_ops_ms": in_ops_s * 1e3,
         "outside_ops_ms": (profiled_s - in_ops_s) * 1e3,
@@ -183,7 +185,8 @@ def markdown(result: dict, top: int) -> str:
         "# Where the decode step's time goes",
         "",
         f"- command: `{result['command']}`",
-        f"- model: {rows[0]['model']}; batch 1, {result['steps']} decode steps after the "
+        f"- model: {rows[0]['model']}; batch {rows[0]['batch']}, {result['steps']} "
+        "decode steps after the "
         f"prompt; {rows[0]['threads']} threads, torch {result['torch']}, {result['cpu']}",
         "- kernel calls: ops the step's own code calls (views excluded); time in ops: their "
         "inclusive CPU time under torch.profiler; outside ops: the profiled step minus that "

@@ -41,7 +41,7 @@ python $llama workload=online 'bench.variants=[[paged_kv,flash_attn],[paged_kv,c
 # throughput workload at max batch 16 against vLLM; then the same on the real SmolLM2 weights.
 python $llama +opt=flash_attn,int8 bench.ladder=true bench.peers=[hf,llama_cpp]
 python $llama workload=throughput bench.peers=[vllm] bench.rounds=2 bench.warmup=0 \
-  'bench.variants=[[paged_kv,cont_batch,flash_attn],[paged_kv,cont_batch,flash_attn,int8],[paged_kv,cont_batch,flash_attn,fuse,fast_linear]]'
+  'bench.variants=[[paged_kv,cont_batch,flash_attn],[paged_kv,cont_batch,flash_attn,int8],[paged_kv,cont_batch,flash_attn,fuse,fast_linear],[paged_kv,cont_batch,flash_attn,w8a8]]'
 smollm2=$HOME/.cache/llm-recipes/SmolLM2-135M-Instruct
 python scripts/get_checkpoint.py smollm2-135m-instruct
 python $llama +opt=flash_attn,int8 bench.ladder=true bench.peers=[hf,llama_cpp] model.path="$smollm2" \
@@ -91,8 +91,11 @@ python $qwen workload.batch_size=4 workload.num_requests=12 bench.rounds=2 \
   'bench.variants=[[cont_batch],[cont_batch,vision_overlap],[vision_cache,cont_batch,vision_overlap]]'
 
 # Beyond one device (docs/parallelism.md). Tensor parallel: one process vs two ranks under
-# torchrun (gloo over loopback, one thread per rank: the same two cores), batch 1 and batch 8.
-python $llama +opt=flash_attn 'bench.sweep={key: parallel.tp, values: [1, 2]}'
+# torchrun (one thread per rank: the same two cores; collectives in shared memory), batch 1
+# and batch 8; then the ranks' collectives through gloo vs shared memory.
+python $llama +opt=flash_attn 'bench.sweep={key: parallel.tp, values: [1, 2]}' bench.rounds=3 bench.replace=true
+python $llama +opt=flash_attn parallel.tp=2 'bench.sweep={key: parallel.shm_mb, values: [0, 16]}' \
+  bench.rounds=2 bench.results_dir=results/parallel/shm
 # What binding each CPU rank to its own cores does (torchrun alone leaves them roaming).
 python $llama +opt=flash_attn parallel.tp=2 'bench.sweep={key: parallel.cpu_bind, values: [false, true]}' \
   bench.rounds=2 bench.results_dir=results/parallel/cpu_bind
@@ -121,17 +124,14 @@ python scripts/plan_validate.py
 # Where the decode step's time goes: kernel calls per step, step time and tok/s, time inside
 # vs outside ops, and the per-op breakdown, unfused / fused / compiled (~10 min).
 python scripts/decode_profile.py model.scale=small
-# The issue's numbers, every row in one run, with the llama.cpp peer (bf16 against baseline
-# rows, q8_0 against int8 rows); compile time has its own column (~10 min).
+# The issue's numbers, every row in one run, with the llama.cpp peer (bf16 against the bf16
+# rows, q8_0 against the int8 ones): fuse, our own bf16 kernel (fast_linear), compile, and
+# weight-only vs activation-quantized int8; compile time has its own column (~10 min).
 python $llama bench.peers=[llama_cpp] bench.rounds=2 \
-  'bench.variants=[[fuse],[fuse,compile],[flash_attn,int8],[flash_attn,int8,fuse,compile]]'
-# Our own bf16 matrix-vector kernel (fast_linear) against torch's, eager and compiled, beside
-# the same llama.cpp rows.
-python $llama bench.peers=[llama_cpp] bench.rounds=2 \
-  'bench.variants=[[fuse],[fuse,fast_linear],[fuse,compile],[fuse,fast_linear,compile],[flash_attn,int8,fuse,compile]]'
+  'bench.variants=[[fuse],[fuse,fast_linear],[fuse,compile],[fuse,fast_linear,compile],[flash_attn,int8,fuse,compile],[flash_attn,w8a8,fuse,compile]]'
 # What inductor's C++ wrapper and freezing (weights as constants) do to the compiled step.
-python $llama +opt=fuse,compile bench.rounds=2 'bench.sweep={key: compile.cpp_wrapper, values: [false, true]}'
-python $llama +opt=fuse,compile bench.rounds=2 'bench.sweep={key: compile.freezing, values: [false, true]}'
+python $llama +opt=fuse,fast_linear,compile bench.rounds=2 'bench.sweep={key: compile.cpp_wrapper, values: [false, true]}'
+python $llama +opt=fuse,fast_linear,compile bench.rounds=2 'bench.sweep={key: compile.freezing, values: [false, true]}'
 # The compiled step under continuous batching on paged KV (64 requests, max batch 16: one graph
 # padded to 16 rows), bf16 and int8 (~15 min).
 python $llama workload=throughput bench.rounds=2 'bench.variants=[[paged_kv,cont_batch,flash_attn],[paged_kv,cont_batch,flash_attn,fuse,compile],[paged_kv,cont_batch,flash_attn,int8,fuse,compile]]'

@@ -74,7 +74,7 @@ def test_decode_profile_counts_fewer_kernel_calls_when_fused(tmp_path: Path) -> 
     calls, so a fused step calls fewer ops; the C++ kernels show by their op names."""
     out = tmp_path / "decode_profile"
     cmd = [sys.executable, "scripts/decode_profile.py", "--variants", "baseline;fuse",
-           "--steps", "2", "--out", str(out), "model.scale=tiny",
+           "--steps", "2", "--out", str(out), "model.scale=tiny", "workload.batch_size=3",
            "kernels.add_rms_norm=cpp", "kernels.rotary=cpp"]  # fmt: skip
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}  # kernel choices: not ours
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300, env=env)
@@ -86,4 +86,6 @@ def test_decode_profile_counts_fewer_kernel_calls_when_fused(tmp_path: Path) -> 
         and "llm_recipes::rotary_cpp" in fused["ops"]
     )
     assert all(r["step_ms"] > 0 and r["in_ops_ms"] > 0 for r in (base, fused))
-    assert "| fuse |" in out.with_suffix(".md").read_text()
+    assert base["batch"] == fused["batch"] == 3  # a batched decode step: 3 rows
+    md = out.with_suffix(".md").read_text()
+    assert "| fuse |" in md and "batch 3," in md
