@@ -142,6 +142,17 @@ def test_a_failing_rank_ends_the_run(tmp_path: Path) -> None:
     assert _last_error(proc.stderr + proc.stdout, proc.returncode) == "rank 1 cannot go on"
 
 
+def test_a_rank_killed_by_a_signal_is_reported_by_its_cause() -> None:
+    """torchrun's summary, not its closing rule of '=', names what ended the run."""
+    summary = "\n".join([
+        "=" * 40, "run.py FAILED", "-" * 40, "Root Cause (first observed failure):", "[0]:",
+        "  rank      : 1 (local_rank: 1)", "  exitcode  : -11 (pid: 42)",
+        "  traceback : Signal 11 (SIGSEGV) received by PID 42", "=" * 40,
+    ])  # fmt: skip
+    assert _last_error(summary, 1) == "traceback : Signal 11 (SIGSEGV) received by PID 42"
+    assert _last_error("=" * 40, 1) == "exit code 1"
+
+
 def test_cpu_ranks_get_disjoint_cores_and_as_many_threads(tmp_path: Path) -> None:
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:

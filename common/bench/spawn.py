@@ -54,10 +54,13 @@ _RANK_PREFIX = re.compile(r"^\[(?:rank|default)\d+\]:\s*")
 
 def _last_error(output: str, returncode: int) -> str:
     """The failing rank's own `error: ...` line when there is one (torchrun prints its
-    summary after it), else the last line."""
+    summary after it), else the cause in torchrun's summary (a rank killed by a signal
+    prints no error of its own), else the last line that is not a rule of '='."""
     lines = [_RANK_PREFIX.sub("", ln).strip() for ln in output.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if ln.strip("=-")]
     errors = [ln for ln in lines if ln.startswith("error: ")]
-    last = (errors or lines or [f"exit code {returncode}"])[-1]
+    causes = [" ".join(ln.split()) for ln in lines if ln.startswith(("traceback", "exitcode"))]
+    last = (errors or causes[-1:] or lines or [f"exit code {returncode}"])[-1]
     return last.removeprefix("error: ")
 
 
