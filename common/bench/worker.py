@@ -100,7 +100,8 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
         torch.set_num_threads(int(cfg.bench.threads))
     device = select_device(cfg.hardware.device)  # now with its rank and group
     dtype = resolve_dtype(cfg.model.dtype, device)
-    role = rank_role(device_type, Layout(par.tp, par.pp))
+    layout = Layout(par.tp, par.pp)
+    role = rank_role(device_type, layout)
     shm = int(par.shm_mb * 2**20)
     tp = TensorParallel(role.tp_rank, par.tp, role.tp_group, shm) if par.tp > 1 else None
     stage_place = stage_placement(role.stage, par.pp) if par.pp > 1 else None
@@ -149,7 +150,6 @@ def run_worker(cfg: Any, model_cls: type[CausalLM]) -> None:
                 engine.check(r)
             runner = engine_runner(engine, arrivals, cfg.bench.seed)
     slo = (w.slo_ttft_ms, w.slo_tpot_ms) if "slo_ttft_ms" in w else None
-    layout = Layout(par.tp, par.pp)
     kv_int8 = spec.int8 and not cfg.bench.peer  # a peer keeps its own (16-bit) KV
     roof = roofline(
         model, dtype, float(cfg.bench.bandwidth), kv_int8, layout, role.stage,

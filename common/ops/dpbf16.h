@@ -36,7 +36,8 @@ inline void rows(const uint16_t* x, const typename W::T* w, const Finish& finish
   for (int64_t k = 0; k < K; k += KB) {
     const __mmask32 mk = K - k >= KB ? ~0u : ((1u << (K - k)) - 1);
     const __m512bh wv = W::load(w + k, mk);
-    for (int i = 0; i < MB; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], Bf16::load(x + i * K + k, mk), wv);
+    for (int i = 0; i < MB; ++i)
+      acc[i] = _mm512_dpbf16_ps(acc[i], Bf16::load(x + i * K + k, mk), wv);
   }
   for (int i = 0; i < MB; ++i) store(finish(_mm512_reduce_add_ps(acc[i]), n), y + i * N + n);
 }

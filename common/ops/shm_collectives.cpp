@@ -1,5 +1,5 @@
 // All-reduce and all-gather for the CPU ranks of one node through a shared-memory segment
-// (common/parallel/shm.py), the way vLLM's and DeepSpeed's CPU backends do it. A decode
+// (common/parallel/collectives.py), the way vLLM's and DeepSpeed's CPU backends do it. A decode
 // step's messages are a few KB; gloo's TCP pairs wake a sleeping thread for each one, and on
 // a VM a wake-up can take hundreds of microseconds, while a rank that owns its core can spin.
 //

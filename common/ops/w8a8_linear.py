@@ -3,8 +3,8 @@
     y = (q @ w_int8ᵀ) * (x_scale ⊗ w_scale),  q, x_scale = quantize_rows(x * smooth)
 
 - vnni: int8_vnni.cpp, AVX512-VNNI vpdpbusd with int32 accumulation, activation quantization
-  in the same call; one sequential weight stream per thread, each row loaded once for up to 8 rows. Built only
-  where the CPU has VNNI (elsewhere g++ refuses it and the table skips it).
+  in the same call; one sequential weight stream per thread, each row loaded once for up to 8
+  rows. Built only where the CPU has VNNI (elsewhere g++ refuses it and the table skips it).
 - int_mm: quantize_rows in torch + torch._int_mm (int32 accumulation; oneDNN on cpu).
 - dequant_mm: the same integers multiplied in fp32 (exact while partial sums stay below 2^24,
   i.e. any K up to ~1000 at full range): the portable fallback every device runs.

@@ -1,8 +1,7 @@
 // The outer loop of the linear kernels (dpbf16.h, int8_vnni.cpp): output channels split among
 // threads in contiguous ranges, one weight row at a time, so each thread reads its part of the
-// weights as one sequential stream, the hardware prefetcher's best case. Blocks of 8 rows read
-// side by side (8 streams) fill fewer of the loads: 20 GB/s against 31 GB/s for one stream on
-// an AMD EPYC at batch 1 (docs/performance.md).
+// weights as one sequential stream, the hardware prefetcher's best case (blocks of 8 rows read
+// side by side read markedly slower at batch 1: docs/performance.md, `fast_linear`).
 #pragma once
 #include <cstdint>
 

@@ -7,8 +7,8 @@ bus, so W processes measure at once, each with its share of the threads:
 - compute: the same matmuls on `rows` rows (FLOPs / time);
 - the link: bandwidth from a large all-reduce against a small one, back to back (the ring
   formula of simulate.py), through the collectives the recipe's ranks use (collectives.py:
-  shared memory up to `shm_bytes`, else gloo); latency as a forward sees it: each all-reduce of one token's hidden
-  state follows the slice of a layer's matmuls that precedes it in the model (attention, then
+  shared memory up to `shm_bytes`, else gloo); latency as a forward sees it: each all-reduce
+  of one token's hidden state follows the slice of a layer's matmuls that precedes it in the model (attention, then
   MLP), averaged over many, less the slices alone. Back-to-back calls on idle ranks would read
   low: in a forward, ranks arrive at different times and gloo's threads must wake.
 The per-layer overhead (what a forward costs beyond its math) depends on the model code,
@@ -150,11 +150,12 @@ def calibrate(
     rows: int = 256,
     min_bytes: int = 256 << 20,
     cores: int | None = None,
-    shm_bytes: int = 16 << 20,
+    shm_bytes: int = 0,
 ) -> Hardware:
     """This CPU as `world` devices of cores / world threads each, measured. shapes: one
     rank's matmuls ([out, in]) for bandwidth and FLOP/s; segments: the matmuls a rank runs
-    between two all-reduces of a [1, hidden] activation (a layer's attention, then its MLP)."""
+    between two all-reduces of a [1, hidden] activation (a layer's attention, then its MLP);
+    shm_bytes: the ranks' parallel.shm_mb in bytes (0: gloo only)."""
     cores = cores or os.cpu_count() or 1
     threads = max(1, cores // world)
     job = dict(

@@ -81,11 +81,13 @@ class Collectives:
         return segment
 
     def _shm(self, t: Tensor) -> bool:
-        return bool(self.slot) and t.dtype in _DTYPES and t.nbytes <= self.slot
+        return (
+            bool(self.slot) and t.dtype in _DTYPES and t.nbytes <= self.slot and t.is_contiguous()
+        )
 
     def all_reduce(self, t: Tensor) -> None:
         """Sum over the ranks, in place."""
-        if not self._shm(t) or not t.is_contiguous():
+        if not self._shm(t):
             dist.all_reduce(t, group=self.group)
             return
         self.seq += 1
