@@ -10,7 +10,7 @@ and its JSON gives the measured TTFT, TPOT and output tok/s. Next to it the simu
 never a constant:
 - bandwidth and FLOP/s: common/parallel/calibrate.py times the model's own matmul shapes
   (one rank's shard) with T x P processes at once, each with cores / (T x P) threads, and
-  the link's bandwidth from a large gloo all-reduce;
+  the link's bandwidth from a large all-reduce, right before each (layout, batch)'s runs;
 - the overhead per layer, collectives' latency included: the same recipe run, under the same
   layout, with the model narrowed to width 64 (same layers, vocabulary, runtime and
   collectives; its math is negligible) at each batch: what its TPOT leaves beyond the
@@ -119,16 +119,16 @@ def main() -> None:
             if missing := [k for k in keys if k not in have]:
                 skipped.append(f"tp={tp} pp={pp}: the runtime has no {', '.join(missing)} yet")
                 continue
-            world = tp * pp
             shapes = shard_shapes(args, tp)
-            hw = calibrate(world, shapes, dtype, 0.0, [shapes[:4], shapes[4:7]], args.hidden_size,
-                           shm_bytes=shm_bytes)  # fmt: skip
-            hw = dataclasses.replace(  # latency: in the narrowed run's overhead (docstring)
-                hw, intra=Link(hw.intra.bandwidth, 0.0), inter=Link(hw.inter.bandwidth, 0.0)
-            )
-            calibrations[f"tp{tp} pp{pp}"] = hw.notes
             par = [f"{k}={n}" for k, n in (("parallel.tp", tp), ("parallel.pp", pp)) if n > 1]
             for b in a.batches:
+                # Calibrated next to its runs: this VM's bandwidth drifts by a third in minutes.
+                hw = calibrate(tp * pp, shapes, dtype, 0.0, [shapes[:4], shapes[4:7]],
+                               args.hidden_size, shm_bytes=shm_bytes)  # fmt: skip
+                hw = dataclasses.replace(  # latency: in the narrowed run's overhead (docstring)
+                    hw, intra=Link(hw.intra.bandwidth, 0.0), inter=Link(hw.inter.bandwidth, 0.0)
+                )
+                calibrations[f"tp{tp} pp{pp} b{b}"] = hw.notes
                 mb = min(pp, b)
                 if pp > 1 and "parallel.micro_batches" in have:
                     par_b = [*par, f"parallel.micro_batches={mb}"]

@@ -42,16 +42,19 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta) -> Tensor:
 
 
 def cpu_flash_attention(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta) -> Tensor:
-    """SDPA, except for decode steps whose rows each see a prefix of the keys: for one query
-    per row torch's CPU flash kernel can be slower than eager attention (far slower with a
-    padding mask), so those go to the decode_attention op, which measures the C++
-    online-softmax kernel over the cache in place against SDPA."""
+    """SDPA, except for decode steps: for one query per row torch's CPU flash kernel can be
+    slower than eager attention (far slower with a padding mask). Rows that each see a prefix
+    of the keys go to the decode_attention op, which measures the C++ online-softmax kernel
+    over the cache in place against SDPA; rows with holes in what they see (left padding)
+    to eager attention."""
     if q.shape[2] == 1:
         if meta.lens is not None:  # static shapes: each row's first lens[b] keys
             return decode_attention(q, k, v, meta.lens)
         if meta.mask is None and not (meta.causal and k.shape[2] > 1):  # every key visible
             return decode_attention(q, k, v, None)
-        if meta.mask is not None and meta.prefix_lens is not None:
+        if meta.mask is not None:
+            if meta.prefix_lens is None:
+                return eager_attention(q, k, v, meta)
             return decode_attention(q, k, v, meta.prefix_lens)
     return sdpa_attention(q, k, v, meta)
 

@@ -3,8 +3,9 @@
 A run of W ranks on one CPU gives each rank cores / W threads, and the ranks share the memory
 bus, so W processes measure at once, each with its share of the threads:
 - memory bandwidth as decode sees it: a batch-1 matmul over weight matrices of the model's
-  shapes, together larger than the caches (bytes / time, less the same calls' dispatch time);
-- compute: the same matmuls on `rows` rows (FLOPs / time);
+  shapes, together larger than the caches (bytes / median time, less the same calls'
+  dispatch time);
+- compute: the same matmuls on `rows` rows (FLOPs / median time);
 - the link: bandwidth from a large all-reduce against a small one, back to back (the ring
   formula of simulate.py), through the collectives the recipe's ranks use (collectives.py:
   shared memory up to `shm_bytes`, else gloo); latency as a forward sees it: each all-reduce
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,18 +39,27 @@ from common.parallel.launch import bind_cpu_rank
 SMALL, LARGE = 4 << 10, 4 << 20  # all-reduce message bytes: latency-bound, bandwidth-bound
 
 
-def _best(fn, repeats: int) -> float:
+def _times(fn, repeats: int) -> list[float]:
     fn()  # warm-up
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _best(fn, repeats: int) -> float:
+    return min(_times(fn, repeats))
+
+
+def _median(fn, repeats: int) -> float:
+    """What a run sees: on a shared VM the best pass reads 5-15% faster than the typical one."""
+    return statistics.median(_times(fn, repeats))
 
 
 def measure_matmuls(
-    shapes: list[tuple[int, int]], dtype: torch.dtype, rows: int, min_bytes: int, repeats: int = 5
+    shapes: list[tuple[int, int]], dtype: torch.dtype, rows: int, min_bytes: int, repeats: int = 9
 ) -> tuple[float, float]:
     """(bytes/s at one row, FLOP/s at `rows` rows) of F.linear over weights of `shapes`
     ([out, in]), repeated until they hold min_bytes, so a pass reads memory, not cache."""
@@ -62,10 +73,10 @@ def measure_matmuls(
     # caller's per-layer overhead already holds, comes off the reading time.
     stubs = [torch.randn(8, w.shape[1]).to(dtype) for w in weights]
     with torch.no_grad():
-        t_read = _best(lambda: [F.linear(xs[w.shape[1]], w) for w in weights], repeats)
-        t_calls = _best(lambda: [F.linear(xs[w.shape[1]], w) for w in stubs], repeats)
+        t_read = _median(lambda: [F.linear(xs[w.shape[1]], w) for w in weights], repeats)
+        t_calls = _median(lambda: [F.linear(xs[w.shape[1]], w) for w in stubs], repeats)
         few = weights[: len(shapes)]  # compute-bound: one set is enough
-        t_rows = _best(lambda: [F.linear(xr[w.shape[1]], w) for w in few], repeats)
+        t_rows = _median(lambda: [F.linear(xr[w.shape[1]], w) for w in few], repeats)
     flops = 2 * rows * sum(n * k for n, k in shapes)
     return copies * per_set / max(t_read - t_calls, 1e-9), flops / t_rows
 
