@@ -10,6 +10,8 @@ import pytest
 import torch
 from tiny import TINY_LLAMA
 
+from common.attention.backends import cpu_flash_attention, eager_attention
+from common.attention.meta import AttnMeta
 from common.core.errors import RecipeError
 from common.core.request import Completion, Request, SamplingParams
 from common.device.select import Device
@@ -273,3 +275,21 @@ def test_hf_peer_gives_the_engine_tokens(ignore_eos: bool) -> None:
         (c.tokens, c.finish_reason) for c in ours
     ]
     assert (ours[0].finish_reason == "eos") != ignore_eos
+
+
+def test_cpu_flash_decode_routes_by_the_keys_each_row_sees() -> None:
+    """One query per row: keys with holes (left padding) take eager attention itself; a prefix
+    per row takes decode_attention (the C++ kernel or SDPA), equal to eager within rounding."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, n, 8, generator=g) for h, n in ((4, 1), (2, 6), (2, 6)))
+    holes = AttnMeta(
+        mask=torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6], dtype=torch.bool)[:, None, None]
+    )
+    assert torch.equal(cpu_flash_attention(q, k, v, holes), eager_attention(q, k, v, holes))
+    prefix = AttnMeta(
+        mask=torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6], dtype=torch.bool)[:, None, None]
+    )
+    assert prefix.prefix_lens is not None
+    torch.testing.assert_close(
+        cpu_flash_attention(q, k, v, prefix), eager_attention(q, k, v, prefix)
+    )
