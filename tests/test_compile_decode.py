@@ -1,6 +1,6 @@
 """The compile opt: a compiled decode step (fullgraph, so any graph break fails) gives the
 same greedy tokens as eager (fp32 tiny LLaMA), compiles one graph per batch size and never
-recompiles across decode steps or runs, composes with flash_attn, int8 and fuse, and decodes
+recompiles across decode steps or runs, composes with flash_attn, int8, int4 and fuse, and decodes
 continuous batches on paged KV in one graph.
 aot_eager traces exactly what inductor gets; one case runs inductor itself."""
 
@@ -38,11 +38,11 @@ def _fresh(tmp_path, monkeypatch):
     ops.reset()
 
 
-def _model(int8: bool, fuse: bool) -> LlamaForCausalLM:
+def _model(scheme: str | None, fuse: bool) -> LlamaForCausalLM:
     model = from_seed(LlamaForCausalLM, TINY_LLAMA, 0, "cpu", torch.float32)
     if fuse:
         fuse_kernels(fuse_projections(model), add_norm=True, rotary=True)
-    return get_scheme("int8").quantize(model) if int8 else model
+    return get_scheme(scheme).quantize(model) if scheme else model
 
 
 def _generate(model, attn: str, static: bool) -> list[list[int]]:
@@ -55,12 +55,14 @@ def _settings(backend: str = "aot_eager", **kw) -> SimpleNamespace:
 
 
 @pytest.mark.parametrize(
-    "attn,int8,fuse",
-    [("eager", False, False), ("flash", True, True)],
+    "attn,scheme,fuse",
+    [("eager", None, False), ("flash", "int8", True), ("flash", "int4", True)],
 )
-def test_compiled_decode_gives_eager_tokens_without_recompiles(attn: str, int8: bool, fuse: bool):
-    want = _generate(_model(int8, fuse), attn, static=False)
-    model = compile_decode(_model(int8, fuse), _settings())
+def test_compiled_decode_gives_eager_tokens_without_recompiles(
+    attn: str, scheme: str | None, fuse: bool
+):
+    want = _generate(_model(scheme, fuse), attn, static=False)
+    model = compile_decode(_model(scheme, fuse), _settings())
     counters = torch._dynamo.utils.counters
     assert _generate(model, attn, static=True) == want
     stats = compile_stats(model)
@@ -83,8 +85,8 @@ def test_paged_continuous_batching_decodes_in_one_graph():
         eng = Engine(model, CPU, KVSpec("paged", block_size=4, static=static), "flash", sched)
         return [c.tokens for c in eng.generate([Request(list(p), n) for p, n in reqs])]
 
-    want = run(_model(False, True), static=False)
-    model = compile_decode(_model(False, True), _settings())
+    want = run(_model(None, True), static=False)
+    model = compile_decode(_model(None, True), _settings())
     assert run(model, static=True) == want
     assert compile_stats(model).graphs == 1
 
@@ -95,21 +97,21 @@ def test_batches_of_many_lengths_share_a_graph():
     length until torch.compile's recompile limit fails the run."""
     reqs = [Request([3 + i] * (2 + 5 * i), 4 + i) for i in range(10)]  # final lengths 6..60
     sched = SchedulerParams(kind="static", max_batch=1)
-    model = compile_decode(_model(False, False), _settings())
+    model = compile_decode(_model(None, False), _settings())
     eng = Engine(model, CPU, KVSpec("contiguous", static=True), "flash", sched)
-    eager = Engine(_model(False, False), CPU, KVSpec("contiguous"), "flash", sched)
+    eager = Engine(_model(None, False), CPU, KVSpec("contiguous"), "flash", sched)
     assert [c.tokens for c in eng.generate(reqs)] == [c.tokens for c in eager.generate(reqs)]
     assert compile_stats(model).graphs == 1
 
 
 def test_static_storage_alone_changes_nothing():
     """Static shapes (full-length reads with lengths) without compiling: same tokens."""
-    model = _model(False, False)
+    model = _model(None, False)
     assert _generate(model, "flash", static=True) == _generate(model, "flash", static=False)
 
 
 def test_inductor_compiles_the_fused_int8_step():
-    want = _generate(_model(True, True), "flash", static=False)
-    model = compile_decode(_model(True, True), _settings("inductor"))
+    want = _generate(_model("int8", True), "flash", static=False)
+    model = compile_decode(_model("int8", True), _settings("inductor"))
     assert _generate(model, "flash", static=True) == want
     assert compile_stats(model).graphs == 1

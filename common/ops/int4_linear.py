@@ -30,6 +30,7 @@ ROW_ALIGN = 16  # rows are packed in pairs inside blocks of 16, 32, 48 or BLOCK_
 
 
 @functools.cache
+@torch.compiler.assume_constant_result  # traced as its value (dynamo looks through the cache)
 def block_rows() -> tuple[int, bool]:
     """(BLOCK_N, whether a full block uses the split-lane layout) for torch's CPU kernel."""
     capability = torch.backends.cpu.get_cpu_capability()
