@@ -10,6 +10,7 @@ and exits non-zero, so a crash never leaves ranks waiting. A collective that nev
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import sys
@@ -87,6 +88,14 @@ def init_distributed(
     elif cpu_bind:
         bind_cpu_rank(local, int(os.environ["LOCAL_WORLD_SIZE"]))
     dist.init_process_group(BACKENDS[device_type], timeout=timedelta(seconds=timeout_s))
+    # Left to interpreter teardown, the group's C++ threads can be destroyed while joinable:
+    # std::terminate, SIGABRT, a failed run after its results were written.
+    atexit.register(_leave)
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_writer() -> bool:
