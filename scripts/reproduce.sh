@@ -214,8 +214,8 @@ python $llama model.path="$smol" workload=chat workload.max_new_tokens=32 "bench
 # ratios; perplexity needs real weights).
 quant_rows="[[int8],[int4],[int4,'quant.group_size=32'],[gptq],[gptq,'quant.act_order=true'],[awq],[awq,'quant.skip=[lm_head]'],[w8a8],[w8a8,'quant.smooth=false'],[int8,kv_int8]]"
 python $llama "bench.variants=$quant_rows" bench.rounds=2 bench.results_dir=results/quant/small
-# int4 at group 128 and 32 against llama.cpp's q4_0 on the same seeded weights.
-python $llama bench.peers=[llama_cpp] bench.rounds=2 "bench.variants=[[int4],[int4,'quant.group_size=32']]"
+# int4 at group 128 and 32 (and compiled) against llama.cpp's q4_0 on the same seeded weights.
+python $llama bench.peers=[llama_cpp] bench.rounds=2 "bench.variants=[[int4],[int4,'quant.group_size=32'],[flash_attn,int4,fuse,compile]]"
 # Which modules int4 hurts most on the real model (suggests quant.skip).
 python scripts/quant_sensitivity.py --model-path "$smol" --scheme int4
 
