@@ -1,7 +1,7 @@
 """The compile opt: a compiled decode step (fullgraph, so any graph break fails) gives the
 same greedy tokens as eager (fp32 tiny LLaMA), compiles one graph per batch size and never
-recompiles across decode steps or runs, composes with flash_attn, int8, int4 and fuse, and decodes
-continuous batches on paged KV in one graph.
+recompiles across decode steps or runs, composes with flash_attn, int8, int4 and fuse, and
+decodes continuous batches on paged KV in one graph.
 aot_eager traces exactly what inductor gets; one case runs inductor itself."""
 
 from __future__ import annotations

@@ -52,10 +52,10 @@ def cpu_flash_attention(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta) -> Tens
             return decode_attention(q, k, v, meta.lens)
         if meta.mask is None and not (meta.causal and k.shape[2] > 1):  # every key visible
             return decode_attention(q, k, v, None)
-        if meta.mask is not None:
-            if meta.prefix_lens is None:
-                return eager_attention(q, k, v, meta)
+        if meta.mask is not None and meta.prefix_lens is not None:
             return decode_attention(q, k, v, meta.prefix_lens)
+        if meta.mask is not None:  # holes: SDPA with a mask is its slowest case here
+            return eager_attention(q, k, v, meta)
     return sdpa_attention(q, k, v, meta)
 
 

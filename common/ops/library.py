@@ -1,4 +1,4 @@
-"""Register a kernel as a torch custom op (namespace llm_recipes) so torch.compile traces it.
+"""Register a kernel as a torch op (namespace llm_recipes) so torch.compile traces it.
 
 Eager calls skip the dispatcher and run the Python function directly: going through
 torch.ops costs ~10 us per call, and a decode step makes ~120 kernel calls of a few us each.
