@@ -12,8 +12,8 @@ compiles, for compile), then `--steps` decode steps timed without the profiler (
 tok/s), then the same steps under torch.profiler (CPU):
 
 - kernel calls: the ops the step's code calls itself (Python when eager, the generated
-  wrapper when compiled), views excluded; with fuse, C++ kernels are named llm_recipes::*
-  (library.profile_kernels), inductor's generated kernels by their names.
+  wrapper when compiled), views excluded; the C++ kernels are torch ops named llm_recipes::*,
+  inductor's generated kernels show by their names.
 - time in ops: those calls' inclusive CPU time; outside ops = profiled step time minus it:
   the Python and dispatch overhead a compiled step removes. The profiler adds ~1-2 us per
   op to both, so the unprofiled step time is the one to quote.
@@ -105,7 +105,6 @@ def profile_one(recipe: str, opts: list[str], overrides: list[str], steps: int) 
     from common.device.select import resolve_dtype, select_device
     from common.engine.engine import Engine
     from common.io.presets import build_model
-    from common.ops.library import profile_kernels
     from common.transforms.registry import apply_transforms
 
     cfg = _cfg(recipe, opts, overrides)
@@ -144,10 +143,8 @@ def profile_one(recipe: str, opts: list[str], overrides: list[str], steps: int) 
     engine.generate(batch)
     step_s = statistics.median(times)
     times.clear()
-    profile_kernels(True)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         engine.generate(batch)
-    profile_kernels(False)
     profiled_s = sum(times) / len(times)
     top = _top_level(prof.events())
     n = len(times)

@@ -10,13 +10,15 @@ and its JSON gives the measured TTFT, TPOT and output tok/s. Next to it the simu
 never a constant:
 - bandwidth and FLOP/s: common/parallel/calibrate.py times the model's own matmul shapes
   (one rank's shard) with T x P processes at once, each with cores / (T x P) threads, and
-  the link's bandwidth from a large all-reduce, right before each (layout, batch)'s runs;
+  the link's bandwidth from a large all-reduce, right before each round's runs;
 - the overhead per layer, collectives' latency included: the same recipe run, under the same
   layout, with the model narrowed to width 64 (same layers, vocabulary, runtime and
   collectives; its math is negligible) at each batch: what its TPOT leaves beyond the
   simulation of the narrowed model with no overhead and no link latency. The calibration's
   own latency reading (all-reduces between matmul slices) is reported but not used: it
   moved 3x between runs on one machine, while the narrowed run times the real calls.
+Each (layout, batch) takes --rounds rounds of calibration, narrowed run and measured run (one
+timed pass each), in that order; predictions and measurements are the medians over rounds.
 Keys the runtime does not have yet (parallel.tp, parallel.pp) are skipped with a note.
 Writes results/planning/validate.md and .json.
 """
@@ -28,6 +30,7 @@ import dataclasses
 import glob
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,6 +54,7 @@ from common.quant.formats import FLOAT  # noqa: E402
 RECIPE = "recipes/llama65b/run.py"
 NARROW = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
           "num_key_value_heads": 4}  # fmt: skip
+METRICS = ("ttft_ms", "tpot_ms", "tokens_per_s")
 KV_PASSES = 3  # the baseline's dynamic cache: torch.cat reads and writes the KV, attention reads it
 
 
@@ -74,12 +78,11 @@ def shard_shapes(args: ModelArgs, tp: int) -> list[tuple[int, int]]:
             (s.intermediate, h), (s.intermediate, h), (h, s.intermediate), (s.vocab, h)]  # fmt: skip
 
 
-def run_recipe(overrides: list[str], rounds: int) -> dict | str:
+def run_recipe(overrides: list[str]) -> dict | str:
     """One recipe run into a fresh results dir: the measured metrics of its one variant, or
     the run's last error line if it failed (the other runs still go ahead)."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, RECIPE, *overrides, f"bench.rounds={rounds}",
-               f"bench.results_dir={out}"]  # fmt: skip
+        cmd = [sys.executable, RECIPE, *overrides, "bench.rounds=1", f"bench.results_dir={out}"]
         print("$", " ".join(cmd[1:]), flush=True)
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         run = subprocess.run(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
@@ -122,13 +125,6 @@ def main() -> None:
             shapes = shard_shapes(args, tp)
             par = [f"{k}={n}" for k, n in (("parallel.tp", tp), ("parallel.pp", pp)) if n > 1]
             for b in a.batches:
-                # Calibrated next to its runs: this VM's bandwidth drifts by a third in minutes.
-                hw = calibrate(tp * pp, shapes, dtype, 0.0, [shapes[:4], shapes[4:7]],
-                               args.hidden_size, shm_bytes=shm_bytes)  # fmt: skip
-                hw = dataclasses.replace(  # latency: in the narrowed run's overhead (docstring)
-                    hw, intra=Link(hw.intra.bandwidth, 0.0), inter=Link(hw.inter.bandwidth, 0.0)
-                )
-                calibrations[f"tp{tp} pp{pp} b{b}"] = hw.notes
                 mb = min(pp, b)
                 if pp > 1 and "parallel.micro_batches" in have:
                     par_b = [*par, f"parallel.micro_batches={mb}"]
@@ -137,31 +133,34 @@ def main() -> None:
                 run_b = [*base, *par_b, f"workload.num_prompts={b}", f"workload.batch_size={b}"]
                 st = Strategy(tp, pp, 1, b, FLOAT, micro_batches=mb)
                 work = Workload(b, a.prompt_len, a.output_len)
-                narrowed = run_recipe([*run_b, *narrow], a.rounds)
-                measured = run_recipe(run_b, a.rounds)
-                if failed := next((m for m in (narrowed, measured) if isinstance(m, str)), None):
-                    skipped.append(f"tp={tp} pp={pp} batch={b}: the run failed: {failed}")
-                    continue
-                layer_s = layer_overhead(narrow_args, dtype, st, work, hw, narrowed["tpot_ms"])
-                overhead[f"tp{tp} pp{pp} b{b}"] = layer_s
-                sim = simulate(
-                    args,
-                    dtype,
-                    st,
-                    work,
-                    dataclasses.replace(hw, layer_overhead=layer_s),
-                    kv_passes=KV_PASSES,
-                )
-                rows.append(
-                    {
-                        "tp": tp,
-                        "pp": pp,
-                        "batch": b,
-                        "ttft_ms": (1e3 * sim.ttft, measured["ttft_ms"]),
-                        "tpot_ms": (1e3 * sim.tpot, measured["tpot_ms"]),
-                        "tokens_per_s": (sim.throughput, measured["tokens_per_s"]),
-                    }  # fmt: skip
-                )
+                rounds: list[tuple[list[str], float, dict, dict]] = []
+                for _ in range(a.rounds):
+                    # Calibration, narrowed run and measured run side by side, round after round:
+                    # this VM's bandwidth drifts by a third in minutes, so each round's
+                    # prediction sees the machine its measurement saw; medians over rounds.
+                    hw = calibrate(tp * pp, shapes, dtype, 0.0, [shapes[:4], shapes[4:7]],
+                                   args.hidden_size, shm_bytes=shm_bytes)  # fmt: skip
+                    hw = dataclasses.replace(  # latency: in the narrowed run's overhead (docstring)
+                        hw, intra=Link(hw.intra.bandwidth, 0.0), inter=Link(hw.inter.bandwidth, 0.0)
+                    )
+                    narrowed, measured = run_recipe([*run_b, *narrow]), run_recipe(run_b)
+                    if failed := next((m for m in (narrowed, measured) if isinstance(m, str)), 0):
+                        skipped.append(f"tp={tp} pp={pp} batch={b}: the run failed: {failed}")
+                        break
+                    layer_s = layer_overhead(narrow_args, dtype, st, work, hw, narrowed["tpot_ms"])
+                    hw = dataclasses.replace(hw, layer_overhead=layer_s)
+                    sim = simulate(args, dtype, st, work, hw, kv_passes=KV_PASSES)
+                    predicted = {"ttft_ms": 1e3 * sim.ttft, "tpot_ms": 1e3 * sim.tpot,
+                                 "tokens_per_s": sim.throughput}  # fmt: skip
+                    rounds.append((hw.notes, layer_s, predicted, measured))
+                else:
+                    key = f"tp{tp} pp{pp} b{b}"
+                    calibrations[key] = [note for r in rounds for note in r[0]]
+                    overhead[key] = statistics.median(r[1] for r in rounds)
+                    row = {"tp": tp, "pp": pp, "batch": b}
+                    for m in METRICS:  # (predicted, measured), each the median over rounds
+                        row[m] = tuple(statistics.median(r[i][m] for r in rounds) for i in (2, 3))
+                    rows.append(row)
     write(a, rows, skipped, calibrations, overhead, dtype)
 
 
@@ -200,7 +199,7 @@ def write(
         f"command: `{command_line()}`",
         f"machine: {cpu_info()}, {os.cpu_count()} cores, {str(dtype).removeprefix('torch.')}",
         f"runs: `{RECIPE} model.scale={a.scale} workload=latency` with num_prompts = batch_size "
-        f"= batch, prompt {a.prompt_len}, {a.output_len} new tokens, {a.rounds} rounds "
+        f"= batch, prompt {a.prompt_len}, {a.output_len} new tokens; {a.rounds} rounds of calibrate, narrowed run, run (medians) "
         "(baseline opts: dynamic KV cache, eager attention)",
         "predicted: common/parallel/simulate.py with this machine measured "
         "(common/parallel/calibrate.py, its all-reduce latency reported, not used); per-layer "

@@ -25,7 +25,7 @@ from common.io.checkpoint import from_seed
 from common.kv.spec import KVSpec
 from common.ops import dispatch
 from common.ops.bf16_linear import bf16_linear, bf16_linear_cpp
-from common.ops.build import builds
+from common.ops.library import loads, registered
 from common.quant.int8 import Int8WeightOnlyLinear
 from common.transforms.compile import compile_decode, compile_stats
 from common.transforms.fast_linear import FastLinear, route_linears
@@ -55,7 +55,7 @@ def _own_choices(tmp_path, monkeypatch):
 
 @pytest.fixture
 def cpp() -> None:
-    if not builds("bf16dot"):
+    if not loads("bf16dot"):
         pytest.skip("bf16dot.cpp builds only where the CPU has AVX512-BF16 (avx512_bf16 flag)")
 
 
@@ -100,8 +100,8 @@ def test_kernel_matches_fp32_math(cpp, rows: int, k: int, bias: bool) -> None:
 
 def test_kernel_op_registration(cpp) -> None:
     x, w, b = torch.randn(3, 40).to(BF16), torch.randn(24, 40).to(BF16), torch.randn(24).to(BF16)
-    torch.library.opcheck(bf16_linear_cpp.op, (x, w, b))
-    torch.library.opcheck(bf16_linear_cpp.op, (x, w, None))
+    torch.library.opcheck(registered(bf16_linear_cpp), (x, w, b))
+    torch.library.opcheck(registered(bf16_linear_cpp), (x, w, None))
     with pytest.raises(ValueError, match="bf16_linear_cpp needs"):
         bf16_linear_cpp(x, w.t().contiguous().t(), None)
 
@@ -114,12 +114,12 @@ def _eligible(*args) -> set[str]:
 
 def test_torch_runs_where_the_kernel_cannot(monkeypatch, tmp_path) -> None:
     x, w = torch.randn(2, 64).to(BF16), torch.randn(8, 64).to(BF16)
-    cpp = {"cpp_bf16dot"} if builds("bf16dot") else set()
+    cpp = {"cpp_bf16dot"} if loads("bf16dot") else set()
     assert _eligible(x, w, None) == {"torch"} | cpp
     assert _eligible(x.float(), w.float(), None) == {"torch"}  # fp32: torch only
     assert _eligible(x, w.float(), None) == {"torch"}  # weight in another dtype
     assert _eligible(x, w.t().contiguous().t(), None) == {"torch"}  # a transposed view
-    monkeypatch.setattr(dispatch, "builds", lambda name: False)  # a CPU without AVX512-BF16
+    monkeypatch.setattr(dispatch, "loads", lambda name: False)  # a CPU without AVX512-BF16
     ops.reset(tmp_path / "other_cpu.json")
     ops.pin({"bf16_linear": "cpp_bf16dot"})  # a pin holds only where its rule does
     assert torch.equal(ops.bf16_linear(x, w, None), F.linear(x, w))
@@ -158,7 +158,7 @@ def test_composes_with_fuse_and_the_kv_opts(dtype: torch.dtype) -> None:
     cfg = recipe_config(
         {"fusion": {"projections": True, "add_norm": True, "rotary": True}, "fast_linear": True}
     )
-    if dtype == BF16 and builds("bf16dot"):
+    if dtype == BF16 and loads("bf16dot"):
         ops.pin({"bf16_linear": "cpp_bf16dot"})
     model = apply_transforms(_model(dtype), cfg)
     attn = model.model.layers[0].self_attn
@@ -192,7 +192,7 @@ def test_opt_declaration_composes() -> None:
 def test_compiled_decode_traces_through_the_op(dtype: torch.dtype) -> None:
     """One decode graph holding the kernel's registered op (bf16, where it builds) or
     F.linear; same tokens as the same model eager on the same static storage."""
-    kernel = dtype == BF16 and builds("bf16dot")
+    kernel = dtype == BF16 and loads("bf16dot")
     if kernel:
         ops.pin({"bf16_linear": "cpp_bf16dot"})
     torch._dynamo.reset()

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from common import ops
-from common.ops.build import builds
 from common.ops.int8_linear import int8_linear, int8_matvec_cpp
+from common.ops.library import loads
 from common.ops.rms_norm import rms_norm, rms_norm_cpp
 
 
@@ -110,7 +110,7 @@ def test_int8_linear_rules() -> None:
     w64, w40 = torch.zeros(32, 64, dtype=torch.int8), torch.zeros(32, 40, dtype=torch.int8)
     s = torch.ones(32, dtype=torch.bfloat16)
     x = torch.randn(3, 64, dtype=torch.bfloat16)
-    bf16dot = {"cpp_bf16dot"} if builds("int8_bf16dot") else set()  # AVX512-BF16 CPUs only
+    bf16dot = {"cpp_bf16dot"} if loads("int8_bf16dot") else set()  # AVX512-BF16 CPUs only
     assert (
         _eligible(int8_linear, x, w64, s) == {"cpp_matvec", "int8pack_mm", "dequant_mm"} | bf16dot
     )

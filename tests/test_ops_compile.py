@@ -8,6 +8,7 @@ import torch
 from common import ops
 from common.ops.attention import attention_cpp, dense_decode_cpp
 from common.ops.int8_linear import int8_matvec_cpp
+from common.ops.library import registered
 from common.ops.rms_norm import add_rms_norm_cpp, rms_norm_cpp
 from common.ops.rotary import rotary_cpp
 
@@ -68,7 +69,7 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_opcheck(case):
     fn, args = CASES[case]
-    torch.library.opcheck(fn.op, args())
+    torch.library.opcheck(registered(fn), args())
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from common import ops
 from common.core.errors import RecipeError
 from common.io.checkpoint import from_seed
-from common.ops.build import builds
+from common.ops.library import loads, registered
 from common.ops.w8a8_linear import (
     dequant_mm,
     int_mm,
@@ -27,7 +27,7 @@ from common.transforms.fusion import fuse_projections
 from models.llama import LlamaForCausalLM
 from tests.tiny import TINY_LLAMA, random_batches
 
-needs_vnni = pytest.mark.skipif(not builds("int8_vnni"), reason="this CPU has no AVX512-VNNI")
+needs_vnni = pytest.mark.skipif(not loads("int8_vnni"), reason="this CPU has no AVX512-VNNI")
 ROWS = [1, 2, 3, 4, 5, 8, 13, 16, 17, 40]  # every register block size, its tails, past 16
 SHAPES = [(64, 96), (100, 37), (576, 200), (1000, 9)]  # K % 64 == 0 and tails; N % 8 tails
 
@@ -65,7 +65,7 @@ def test_quantize_rows_within_half_a_step(dtype, with_smooth):
 def test_kernels_equal_the_reference_exactly(dtype, impl):
     """int32 accumulation is exact, and every kernel quantizes and scales in the same float
     ops: equal to the last bit, over every row block and K/N tail."""
-    if impl == "vnni" and not builds("int8_vnni"):
+    if impl == "vnni" and not loads("int8_vnni"):
         pytest.skip("this CPU has no AVX512-VNNI")
     fn = {"int_mm": int_mm, "vnni": w8a8_vnni}[impl]
     for m in ROWS:
@@ -95,16 +95,16 @@ def test_vnni_integer_product_is_exact_at_the_extremes():
 
 @needs_vnni
 def test_vnni_op_registration():
-    torch.library.opcheck(w8a8_vnni.op, _case(3, 100, 37, torch.bfloat16, True))
-    torch.library.opcheck(w8a8_vnni.op, _case(1, 64, 8, torch.float32, False))
+    torch.library.opcheck(registered(w8a8_vnni), _case(3, 100, 37, torch.bfloat16, True))
+    torch.library.opcheck(registered(w8a8_vnni), _case(1, 64, 8, torch.float32, False))
 
 
-@pytest.mark.skipif(not builds("int8_bf16dot"), reason="this CPU has no AVX512-BF16")
+@pytest.mark.skipif(not loads("int8_bf16dot"), reason="this CPU has no AVX512-BF16")
 def test_weight_only_bf16dot_registration():
     from common.ops.int8_linear import int8_bf16dot_cpp
 
     x, w, scales, _ = _case(5, 100, 37, torch.bfloat16, False)
-    torch.library.opcheck(int8_bf16dot_cpp.op, (x, w, scales))
+    torch.library.opcheck(registered(int8_bf16dot_cpp), (x, w, scales))
 
 
 @pytest.fixture
@@ -251,8 +251,8 @@ def test_kernel_table_times_every_linear_kernel_per_rows(tmp_path):
     assert run.returncode == 0, run.stderr.decode()
     ms = json.loads(out.with_suffix(".json").read_text())["ms"]
     assert {"bf16_linear torch", "int8_linear cpp_matvec", "w8a8_linear int_mm"} <= set(ms)
-    assert ("w8a8_linear vnni" in ms) == builds("int8_vnni")
-    assert ("bf16_linear cpp_bf16dot" in ms) == builds("bf16dot")
+    assert ("w8a8_linear vnni" in ms) == loads("int8_vnni")
+    assert ("bf16_linear cpp_bf16dot" in ms) == loads("bf16dot")
     assert all(set(row) == {"1", "3"} and min(row.values()) > 0 for row in ms.values())
 
 

@@ -1,11 +1,13 @@
 // Decode/prefill attention over paged pools or dense caches, read in place through strides
 // (common/ops/attention.py).
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <vector>
 
 #include "convert.h"
+#include "torch_op.h"
 
 static inline float to_f32(int8_t x) { return float(x); }  // beside the shared overloads
 
@@ -86,16 +88,50 @@ void attend(const T* q, const KV* kp, const KV* vp, const uint16_t* ks, const ui
 }
 }  // namespace
 
-#define ARGS const int32_t *bt, const int64_t *qpos, const int64_t *slen, void *out, int64_t B, \
-    int64_t H, int64_t Hkv, int64_t Tq, int64_t D, int64_t bs, int64_t mb, const int64_t *st, int nt
-#define REST bt, qpos, slen, (T*)out, B, H, Hkv, Tq, D, bs, mb, st, nt
-#define KERNEL(name, Q, K)                                                                      \
-  extern "C" void name(const void* q, const void* k, const void* v, const void* ks,           \
-                       const void* vs, ARGS) {                                                  \
-    using T = Q;                                                                                \
-    attend<Q, K>((const Q*)q, (const K*)k, (const K*)v, (const uint16_t*)ks, (const uint16_t*)vs, REST); \
+// q [B, H, Tq, D] float32/bfloat16; k, v in q's dtype, or int8 with float16 scales k_scale,
+// v_scale; element (block, token, head, d) of each at the strides of its dims token_dims =
+// (block, token, head) and unit stride over d; block_tables [B, max_blocks], q_pos [B, Tq],
+// seq_lens [B]. The tables are trusted (callers check that reads stay inside k).
+at::Tensor attention_cpp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const std::optional<at::Tensor>& k_scale,
+                         const std::optional<at::Tensor>& v_scale, const at::Tensor& block_tables,
+                         const at::Tensor& q_pos, const at::Tensor& seq_lens, int64_t block_size,
+                         at::IntArrayRef token_dims) {
+  const bool quant = k_scale.has_value();
+  CHECK_ARG(op::float_or_bf16(q) && q.dim() == 4, "the C++ attention kernel needs float32/bfloat16 q [B, H, Tq, D], got ",
+            q.scalar_type(), " ", q.sizes());
+  CHECK_ARG(k.scalar_type() == (quant ? at::kChar : q.scalar_type()) &&
+                (!quant || (v_scale && k_scale->scalar_type() == at::kHalf)),
+            "K/V dtype ", k.scalar_type(), " does not match q dtype ", q.scalar_type());
+  CHECK_ARG(token_dims.size() == 3, "token_dims: the (block, token, head) dims, got ", token_dims);
+  std::array<int64_t, 6> st{}, vst{};
+  for (int i = 0; i < 3; ++i) {
+    st[i] = k.stride(token_dims[i]), vst[i] = v.stride(token_dims[i]);
+    st[3 + i] = quant ? k_scale->stride(token_dims[i]) : 0;
+    vst[3 + i] = quant ? v_scale->stride(token_dims[i]) : 0;
   }
-KERNEL(paged_f32, float, float)
-KERNEL(paged_bf16, uint16_t, uint16_t)
-KERNEL(paged_f32_i8, float, int8_t)
-KERNEL(paged_bf16_i8, uint16_t, int8_t)
+  CHECK_ARG(k.scalar_type() == v.scalar_type() && st == vst && (k.size(-1) <= 1 || k.stride(-1) == 1),
+            "K and V must share dtype and strides, with unit stride over head_dim");
+  const at::Tensor qc = q.contiguous(), bt = block_tables.to(at::kInt).contiguous();
+  const at::Tensor pos = q_pos.to(at::kLong).contiguous(), lens = seq_lens.to(at::kLong).contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  const auto run = [&](auto t, auto kv) {
+    using T = decltype(t);
+    using KV = decltype(kv);
+    attend<T, KV>(op::in<T>(qc), op::in<KV>(k), op::in<KV>(v), op::in<uint16_t>(k_scale),
+                  op::in<uint16_t>(v_scale), op::in<int32_t>(bt), op::in<int64_t>(pos),
+                  op::in<int64_t>(lens), op::out<T>(out), q.size(0), q.size(1),
+                  k.size(token_dims[2]), q.size(2), q.size(3), block_size, bt.size(1), st.data(),
+                  op::threads());
+  };
+  op::by_dtype(q, [&](auto t) { quant ? run(t, int8_t{}) : run(t, t); });
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(llm_recipes, m) {
+  m.def(
+      "attention_cpp(Tensor q, Tensor k, Tensor v, Tensor? k_scale, Tensor? v_scale, "
+      "Tensor block_tables, Tensor q_pos, Tensor seq_lens, int block_size, int[] token_dims) "
+      "-> Tensor");
+}
+TORCH_LIBRARY_IMPL(llm_recipes, CPU, m) { m.impl("attention_cpp", attention_cpp); }

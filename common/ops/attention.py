@@ -10,30 +10,16 @@ position p sees its row's cached positions <= p; a query that sees nothing retur
 
 from __future__ import annotations
 
-import ctypes
 import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.ops.build import load_cpp
 from common.ops.dispatch import Impl, Op
 from common.ops.library import kernel_op
 
 KV_SCALE_DTYPE = torch.float16  # what the kernel reads int8 K/V scales as
-
-
-@functools.cache
-def _kernel(name: str) -> ctypes._CFuncPtr:
-    fn = getattr(load_cpp("attention"), name)
-    fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 7 + [ctypes.c_void_p, ctypes.c_int]
-    return fn
-
-
-@functools.lru_cache(maxsize=64)
-def _strides_arg(strides: tuple[int, ...]) -> Tensor:
-    return torch.tensor(strides, dtype=torch.int64)  # cached: every layer passes the same
 
 
 def _check(
@@ -58,42 +44,10 @@ def _check(
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
-@kernel_op("attention_cpp", _check)
-def attention_cpp(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    k_scale: Tensor | None,
-    v_scale: Tensor | None,
-    block_tables: Tensor,
-    q_pos: Tensor,
-    seq_lens: Tensor,
-    block_size: int,
-    token_dims: list[int],
-) -> Tensor:
-    """The C++ kernel. k/v (and their scales when int8) are indexed (block, token, head, d)
-    with the strides of their dims `token_dims` = (block, token, head); the tables are
-    trusted (callers check that reads stay inside k)."""
-    out = _check(q, k, v, k_scale, v_scale, block_tables, q_pos, seq_lens, block_size, token_dims)
-    if not q.is_cpu:
-        raise ValueError(f"the C++ attention kernel runs on cpu, got {q.device}")
-    quant = k_scale is not None
-    dims = list(token_dims)
-    strides = [k.stride(i) for i in dims] + [k_scale.stride(i) if quant else 0 for i in dims]
-    same = [v.stride(i) for i in dims] + [v_scale.stride(i) if quant else 0 for i in dims]
-    if k.dtype != v.dtype or strides != same or (k.shape[-1] > 1 and k.stride(-1) != 1):
-        raise ValueError("K and V must share dtype and strides, with unit stride over head_dim")
-    b, h, tq, d = q.shape
-    q = q.contiguous()
-    bt = block_tables.to(torch.int32).contiguous()
-    pos, lens = q_pos.to(torch.int64).contiguous(), seq_lens.to(torch.int64).contiguous()
-    name = ("paged_bf16" if q.dtype == torch.bfloat16 else "paged_f32") + ("_i8" if quant else "")
-    _kernel(name)(
-        *(t.data_ptr() if t is not None else None for t in (q, k, v, k_scale, v_scale, bt, pos, lens, out)),
-        b, h, k.shape[dims[2]], tq, d, block_size, bt.shape[1],
-        _strides_arg(tuple(strides)).data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
-    return out
+# The C++ kernel (attention.cpp). k/v (and their scales when int8) are indexed (block, token,
+# head, d) with the strides of their dims `token_dims` = (block, token, head); the tables are
+# trusted (callers check that reads stay inside k).
+attention_cpp = kernel_op("attention", "attention_cpp", _check)
 
 
 def dense_decode_cpp(q: Tensor, k: Tensor, v: Tensor, seq_lens: Tensor | None = None) -> Tensor:

@@ -12,24 +12,13 @@ others, so the dispatch table measures which one runs, per rows bucket and weigh
 
 from __future__ import annotations
 
-import ctypes
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.ops.build import load_cpp
 from common.ops.dispatch import Impl, Op
 from common.ops.library import kernel_op
 from common.ops.working_set import weight_copies
-
-
-@functools.cache
-def _kernel() -> ctypes._CFuncPtr:
-    fn = load_cpp("bf16dot").linear_bf16
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    return fn
 
 
 def _check(x2d: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -51,21 +40,9 @@ def _check(x2d: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.empty(m, n, dtype=bf16, device=x2d.device)
 
 
-@kernel_op("bf16_linear_cpp", _check)
-def bf16_linear_cpp(x2d: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """x2d [M, K], weight [N, K] contiguous, bias [N] or None, all bfloat16 on cpu ->
-    [M, N] bfloat16, on AVX512-BF16 (bf16dot.cpp)."""
-    y = _check(x2d, weight, bias)
-    if not x2d.is_cpu:
-        raise ValueError(f"bf16_linear_cpp needs x on cpu, got {x2d.device}")
-    x2d = x2d.contiguous()
-    bias_ptr = None if bias is None else bias.contiguous().data_ptr()
-    (m, k), n = x2d.shape, weight.shape[0]
-    _kernel()(
-        x2d.data_ptr(), weight.data_ptr(), bias_ptr, y.data_ptr(), m, n, k,
-        torch.get_num_threads(),
-    )  # fmt: skip
-    return y
+# x2d [M, K], weight [N, K] contiguous, bias [N] or None, all bfloat16 on cpu -> [M, N]
+# bfloat16, on AVX512-BF16 (bf16dot.cpp).
+bf16_linear_cpp = kernel_op("bf16dot", "bf16_linear_cpp", _check)
 
 
 def torch_linear(x2d: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 
 from common.core.errors import RecipeError
-from common.ops.build import builds, cache_dir, machine
+from common.ops.build import cache_dir, machine
+from common.ops.library import loads
 
 ENV = "LLM_RECIPES_KERNELS"
 BUCKETS = (1, 2, 4, 8, 16, 64, 256)  # rows up to each bound share a choice; > 256: one more
@@ -65,7 +66,7 @@ class Impl:
         )
 
     def available(self, device: str, dtype: torch.dtype) -> bool:
-        return self.runs_on(device, dtype) and (self.cpp is None or builds(self.cpp))
+        return self.runs_on(device, dtype) and (self.cpp is None or loads(self.cpp))
 
 
 Key = tuple[str, str, torch.dtype, int, int]  # op, device type, dtype, rows bucket, size class

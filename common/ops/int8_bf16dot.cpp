@@ -3,6 +3,7 @@
 // |w| <= 128 fits bf16's 8-bit mantissa) and vdpbf16ps multiplies pairs in fp32 (bf16 x bf16
 // products are exact in fp32): the same math as int8_matvec.cpp, in another summation order.
 #include "dpbf16.h"
+#include "torch_op.h"
 
 namespace {
 struct Int8 {
@@ -16,10 +17,21 @@ struct Int8 {
 };
 }  // namespace
 
-// x [M, K] bf16, w [N, K] int8, scale [N] bf16 -> y [M, N] bf16.
-extern "C" void matmul_bf16(const void* x, const int8_t* w, const void* scale, void* y, int64_t M,
-                            int64_t N, int64_t K, int nthreads) {
-  const auto* s = (const uint16_t*)scale;
-  const auto scaled = [s](float sum, int64_t n) { return sum * to_f32(s[n]); };
-  dpbf16::matmul<Int8>((const uint16_t*)x, w, scaled, (uint16_t*)y, M, N, K, nthreads);
+// x2d [M, K] bf16, weight_int8 [N, K] contiguous, scales [N] bf16 -> [M, N] bf16.
+at::Tensor int8_bf16dot_cpp(const at::Tensor& x2d, const at::Tensor& weight_int8,
+                            const at::Tensor& scales) {
+  at::Tensor y = op::linear_out("int8_bf16dot_cpp", x2d, weight_int8, at::kChar, &scales);
+  CHECK_ARG(x2d.scalar_type() == at::kBFloat16, "int8_bf16dot_cpp needs bfloat16 x, got ",
+            x2d.scalar_type());
+  const at::Tensor x = x2d.contiguous(), s = scales.contiguous();
+  const uint16_t* sp = op::in<uint16_t>(s);
+  const auto scaled = [sp](float sum, int64_t n) { return sum * to_f32(sp[n]); };
+  dpbf16::matmul<Int8>(op::in<uint16_t>(x), op::in<int8_t>(weight_int8), scaled,
+                       op::out<uint16_t>(y), x.size(0), y.size(1), x.size(1), op::threads());
+  return y;
 }
+
+TORCH_LIBRARY_FRAGMENT(llm_recipes, m) {
+  m.def("int8_bf16dot_cpp(Tensor x2d, Tensor weight_int8, Tensor scales) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(llm_recipes, CPU, m) { m.impl("int8_bf16dot_cpp", int8_bf16dot_cpp); }

@@ -17,32 +17,21 @@ summation order only. Which is fastest depends on the CPU, so the dispatch table
 
 from __future__ import annotations
 
-import ctypes
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.ops.build import load_cpp
 from common.ops.dispatch import Impl, Op
 from common.ops.library import kernel_op
 from common.ops.working_set import weight_copies
 
-_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
-
-
-@functools.cache
-def _kernel(dtype: torch.dtype) -> ctypes._CFuncPtr:
-    fn = getattr(load_cpp("int8_matvec"), f"matvec_{_SUFFIX[dtype]}")
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    return fn
+_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ kernels take
 
 
 def _check(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
     (m, k), (n, k_w) = x2d.shape, weight_int8.shape
     if (
-        x2d.dtype not in _SUFFIX
+        x2d.dtype not in _DTYPES
         or k != k_w
         or weight_int8.dtype != torch.int8
         or not weight_int8.is_contiguous()
@@ -57,43 +46,10 @@ def _check(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
     return torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
 
 
-@kernel_op("int8_matvec_cpp", _check)
-def int8_matvec_cpp(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
-    """x2d [M, K] float32/bfloat16 on cpu, weight_int8 [N, K] contiguous, scales [N] in x's
-    dtype -> [M, N] in x's dtype. Checks are kept few: this runs ~85 times per decode step."""
-    y = _check(x2d, weight_int8, scales)
-    if not x2d.is_cpu:
-        raise ValueError(f"int8_matvec_cpp needs x on cpu, got {x2d.device}")
-    x2d = x2d.contiguous()
-    (m, k), n = x2d.shape, weight_int8.shape[0]
-    _kernel(x2d.dtype)(
-        x2d.data_ptr(), weight_int8.data_ptr(), scales.contiguous().data_ptr(), y.data_ptr(),
-        m, n, k, torch.get_num_threads(),
-    )  # fmt: skip
-    return y
-
-
-@functools.cache
-def _bf16dot() -> ctypes._CFuncPtr:
-    fn = load_cpp("int8_bf16dot").matmul_bf16
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    return fn
-
-
-@kernel_op("int8_bf16dot_cpp", _check)
-def int8_bf16dot_cpp(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
-    """x2d [M, K] bfloat16 on cpu, weight_int8 [N, K] contiguous, scales [N] bfloat16 ->
-    [M, N] bfloat16, on AVX512-BF16 (int8_bf16dot.cpp)."""
-    y = _check(x2d, weight_int8, scales)
-    if not x2d.is_cpu or x2d.dtype != torch.bfloat16:
-        raise ValueError(f"int8_bf16dot_cpp needs bfloat16 x on cpu, got {x2d.dtype} {x2d.device}")
-    x2d = x2d.contiguous()
-    (m, k), n = x2d.shape, weight_int8.shape[0]
-    _bf16dot()(
-        x2d.data_ptr(), weight_int8.data_ptr(), scales.contiguous().data_ptr(), y.data_ptr(),
-        m, n, k, torch.get_num_threads(),
-    )  # fmt: skip
-    return y
+# x2d [M, K] float32/bfloat16 on cpu, weight_int8 [N, K] contiguous, scales [N] in x's dtype
+# -> [M, N] in x's dtype: int8_matvec.cpp, and int8_bf16dot.cpp for bfloat16 x on AVX512-BF16.
+int8_matvec_cpp = kernel_op("int8_matvec", "int8_matvec_cpp", _check)
+int8_bf16dot_cpp = kernel_op("int8_bf16dot", "int8_bf16dot_cpp", _check)
 
 
 def int8pack_mm(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
@@ -123,7 +79,7 @@ int8_linear = Op(
             "cpp_matvec",
             int8_matvec_cpp,
             devices=("cpu",),
-            dtypes=tuple(_SUFFIX),
+            dtypes=_DTYPES,
             cpp="int8_matvec",
         ),
         Impl(

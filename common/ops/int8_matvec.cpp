@@ -2,6 +2,7 @@
 #include <vector>
 
 #include "convert.h"
+#include "torch_op.h"
 
 namespace {
 // y[m, n] = scale[n] * sum_k x[m, k] * w[n, k], accumulated in fp32. Threads split the output
@@ -26,11 +27,20 @@ void matvec(const T* x, const int8_t* w, const T* scale, T* y, int64_t M, int64_
 }
 }  // namespace
 
-extern "C" void matvec_f32(const void* x, const int8_t* w, const void* s, void* y, int64_t M,
-                           int64_t N, int64_t K, int nt) {
-  matvec((const float*)x, w, (const float*)s, (float*)y, M, N, K, nt);
+// x2d [M, K] float32/bfloat16, weight_int8 [N, K] contiguous, scales [N] in x's dtype -> [M, N].
+at::Tensor int8_matvec_cpp(const at::Tensor& x2d, const at::Tensor& weight_int8,
+                           const at::Tensor& scales) {
+  at::Tensor y = op::linear_out("int8_matvec_cpp", x2d, weight_int8, at::kChar, &scales);
+  const at::Tensor x = x2d.contiguous(), s = scales.contiguous();
+  op::by_dtype(x, [&](auto t) {
+    using T = decltype(t);
+    matvec(op::in<T>(x), op::in<int8_t>(weight_int8), op::in<T>(s), op::out<T>(y), x.size(0),
+           y.size(1), x.size(1), op::threads());
+  });
+  return y;
 }
-extern "C" void matvec_bf16(const void* x, const int8_t* w, const void* s, void* y, int64_t M,
-                            int64_t N, int64_t K, int nt) {
-  matvec((const uint16_t*)x, w, (const uint16_t*)s, (uint16_t*)y, M, N, K, nt);
+
+TORCH_LIBRARY_FRAGMENT(llm_recipes, m) {
+  m.def("int8_matvec_cpp(Tensor x2d, Tensor weight_int8, Tensor scales) -> Tensor");
 }
+TORCH_LIBRARY_IMPL(llm_recipes, CPU, m) { m.impl("int8_matvec_cpp", int8_matvec_cpp); }

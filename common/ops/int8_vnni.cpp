@@ -12,6 +12,7 @@
 
 #include "weight_rows.h"
 #include "convert.h"
+#include "torch_op.h"
 
 #if !defined(__AVX512VNNI__) || !defined(__AVX512BW__)
 #error "int8_vnni needs AVX512-VNNI and AVX512BW"
@@ -123,23 +124,48 @@ void linear(const T* x, const T* smooth, const int8_t* w, const T* ws, T* y, int
 }
 }  // namespace
 
-// x [M, K] (f32 or bf16), smooth [K] or null, w [N, K] int8, ws [N], y [M, N] in x's dtype.
-extern "C" void w8a8_f32(const void* x, const void* smooth, const int8_t* w, const void* ws,
-                         void* y, int64_t M, int64_t N, int64_t K, int nt) {
-  linear((const float*)x, (const float*)smooth, w, (const float*)ws, (float*)y, M, N, K, nt);
+// x2d [M, K] float32/bfloat16, weight_int8 [N, K] contiguous, scales [N] and smooth [K] (or
+// None) in x's dtype -> [M, N] in x's dtype.
+at::Tensor w8a8_vnni(const at::Tensor& x2d, const at::Tensor& weight_int8, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& smooth) {
+  at::Tensor y = op::linear_out("w8a8_vnni", x2d, weight_int8, at::kChar, &scales);
+  CHECK_ARG(!smooth || (smooth->scalar_type() == x2d.scalar_type() && smooth->dim() == 1 &&
+                        smooth->size(0) == x2d.size(1)),
+            "w8a8_vnni needs smooth [K] in x's dtype or None");
+  const at::Tensor x = x2d.contiguous(), ws = scales.contiguous();
+  const std::optional<at::Tensor> sm = smooth ? std::optional(smooth->contiguous()) : std::nullopt;
+  op::by_dtype(x, [&](auto t) {
+    using T = decltype(t);
+    linear(op::in<T>(x), op::in<T>(sm), op::in<int8_t>(weight_int8), op::in<T>(ws), op::out<T>(y),
+           x.size(0), y.size(1), x.size(1), op::threads());
+  });
+  return y;
 }
-extern "C" void w8a8_bf16(const void* x, const void* smooth, const int8_t* w, const void* ws,
-                          void* y, int64_t M, int64_t N, int64_t K, int nt) {
-  linear((const uint16_t*)x, (const uint16_t*)smooth, w, (const uint16_t*)ws, (uint16_t*)y, M, N,
-         K, nt);
-}
-// The integer product alone, for tests: q [M, K] int8 (any values), y [M, N] int32 exact.
-extern "C" void s8s8_i32(const int8_t* q, const int8_t* w, int32_t* y, int64_t M, int64_t N,
-                         int64_t K, int nt) {
-  const int64_t Kp = (K + KB - 1) / KB * KB;
+
+// The integer product alone, for tests: q [M, K] int8 (any values) @ weight_int8 [N, K]^T ->
+// [M, N] int32, exact.
+at::Tensor s8s8_vnni(const at::Tensor& q, const at::Tensor& weight_int8) {
+  CHECK_ARG(q.scalar_type() == at::kChar && weight_int8.scalar_type() == at::kChar && q.dim() == 2 &&
+                weight_int8.dim() == 2 && q.size(1) == weight_int8.size(1),
+            "s8s8_vnni needs int8 q [M, K] and weight [N, K]");
+  const at::Tensor qc = q.contiguous(), w = weight_int8.contiguous();
+  const int64_t M = q.size(0), N = w.size(0), K = q.size(1), Kp = (K + KB - 1) / KB * KB;
+  at::Tensor y = at::empty({M, N}, q.options().dtype(at::kInt));
   std::vector<int8_t> qp(M * Kp, 0);
   std::vector<int32_t> qsum(M, 0);
+  const int8_t* qd = op::in<int8_t>(qc);
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) qsum[m] += (qp[m * Kp + k] = q[m * K + k]);
-  mm<int32_t>(qp.data(), nullptr, qsum.data(), w, nullptr, y, M, N, K, Kp, nt);
+    for (int64_t k = 0; k < K; ++k) qsum[m] += (qp[m * Kp + k] = qd[m * K + k]);
+  mm<int32_t>(qp.data(), nullptr, qsum.data(), op::in<int8_t>(w), nullptr, op::out<int32_t>(y), M,
+              N, K, Kp, op::threads());
+  return y;
+}
+
+TORCH_LIBRARY_FRAGMENT(llm_recipes, m) {
+  m.def("w8a8_vnni(Tensor x2d, Tensor weight_int8, Tensor scales, Tensor? smooth) -> Tensor");
+  m.def("s8s8_vnni(Tensor q, Tensor weight_int8) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(llm_recipes, CPU, m) {
+  m.impl("w8a8_vnni", w8a8_vnni);
+  m.impl("s8s8_vnni", s8s8_vnni);
 }

@@ -1,55 +1,70 @@
-"""Register a kernel as a torch op (namespace llm_recipes) so torch.compile traces it.
+"""The kernel ops: C++ functions that the sources in this directory register as torch ops
+(namespace llm_recipes, TORCH_LIBRARY_FRAGMENT at the end of each NAME.cpp).
 
-Eager calls skip the dispatcher and run the Python function directly: going through
-torch.ops costs ~10 us per call, and a decode step makes ~120 kernel calls of a few us each.
-Under torch.compile the registered op is called, so the graph holds it as one opaque node
-whose output shape comes from the fake implementation. profile_kernels(True) names eager
-calls in torch.profiler traces too (scripts/decode_profile.py), as the dispatcher would.
+Eager calls and torch.compile'd graphs alike reach a kernel through the dispatcher alone,
+~1.5 us per call with no Python in between (a Python implementation behind the dispatcher
+cost ~11 us, and a decode step makes ~100 kernel calls), and torch.profiler names each call.
+Each op's fake implementation (its outputs' shapes and dtypes, for tracing) lives in Python
+beside the op's other implementations; it is registered when the source is loaded, since
+torch accepts a fake implementation only for an op it already knows.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any
 
 import torch
 
+from common.core.errors import RecipeError
+from common.ops.build import build
+
 NAMESPACE = "llm_recipes"
-F = TypeVar("F", bound=Callable[..., torch.Tensor])
-_profiled = [False]
-_LIB = torch.library.Library(NAMESPACE, "FRAGMENT")  # every kernel op's definition
+_LIB = torch.library.Library(NAMESPACE, "FRAGMENT")  # holds the fake implementations
+_FAKES: dict[str, dict[str, Callable[..., Any]]] = {}  # source -> op name -> fake
+_LOADED: set[str] = set()
 
 
-def profile_kernels(on: bool) -> None:
-    """Wrap each eager kernel call in a profiler range named like the op (off: no cost)."""
-    _profiled[0] = on
+@functools.cache
+def load_ops(source: str) -> None:
+    """Build common/ops/SOURCE.cpp against torch, load its ops and register their fakes;
+    RecipeError if it does not build here (no g++, or a CPU feature it needs is missing)."""
+    torch.ops.load_library(str(build(source)))
+    _LOADED.add(source)
+    for name, fake in _FAKES.get(source, {}).items():
+        torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_LIB)
 
 
-def kernel_op(name: str, fake: Callable[..., torch.Tensor]) -> Callable[[F], F]:
-    """Decorator: register fn as llm_recipes::name (no mutation, fake impl `fake`) and return a
-    function that calls the op under torch.compile and fn itself in eager mode."""
+@functools.cache
+def loads(source: str) -> bool:
+    """Whether the ops of SOURCE.cpp run here (loading them if so)."""
+    try:
+        load_ops(source)
+    except RecipeError:
+        return False
+    return True
 
-    def register(fn: F) -> F:
-        label = f"{NAMESPACE}::{name}"
-        # define + impl rather than torch.library.custom_op: the dispatcher calls fn itself,
-        # without custom_op's per-call Python wrappers (autograd, aliasing checks), which a
-        # compiled decode step pays on every one of its ~100 kernel calls.
-        _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()))
-        _LIB.impl(name, fn, "CompositeExplicitAutograd")
-        torch.library.register_fake(label, fake, lib=_LIB)
-        op = getattr(getattr(torch.ops, NAMESPACE), name).default
 
-        @functools.wraps(fn)
-        def call(*args):
-            if torch.compiler.is_compiling():
-                return op(*args)
-            if _profiled[0]:
-                with torch.profiler.record_function(label):
-                    return fn(*args)
-            return fn(*args)
+def kernel_op(source: str, name: str, fake: Callable[..., Any]) -> Callable[..., Any]:
+    """The op llm_recipes::NAME, defined in SOURCE.cpp, as a function; `fake` computes its
+    outputs' shapes. The first eager call builds and loads the source (the dispatch table
+    does so before torch.compile traces a call)."""
+    _FAKES.setdefault(source, {})[name] = fake
+    if source in _LOADED:  # loaded before this op's module was imported
+        torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_LIB)
 
-        call.op = op  # for torch.library.opcheck
-        return call  # type: ignore[return-value]
+    def call(*args: Any) -> Any:
+        if not torch.compiler.is_compiling():
+            load_ops(source)
+        return getattr(getattr(torch.ops, NAMESPACE), name).default(*args)
 
-    return register
+    call.__name__ = call.__qualname__ = name
+    call.source = source  # type: ignore[attr-defined]
+    return call
+
+
+def registered(fn: Callable[..., Any]) -> torch._ops.OpOverload:
+    """The torch op behind a kernel_op function, loaded (for torch.library.opcheck)."""
+    load_ops(fn.source)  # type: ignore[attr-defined]
+    return getattr(getattr(torch.ops, NAMESPACE), fn.__name__).default

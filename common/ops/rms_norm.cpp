@@ -1,7 +1,9 @@
 // RMSNorm in one pass over each row, alone or after the residual add (common/ops/rms_norm.py).
+#include <algorithm>
 #include <cmath>
 
 #include "convert.h"
+#include "torch_op.h"
 
 namespace {
 // The transformers formulation: fp32 statistics, normalize, round to T, then multiply by the
@@ -40,21 +42,51 @@ void add_rms_norm(const T* x, const T* res, const T* w, T* y, T* h, int64_t rows
 }
 }  // namespace
 
-extern "C" void rms_norm_f32(const void* x, const void* w, void* y, int64_t rows, int64_t dim,
-                             float eps, int nt) {
-  rms_norm((const float*)x, (const float*)w, (float*)y, rows, dim, eps, nt);
+namespace {
+void check(const char* name, const at::Tensor& x, const at::Tensor& weight) {
+  CHECK_ARG(op::float_or_bf16(x) && weight.scalar_type() == x.scalar_type() && x.dim() >= 1 &&
+                weight.dim() == 1 && weight.size(0) == x.size(-1),
+            name, ": x ", x.scalar_type(), " ", x.sizes(), ", weight ", weight.scalar_type(), " ",
+            weight.sizes());
 }
-extern "C" void rms_norm_bf16(const void* x, const void* w, void* y, int64_t rows, int64_t dim,
-                              float eps, int nt) {
-  rms_norm((const uint16_t*)x, (const uint16_t*)w, (uint16_t*)y, rows, dim, eps, nt);
+}  // namespace
+
+// x [..., dim] float32/bfloat16, weight [dim] in x's dtype -> rms_norm(x), x's shape.
+at::Tensor rms_norm_cpp(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check("rms_norm_cpp", x, weight);
+  const at::Tensor xc = x.contiguous(), w = weight.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  const int64_t dim = x.size(-1), rows = x.numel() / std::max<int64_t>(dim, 1);
+  op::by_dtype(x, [&](auto t) {
+    using T = decltype(t);
+    rms_norm(op::in<T>(xc), op::in<T>(w), op::out<T>(y), rows, dim, float(eps), op::threads());
+  });
+  return y;
 }
-extern "C" void add_rms_norm_f32(const void* x, const void* r, const void* w, void* y, void* h,
-                                 int64_t rows, int64_t dim, float eps, int nt) {
-  add_rms_norm((const float*)x, (const float*)r, (const float*)w, (float*)y, (float*)h, rows, dim,
-               eps, nt);
+
+// (rms_norm(x + residual), x + residual), the sum rounded to x's dtype first.
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpp(const at::Tensor& x, const at::Tensor& residual,
+                                                    const at::Tensor& weight, double eps) {
+  check("add_rms_norm_cpp", x, weight);
+  CHECK_ARG(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type(),
+            "add_rms_norm: residual ", residual.scalar_type(), " ", residual.sizes(), ", x ",
+            x.scalar_type(), " ", x.sizes());
+  const at::Tensor xc = x.contiguous(), r = residual.contiguous(), w = weight.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options()), h = at::empty(x.sizes(), x.options());
+  const int64_t dim = x.size(-1), rows = x.numel() / std::max<int64_t>(dim, 1);
+  op::by_dtype(x, [&](auto t) {
+    using T = decltype(t);
+    add_rms_norm(op::in<T>(xc), op::in<T>(r), op::in<T>(w), op::out<T>(y), op::out<T>(h), rows,
+                 dim, float(eps), op::threads());
+  });
+  return {y, h};
 }
-extern "C" void add_rms_norm_bf16(const void* x, const void* r, const void* w, void* y, void* h,
-                                  int64_t rows, int64_t dim, float eps, int nt) {
-  add_rms_norm((const uint16_t*)x, (const uint16_t*)r, (const uint16_t*)w, (uint16_t*)y,
-               (uint16_t*)h, rows, dim, eps, nt);
+
+TORCH_LIBRARY_FRAGMENT(llm_recipes, m) {
+  m.def("rms_norm_cpp(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm_cpp(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+}
+TORCH_LIBRARY_IMPL(llm_recipes, CPU, m) {
+  m.impl("rms_norm_cpp", rms_norm_cpp);
+  m.impl("add_rms_norm_cpp", add_rms_norm_cpp);
 }

@@ -9,48 +9,23 @@ add followed by its own rms_norm bit for bit."""
 
 from __future__ import annotations
 
-import ctypes
-import functools
-
 import torch
 from torch import Tensor
 
-from common.ops.build import load_cpp
 from common.ops.dispatch import Impl, Op
 from common.ops.library import kernel_op
 
-_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
-
-
-@functools.cache
-def _kernel(dtype: torch.dtype, add: bool = False) -> ctypes._CFuncPtr:
-    fn = getattr(load_cpp("rms_norm"), f"{'add_' if add else ''}rms_norm_{_SUFFIX[dtype]}")
-    pointers = 5 if add else 3
-    fn.argtypes = (
-        [ctypes.c_void_p] * pointers + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
-    )
-    return fn
+_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ kernels take
 
 
 def _check(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    if x.dtype not in _SUFFIX or weight.dtype != x.dtype or weight.shape != x.shape[-1:]:
+    if x.dtype not in _DTYPES or weight.dtype != x.dtype or weight.shape != x.shape[-1:]:
         raise ValueError(f"rms_norm_cpp: x {x.dtype} {tuple(x.shape)}, weight {weight.dtype}")
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-@kernel_op("rms_norm_cpp", _check)
-def rms_norm_cpp(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """The C++ kernel, for float32/bfloat16 x and weight of the same dtype on cpu."""
-    y = _check(x, weight, eps)
-    if not x.is_cpu:
-        raise ValueError(f"rms_norm_cpp runs on cpu, got {x.device}")
-    x = x.contiguous()
-    dim = x.shape[-1]
-    _kernel(x.dtype)(
-        x.data_ptr(), weight.contiguous().data_ptr(), y.data_ptr(), x.numel() // max(dim, 1),
-        dim, eps, torch.get_num_threads(),
-    )  # fmt: skip
-    return y
+# The C++ kernel (rms_norm.cpp), for float32/bfloat16 x and weight of the same dtype on cpu.
+rms_norm_cpp = kernel_op("rms_norm", "rms_norm_cpp", _check)
 
 
 def rms_norm_torch(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -73,7 +48,7 @@ rms_norm = Op(
             "cpp",
             rms_norm_cpp,
             devices=("cpu",),
-            dtypes=tuple(_SUFFIX),
+            dtypes=_DTYPES,
             cpp="rms_norm",
             when=lambda x, weight, eps: weight.dtype == x.dtype,
         ),
@@ -93,21 +68,8 @@ def _check_add(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple
     return _check(x, weight, eps), torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-@kernel_op("add_rms_norm_cpp", _check_add)
-def add_rms_norm_cpp(
-    x: Tensor, residual: Tensor, weight: Tensor, eps: float
-) -> tuple[Tensor, Tensor]:
-    """The C++ kernel: one pass per row writes the sum and its norm."""
-    y, h = _check_add(x, residual, weight, eps)
-    if not x.is_cpu:
-        raise ValueError(f"add_rms_norm_cpp runs on cpu, got {x.device}")
-    x, residual = x.contiguous(), residual.contiguous()
-    dim = x.shape[-1]
-    _kernel(x.dtype, True)(
-        x.data_ptr(), residual.data_ptr(), weight.contiguous().data_ptr(), y.data_ptr(),
-        h.data_ptr(), x.numel() // max(dim, 1), dim, eps, torch.get_num_threads(),
-    )  # fmt: skip
-    return y, h
+# The C++ kernel: one pass per row writes the sum and its norm.
+add_rms_norm_cpp = kernel_op("rms_norm", "add_rms_norm_cpp", _check_add)
 
 
 def add_rms_norm_torch(
@@ -133,7 +95,7 @@ add_rms_norm = Op(
             "cpp",
             add_rms_norm_cpp,
             devices=("cpu",),
-            dtypes=tuple(_SUFFIX),
+            dtypes=_DTYPES,
             cpp="rms_norm",
             when=lambda x, residual, weight, eps: weight.dtype == x.dtype,
         ),

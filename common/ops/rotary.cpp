@@ -1,5 +1,6 @@
 // Rotary position embedding on q and k in one call (common/ops/rotary.py).
 #include "convert.h"
+#include "torch_op.h"
 
 // torch computes x * cos and rotate(x) * sin as separate ops, each rounded to T, then their
 // sum: kept so here (no fused multiply-add), so outputs equal torch's bit for bit.
@@ -46,13 +47,34 @@ void rotary_qk(const T* q, const T* k, const T* c, const T* s, T* oq, T* ok, int
 }
 }  // namespace
 
-#define ROTARY(name, T)                                                                        \
-  extern "C" void name(const void* q, const void* k, const void* c, const void* s, void* oq,   \
-                       void* ok, int64_t B, int64_t Hq, int64_t Hk, int64_t Tn, int64_t D,      \
-                       int64_t rot, int64_t qb, int64_t qh, int64_t qt, int64_t kb, int64_t kh, \
-                       int64_t kt, int inter, int nt) {                                         \
-    rotary_qk((const T*)q, (const T*)k, (const T*)c, (const T*)s, (T*)oq, (T*)ok, B, Hq, Hk,   \
-              Tn, D, rot, qb, qh, qt, kb, kh, kt, inter != 0, nt);                              \
-  }
-ROTARY(rotary_qk_f32, float)
-ROTARY(rotary_qk_bf16, uint16_t)
+// q [B, H, T, D] and k [B, Hkv, T, D] in any strides with unit stride over D (views of the
+// projection's output), cos/sin [B, T, rot] -> contiguous rotated copies of q and k.
+std::tuple<at::Tensor, at::Tensor> rotary_cpp(const at::Tensor& q, const at::Tensor& k,
+                                              const at::Tensor& cos, const at::Tensor& sin,
+                                              bool interleaved) {
+  const bool same = k.scalar_type() == q.scalar_type() && cos.scalar_type() == q.scalar_type() &&
+                    sin.scalar_type() == q.scalar_type();
+  const bool shapes = q.dim() == 4 && k.dim() == 4 && cos.dim() == 3 && k.size(0) == q.size(0) &&
+                      k.size(2) == q.size(2) && k.size(3) == q.size(3) &&
+                      cos.size(0) == q.size(0) && cos.size(1) == q.size(2) &&
+                      sin.sizes() == cos.sizes() && cos.size(2) <= q.size(3) && cos.size(2) % 2 == 0;
+  CHECK_ARG(op::float_or_bf16(q) && same && shapes, "rotary_cpp: q ", q.sizes(), " ",
+            q.scalar_type(), ", k ", k.sizes(), " ", k.scalar_type(), ", cos/sin ", cos.sizes(),
+            " ", cos.scalar_type());
+  const at::Tensor qc = q.stride(3) == 1 ? q : q.contiguous(), kc = k.stride(3) == 1 ? k : k.contiguous();
+  const at::Tensor c = cos.contiguous(), s = sin.contiguous();
+  at::Tensor oq = at::empty(q.sizes(), q.options()), ok = at::empty(k.sizes(), k.options());
+  op::by_dtype(q, [&](auto t) {
+    using T = decltype(t);
+    rotary_qk(op::in<T>(qc), op::in<T>(kc), op::in<T>(c), op::in<T>(s), op::out<T>(oq),
+              op::out<T>(ok), q.size(0), q.size(1), k.size(1), q.size(2), q.size(3), c.size(2),
+              qc.stride(0), qc.stride(1), qc.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
+              interleaved, op::threads());
+  });
+  return {oq, ok};
+}
+
+TORCH_LIBRARY_FRAGMENT(llm_recipes, m) {
+  m.def("rotary_cpp(Tensor q, Tensor k, Tensor cos, Tensor sin, bool interleaved) -> (Tensor, Tensor)");
+}
+TORCH_LIBRARY_IMPL(llm_recipes, CPU, m) { m.impl("rotary_cpp", rotary_cpp); }

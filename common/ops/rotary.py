@@ -11,17 +11,13 @@ stacked (unverified).
 
 from __future__ import annotations
 
-import ctypes
-import functools
-
 import torch
 from torch import Tensor
 
-from common.ops.build import load_cpp
 from common.ops.dispatch import Impl, Op
 from common.ops.library import kernel_op
 
-_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ kernels take
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -49,20 +45,13 @@ def rotary_torch(
     return apply_rotary(q, cos, sin, interleaved), apply_rotary(k, cos, sin, interleaved)
 
 
-@functools.cache
-def _kernel(dtype: torch.dtype) -> ctypes._CFuncPtr:
-    fn = getattr(load_cpp("rotary"), f"rotary_qk_{_SUFFIX[dtype]}")
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 12 + [ctypes.c_int] * 2
-    return fn
-
-
 def _check(
     q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool
 ) -> tuple[Tensor, Tensor]:
     b, _, t, d = q.shape
     rot = cos.shape[-1]
     if (
-        q.dtype not in _SUFFIX
+        q.dtype not in _DTYPES
         or not all(x.dtype == q.dtype for x in (k, cos, sin))
         or k.shape[0] != b
         or k.shape[2:] != q.shape[2:]
@@ -80,27 +69,9 @@ def _check(
     )
 
 
-@kernel_op("rotary_cpp", _check)
-def rotary_cpp(
-    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool
-) -> tuple[Tensor, Tensor]:
-    """The C++ kernel: q [B, H, T, D] and k [B, Hkv, T, D] in any strides with unit stride
-    over D (views of the projection's output) -> contiguous rotated copies."""
-    oq, ok = _check(q, k, cos, sin, interleaved)
-    if not q.is_cpu:
-        raise ValueError(f"rotary_cpp runs on cpu, got {q.device}")
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    cos, sin = cos.contiguous(), sin.contiguous()
-    (b, hq, t, d), hk = q.shape, k.shape[1]
-    _kernel(q.dtype)(
-        q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr(), oq.data_ptr(), ok.data_ptr(),
-        b, hq, hk, t, d, cos.shape[-1], *q.stride()[:3], *k.stride()[:3], int(interleaved),
-        torch.get_num_threads(),
-    )  # fmt: skip
-    return oq, ok
+# The C++ kernel (rotary.cpp): q [B, H, T, D] and k [B, Hkv, T, D] in any strides with unit
+# stride over D (views of the projection's output) -> contiguous rotated copies.
+rotary_cpp = kernel_op("rotary", "rotary_cpp", _check)
 
 
 def rotary_npu(
@@ -124,7 +95,7 @@ rotary = Op(
             "cpp",
             rotary_cpp,
             devices=("cpu",),
-            dtypes=tuple(_SUFFIX),
+            dtypes=_DTYPES,
             cpp="rotary",
             when=lambda q, k, cos, sin, interleaved: cos.dtype == q.dtype == k.dtype,
         ),

@@ -16,19 +16,15 @@ so all but dequant_mm agree exactly in int32; the dispatch table measures which 
 
 from __future__ import annotations
 
-import ctypes
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.ops.build import load_cpp
 from common.ops.dispatch import Impl, Op
 from common.ops.library import kernel_op
 from common.ops.working_set import weight_copies
 
-_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ kernels take
 _MIN_AMAX = 1e-8  # an all-zero row quantizes to zeros (the C++ kernel uses the same floor)
 
 
@@ -48,13 +44,6 @@ def _scale(acc: Tensor, x_scale: Tensor, w_scale: Tensor, dtype: torch.dtype) ->
     return (acc.float() * (x_scale[:, None] * w_scale.float())).to(dtype)
 
 
-@functools.cache
-def _kernel(dtype: torch.dtype) -> ctypes._CFuncPtr:
-    fn = getattr(load_cpp("int8_vnni"), f"w8a8_{_SUFFIX[dtype]}")
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    return fn
-
-
 def _out(x2d: Tensor, weight_int8: Tensor, scales: Tensor, smooth: Tensor | None) -> Tensor:
     (m, k), (n, k_w) = x2d.shape, weight_int8.shape
     if (
@@ -71,34 +60,17 @@ def _out(x2d: Tensor, weight_int8: Tensor, scales: Tensor, smooth: Tensor | None
     return torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
 
 
-@kernel_op("w8a8_vnni", _out)
-def w8a8_vnni(x2d: Tensor, weight_int8: Tensor, scales: Tensor, smooth: Tensor | None) -> Tensor:
-    """x [M, K] f32/bf16 on cpu, contiguous int8 [N, K], scales [N] and smooth [K] (or None)
-    in x's dtype -> [M, N] in x's dtype."""
-    y = _out(x2d, weight_int8, scales, smooth)
-    if not (x2d.is_cpu and weight_int8.is_contiguous() and scales.dtype == x2d.dtype):
-        raise ValueError("w8a8_vnni needs cpu tensors, a contiguous weight, scales in x's dtype")
-    if smooth is not None and smooth.dtype != x2d.dtype:
-        raise ValueError(f"w8a8_vnni needs smooth in x's dtype {x2d.dtype}, got {smooth.dtype}")
-    x2d = x2d.contiguous()
-    (m, k), n = x2d.shape, weight_int8.shape[0]
-    _kernel(x2d.dtype)(
-        x2d.data_ptr(), None if smooth is None else smooth.contiguous().data_ptr(),
-        weight_int8.data_ptr(), scales.contiguous().data_ptr(), y.data_ptr(),
-        m, n, k, torch.get_num_threads(),
-    )  # fmt: skip
-    return y
+# x [M, K] f32/bf16 on cpu, contiguous int8 [N, K], scales [N] and smooth [K] (or None) in x's
+# dtype -> [M, N] in x's dtype (int8_vnni.cpp).
+w8a8_vnni = kernel_op("int8_vnni", "w8a8_vnni", _out)
 
 
-def s8s8_vnni(q: Tensor, weight_int8: Tensor) -> Tensor:
-    """The VNNI kernel's integer product alone: int8 [M, K] @ int8 [N, K]ᵀ -> int32 [M, N]."""
-    fn = load_cpp("int8_vnni").s8s8_i32
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    (m, k), n = q.shape, weight_int8.shape[0]
-    y = torch.empty(m, n, dtype=torch.int32)
-    q, w = q.contiguous(), weight_int8.contiguous()
-    fn(q.data_ptr(), w.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads())
-    return y
+def _s8s8_out(q: Tensor, weight_int8: Tensor) -> Tensor:
+    return torch.empty(q.shape[0], weight_int8.shape[0], dtype=torch.int32, device=q.device)
+
+
+# The VNNI kernel's integer product alone: int8 [M, K] @ int8 [N, K]ᵀ -> int32 [M, N].
+s8s8_vnni = kernel_op("int8_vnni", "s8s8_vnni", _s8s8_out)
 
 
 def int_mm(x2d: Tensor, weight_int8: Tensor, scales: Tensor, smooth: Tensor | None) -> Tensor:
@@ -128,7 +100,7 @@ def _int_mm_fits(x2d: Tensor, w: Tensor, s: Tensor, smooth: Tensor | None) -> bo
 w8a8_linear = Op(
     "w8a8_linear",
     [
-        Impl("vnni", w8a8_vnni, devices=("cpu",), dtypes=tuple(_SUFFIX), cpp="int8_vnni"),
+        Impl("vnni", w8a8_vnni, devices=("cpu",), dtypes=_DTYPES, cpp="int8_vnni"),
         Impl("int_mm", int_mm, devices=("cpu", "cuda"), when=_int_mm_fits),
         Impl("npu", npu_mm, devices=("npu",), dtypes=(torch.float16, torch.bfloat16)),
         Impl("dequant_mm", dequant_mm),
