@@ -40,8 +40,8 @@ python $llama workload=online 'bench.variants=[[paged_kv,flash_attn],[paged_kv,c
 # transformers and llama.cpp (bf16 and q8_0, matching the ladder's int8 row), and the
 # throughput workload at max batch 16 against vLLM; then the same on the real SmolLM2 weights.
 python $llama +opt=flash_attn,int8 bench.ladder=true bench.peers=[hf,llama_cpp]
-python $llama workload=throughput bench.peers=[vllm] bench.rounds=2 bench.warmup=0 \
-  'bench.variants=[[paged_kv,cont_batch,flash_attn],[paged_kv,cont_batch,flash_attn,int8],[paged_kv,cont_batch,flash_attn,fuse,fast_linear],[paged_kv,cont_batch,flash_attn,w8a8]]'
+python $llama workload=throughput bench.peers=[vllm] bench.rounds=2 bench.warmup=1 \
+  'bench.variants=[[paged_kv,cont_batch,flash_attn],[paged_kv,cont_batch,flash_attn,int8],[paged_kv,cont_batch,flash_attn,fuse,fast_linear],[paged_kv,cont_batch,flash_attn,fuse,fast_linear,compile],[paged_kv,cont_batch,flash_attn,int8,fuse,compile],[paged_kv,cont_batch,flash_attn,w8a8,fuse,compile]]'
 smollm2=$HOME/.cache/llm-recipes/SmolLM2-135M-Instruct
 python scripts/get_checkpoint.py smollm2-135m-instruct
 python $llama +opt=flash_attn,int8 bench.ladder=true bench.peers=[hf,llama_cpp] model.path="$smollm2" \
