@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -56,6 +57,16 @@ NARROW = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
           "num_key_value_heads": 4}  # fmt: skip
 METRICS = ("ttft_ms", "tpot_ms", "tokens_per_s")
 KV_PASSES = 3  # the baseline's dynamic cache: torch.cat reads and writes the KV, attention reads it
+
+
+class Round(NamedTuple):
+    """One round of a (layout, batch): calibration notes, the narrowed run's overhead per
+    layer (s), and the predicted and measured metrics."""
+
+    notes: list[str]
+    layer_s: float
+    predicted: dict
+    measured: dict
 
 
 def parallel_defaults() -> dict:
@@ -133,7 +144,7 @@ def main() -> None:
                 run_b = [*base, *par_b, f"workload.num_prompts={b}", f"workload.batch_size={b}"]
                 st = Strategy(tp, pp, 1, b, FLOAT, micro_batches=mb)
                 work = Workload(b, a.prompt_len, a.output_len)
-                rounds: list[tuple[list[str], float, dict, dict]] = []
+                rounds: list[Round] = []
                 for _ in range(a.rounds):
                     # Calibration, narrowed run and measured run side by side, round after round:
                     # this VM's bandwidth drifts by a third in minutes, so each round's
@@ -144,7 +155,8 @@ def main() -> None:
                         hw, intra=Link(hw.intra.bandwidth, 0.0), inter=Link(hw.inter.bandwidth, 0.0)
                     )
                     narrowed, measured = run_recipe([*run_b, *narrow]), run_recipe(run_b)
-                    if failed := next((m for m in (narrowed, measured) if isinstance(m, str)), 0):
+                    failed = next((m for m in (narrowed, measured) if isinstance(m, str)), None)
+                    if failed:
                         skipped.append(f"tp={tp} pp={pp} batch={b}: the run failed: {failed}")
                         break
                     layer_s = layer_overhead(narrow_args, dtype, st, work, hw, narrowed["tpot_ms"])
@@ -152,14 +164,15 @@ def main() -> None:
                     sim = simulate(args, dtype, st, work, hw, kv_passes=KV_PASSES)
                     predicted = {"ttft_ms": 1e3 * sim.ttft, "tpot_ms": 1e3 * sim.tpot,
                                  "tokens_per_s": sim.throughput}  # fmt: skip
-                    rounds.append((hw.notes, layer_s, predicted, measured))
+                    rounds.append(Round(hw.notes, layer_s, predicted, measured))
                 else:
                     key = f"tp{tp} pp{pp} b{b}"
-                    calibrations[key] = [note for r in rounds for note in r[0]]
-                    overhead[key] = statistics.median(r[1] for r in rounds)
+                    calibrations[key] = [note for r in rounds for note in r.notes]
+                    overhead[key] = statistics.median(r.layer_s for r in rounds)
                     row = {"tp": tp, "pp": pp, "batch": b}
                     for m in METRICS:  # (predicted, measured), each the median over rounds
-                        row[m] = tuple(statistics.median(r[i][m] for r in rounds) for i in (2, 3))
+                        row[m] = (statistics.median(r.predicted[m] for r in rounds),
+                                  statistics.median(r.measured[m] for r in rounds))  # fmt: skip
                     rows.append(row)
     write(a, rows, skipped, calibrations, overhead, dtype)
 
@@ -199,7 +212,8 @@ def write(
         f"command: `{command_line()}`",
         f"machine: {cpu_info()}, {os.cpu_count()} cores, {str(dtype).removeprefix('torch.')}",
         f"runs: `{RECIPE} model.scale={a.scale} workload=latency` with num_prompts = batch_size "
-        f"= batch, prompt {a.prompt_len}, {a.output_len} new tokens; {a.rounds} rounds of calibrate, narrowed run, run (medians) "
+        f"= batch, prompt {a.prompt_len}, {a.output_len} new tokens; "
+        f"{a.rounds} rounds of calibrate, narrowed run, run (medians) "
         "(baseline opts: dynamic KV cache, eager attention)",
         "predicted: common/parallel/simulate.py with this machine measured "
         "(common/parallel/calibrate.py, its all-reduce latency reported, not used); per-layer "

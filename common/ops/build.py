@@ -63,8 +63,10 @@ def build(name: str) -> Path:
     """The shared library built from NAME.cpp (cached by a hash of the source, the headers,
     the flags, the CPU and, for torch ops, the torch version); RecipeError if g++ fails."""
     source = SOURCES / f"{name}.cpp"
-    text = "".join((SOURCES / f).read_text() for f in (source.name, *HEADERS))
-    compile_flags, link_flags = _torch_flags() if registers_ops(name) else ([], [])
+    code = source.read_text()
+    text = code + "".join((SOURCES / f).read_text() for f in HEADERS)
+    torch_ops = '#include "torch_op.h"' in code  # a source that registers torch ops
+    compile_flags, link_flags = _torch_flags() if torch_ops else ([], [])
     flags = [*FLAGS.split(), *compile_flags, f"-I{SOURCES}", str(source), *link_flags]
     key = hashlib.sha256(f"{text}{flags}{machine()}{torch.__version__}".encode()).hexdigest()[:16]
     cache = cache_dir()
@@ -81,11 +83,6 @@ def build(name: str) -> Path:
                 raise RecipeError(f"building the {name} kernel failed: {detail}") from e
             os.replace(out, lib)  # atomic: concurrent builds of the same key are harmless
     return lib
-
-
-def registers_ops(name: str) -> bool:
-    """Whether NAME.cpp defines torch ops (it includes torch_op.h)."""
-    return '#include "torch_op.h"' in (SOURCES / f"{name}.cpp").read_text()
 
 
 def load_cpp(name: str) -> ctypes.CDLL:

@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from common.core.errors import RecipeError
-from common.ops.build import build
+from common.ops.build import build, builds
 
 NAMESPACE = "llm_recipes"
 _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")  # holds the fake implementations
@@ -39,10 +38,9 @@ def load_ops(source: str) -> None:
 @functools.cache
 def loads(source: str) -> bool:
     """Whether the ops of SOURCE.cpp run here (loading them if so)."""
-    try:
-        load_ops(source)
-    except RecipeError:
+    if not builds(source):
         return False
+    load_ops(source)
     return True
 
 

@@ -33,9 +33,7 @@ template <class T>
 const T* in(const std::optional<at::Tensor>& t) { return t ? in<T>(*t) : nullptr; }
 
 inline int threads() { return at::get_num_threads(); }
-}  // namespace op
 
-namespace op {
 // y [M, N] for x [M, K] (float32/bfloat16 on cpu) and a contiguous weight [N, K] of dtype
 // `weight_dtype`, with a per-channel vector [N] (scales, a bias; optional) in x's dtype.
 inline at::Tensor linear_out(const char* name, const at::Tensor& x, const at::Tensor& w,
