@@ -22,7 +22,7 @@ import torch
 from common.core.errors import RecipeError
 
 SOURCES = Path(__file__).resolve().parent  # NAME.cpp and the headers they share
-HEADERS = ("weight_rows.h", "convert.h", "dpbf16.h", "torch_op.h")
+HEADERS = ("weight_rows.h", "convert.h", "dpbf16.h", "torch_op.h", "quant_rows.h")
 
 # Vectorizable reductions without -ffast-math (which on gcc < 13 also sets flush-to-zero
 # for the whole process when the library loads).

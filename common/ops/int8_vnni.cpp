@@ -10,8 +10,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "weight_rows.h"
 #include "convert.h"
+#include "quant_rows.h"
+#include "weight_rows.h"
 #include "torch_op.h"
 
 #if !defined(__AVX512VNNI__) || !defined(__AVX512BW__)
@@ -20,49 +21,6 @@
 
 namespace {
 constexpr int KB = 64;  // bytes per vpdpbusd step
-
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const uint16_t* p, __mmask16 m) {
-  __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-}
-inline __mmask16 tail16(int64_t left) {
-  return left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-}
-
-// q[m, :] = rint(xs * (127 / max|xs|)), xs = x[m, :] * smooth (if any), zero-padded to Kp;
-// scale[m] = max|xs| / 127; qsum[m] = sum_k q[m, k]. The same float ops in the same order as
-// quantize_rows() in w8a8_linear.py, so the two agree exactly.
-template <class T>
-void quant_rows(const T* x, const T* smooth, int8_t* q, float* scale, int32_t* qsum, int64_t M,
-                int64_t K, int64_t Kp, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 4)
-  for (int64_t m = 0; m < M; ++m) {
-    const T* xm = x + m * K;
-    __m512 vmax = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-      __mmask16 mk = tail16(K - k);
-      __m512 v = load16(xm + k, mk);
-      if (smooth) v = _mm512_mul_ps(v, load16(smooth + k, mk));
-      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
-    }
-    float amax = _mm512_reduce_max_ps(vmax);
-    if (amax < 1e-8f) amax = 1e-8f;  // an all-zero row quantizes to zeros
-    const float inv = 127.f / amax;
-    scale[m] = amax / 127.f;
-    __m512i vsum = _mm512_setzero_si512();
-    int8_t* qm = q + m * Kp;
-    for (int64_t k = 0; k < Kp; k += 16) {
-      __mmask16 mk = tail16(K - k);  // past K: zeros
-      __m512 v = load16(xm + k, mk);
-      if (smooth) v = _mm512_mul_ps(v, load16(smooth + k, mk));
-      __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inv)));  // nearest even
-      vsum = _mm512_add_epi32(vsum, r);
-      _mm_storeu_si128((__m128i*)(qm + k), _mm512_cvtsepi32_epi8(r));
-    }
-    qsum[m] = _mm512_reduce_add_epi32(vsum);
-  }
-}
 
 // MB activation rows against weight row w (output channel n), all accumulators in registers.
 template <int MB, class T>
@@ -105,22 +63,12 @@ void mm(const int8_t* q, const float* xs, const int32_t* qsum, const int8_t* w, 
   });
 }
 
-struct Scratch {
-  std::vector<int8_t> q;
-  std::vector<float> scale;
-  std::vector<int32_t> qsum;
-};
-
 template <class T>
 void linear(const T* x, const T* smooth, const int8_t* w, const T* ws, T* y, int64_t M, int64_t N,
             int64_t K, int nthreads) {
-  static thread_local Scratch s;  // reused across calls: no allocation per decode step
   const int64_t Kp = (K + KB - 1) / KB * KB;
-  s.q.resize(M * Kp);
-  s.scale.resize(M);
-  s.qsum.resize(M);
-  quant_rows(x, smooth, s.q.data(), s.scale.data(), s.qsum.data(), M, K, Kp, nthreads);
-  mm(s.q.data(), s.scale.data(), s.qsum.data(), w, ws, y, M, N, K, Kp, nthreads);
+  const QuantRows& r = quantize(x, smooth, M, K, Kp, Kp, nthreads);  // one sum per row
+  mm(r.q.data(), r.scale.data(), r.qsum.data(), w, ws, y, M, N, K, Kp, nthreads);
 }
 }  // namespace
 
