@@ -8,6 +8,7 @@ from common.ops.int4_linear import int4_linear
 from common.ops.int8_linear import int8_linear
 from common.ops.rms_norm import add_rms_norm, rms_norm
 from common.ops.rotary import apply_rotary, rotary
+from common.ops.w4a8_linear import w4a8_linear
 from common.ops.w8a8_linear import w8a8_linear
 
 __all__ = [
@@ -22,5 +23,6 @@ __all__ = [
     "reset",
     "rms_norm",
     "rotary",
+    "w4a8_linear",
     "w8a8_linear",
 ]
