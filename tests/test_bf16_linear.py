@@ -184,7 +184,7 @@ def test_opt_declaration_composes() -> None:
     check_combination(
         ["fast_linear", "fuse", "compile", "flash_attn", "paged_kv", "cont_batch"], specs
     )
-    for quant in ("int8", "int4", "gptq", "awq", "w8a8"):
+    for quant in ("int8", "int4", "gptq", "awq", "w8a8", "w4a8"):
         check_combination(["fast_linear", quant], specs)
 
 

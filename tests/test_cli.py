@@ -154,6 +154,7 @@ RUNS: dict[str, Callable[[Files], list[str]]] = {  # longest first: they start f
     "sweep": lambda f: ["-m", "workload.max_new_tokens=2,3", *FAST, *latency(max_new_tokens=None)],
     "smoke": lambda f: [OPTS, *FAST, *latency()],
     "file": lambda f: [*FAST, *file_workload(f)],
+    "w4a8": lambda f: [*FAST, *latency(), "model.dtype=float32", "bench.variants=[[int4],[w4a8]]"],
     "alone": lambda f: [
         *FAST,
         "workload=throughput",
@@ -397,6 +398,18 @@ def test_file_workload_matches_transformers_generate(runs: Runs) -> None:
     assert variant["outputs"] == expected
     assert expected[0][-1] == hf.config.eos_token_id and len(expected[0]) < NEW  # EOS stopped it
     assert len(expected[1]) == 3  # the line's own max_new_tokens
+
+
+@pytest.mark.cli_runs("w4a8")
+def test_w4a8_row_runs_its_kernel_and_int4s_tokens(runs: Runs) -> None:
+    """+opt=w4a8 end to end next to int4: its own op runs, and the same weights with int8
+    activations give int4's greedy tokens here (tests/test_w4a8.py bounds the logits)."""
+    run = runs.get("w4a8")
+    run.assert_ok()
+    _, int4, w4a8 = run.result()["variants"]
+    assert any(k.startswith("w4a8_linear[") for k in w4a8["kernels"])
+    assert not any(k.startswith("int4_linear[") for k in w4a8["kernels"])  # the head is untied
+    assert w4a8["outputs"] == int4["outputs"]
 
 
 # ---------------------------------------------------------------- bad input

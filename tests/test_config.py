@@ -63,7 +63,7 @@ def checked(*args: str, recipe: str = "llama65b", model_cls: type = LlamaForCaus
         (["scheduler.preemption=drop"], "unknown scheduler.preemption 'drop'"),
         (
             ["quant.weights=int3"],
-            "unknown quantization scheme 'int3'; choose none or int8, w8a8, int4, gptq, awq",
+            "unknown quantization scheme 'int3'; choose none or int8, w8a8, int4, w4a8, gptq, awq",
         ),
         (["quant.group_size=48"], "quant.group_size must be one of 32, 64, 128, got 48"),
         (

@@ -62,6 +62,7 @@ def test_a_rows_quantization_comes_from_its_opts_or_its_own_override() -> None:
 
 def test_a_scheme_without_a_llama_cpp_format_is_named() -> None:
     assert (gguf_format("int8", "bfloat16"), gguf_format("int4", "bfloat16")) == ("q8_0", "q4_0")
+    assert gguf_format("w4a8", "bfloat16") == "q4_0"  # llama.cpp's q4_0 runs int8 activations
     with pytest.raises(
         RecipeError, match="no format for quant.weights='nf4'; it maps int8 to q8_0"
     ):

@@ -20,6 +20,8 @@ from common.core.errors import RecipeError
 from common.io.checkpoint import from_seed
 from common.kv.rows import make_rows
 from common.kv.spec import KVSpec
+from common.ops.w4a8_linear import pack as w4a8_pack
+from common.ops.w4a8_linear import w4a8_linear
 from common.parallel.calculator import Serving, max_batch, max_context, peak_bytes, serving_memory
 from common.parallel.calibrate import calibrate
 from common.parallel.hardware import Hardware, Link, from_spec
@@ -34,7 +36,7 @@ from common.parallel.simulate import (
 )
 from common.parallel.strategy import choose_tp, plan
 from common.quant.calibrated import GPTQ
-from common.quant.formats import FLOAT, INT8, W8A8, int4, weight_format
+from common.quant.formats import FLOAT, INT8, W8A8, int4, w4a8, weight_format
 from common.quant.scheme import configured_scheme, get_scheme
 from common.transforms.fusion import fuse_projections
 from models.glm import GlmForCausalLM
@@ -58,7 +60,7 @@ def hardware(name: str) -> Hardware:
 
 
 # gptq and awq store int4 (or int8) modules: their bytes are int4's, tested below
-@pytest.mark.parametrize("scheme", ["none", "int8", "int4", "w8a8"])
+@pytest.mark.parametrize("scheme", ["none", "int8", "int4", "w8a8", "w4a8"])
 @pytest.mark.parametrize("kv_int8", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -92,7 +94,7 @@ def test_calculator_matches_built_model_and_kv_storage(
     assert abs((m.weights.total + m.kv) / measured - 1) < 0.02
 
 
-def test_int4_and_w8a8_formats_match_the_tensors_their_kernels_take() -> None:
+def test_quantized_formats_match_the_tensors_their_kernels_take() -> None:
     n, k, g = 256, 512, 128
     packed = torch._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k)).int(), 2)
     scales_zeros = torch.zeros(k // g, n, 2, dtype=torch.bfloat16)
@@ -104,9 +106,14 @@ def test_int4_and_w8a8_formats_match_the_tensors_their_kernels_take() -> None:
     assert torch._int_mm(torch.ones(32, k, dtype=torch.int8), w8).shape == (32, n)
     assert W8A8.matrix_bytes(n, k, torch.bfloat16) == w8.nbytes + scales.nbytes
     assert INT8.matrix_bytes(n, k, torch.bfloat16) == n * k + 2 * n
+    for g in (32, 128):  # w4a8's packed rows and per-group scales and zeros [N, K/g]
+        w4 = w4a8_pack(torch.randint(0, 16, (n, k), dtype=torch.uint8))
+        groups = torch.zeros(n, k // g, dtype=torch.bfloat16)
+        assert w4a8_linear(x, w4, groups, groups, g).shape == (3, n)
+        assert w4a8(g).matrix_bytes(n, k, torch.bfloat16) == w4.nbytes + 2 * groups.nbytes
     with pytest.raises(RecipeError, match="group size"):
         int4(100)
-    with pytest.raises(RecipeError, match="choose one of none, int8, int4, w8a8"):
+    with pytest.raises(RecipeError, match="choose one of none, int8, int4, w8a8, w4a8"):
         weight_format("fp4")
 
 

@@ -241,7 +241,7 @@ def test_scheme_registry_names_the_choices() -> None:
     assert get_scheme("int8").kernels == ("int8_linear",)
     with pytest.raises(
         RecipeError,
-        match="unknown quantization scheme 'int3'; choose none or int8, w8a8, int4, gptq, awq",
+        match="unknown quantization scheme 'int3'; choose none or int8, w8a8, int4, w4a8, gptq, awq",
     ):
         get_scheme("int3")
 

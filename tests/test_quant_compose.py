@@ -20,6 +20,7 @@ from common.quant.calibrated import AWQ, GPTQ
 from common.quant.data import byte_encoder, default_texts, token_blocks
 from common.quant.int4 import Int4WeightOnly
 from common.quant.int8 import Int8WeightOnly
+from common.quant.w4a8 import W4A8
 from common.transforms.calibrate import layerwise
 from models.llama import LlamaForCausalLM
 
@@ -29,6 +30,7 @@ NEW = 6
 SCHEMES = {
     "int8": Int8WeightOnly(),
     "int4": Int4WeightOnly(32),
+    "w4a8": W4A8(32),
     "gptq": GPTQ(4, 32, act_order=True),
     "awq": AWQ(32, 5),
 }

@@ -53,7 +53,7 @@ def _quantized(weights: str, dtype=torch.float32, **quant):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("weights", ["int8", "w8a8"])
+@pytest.mark.parametrize("weights", ["int8", "w8a8", "w4a8"])
 def test_save_load_gives_identical_logits(tmp_path, weights, dtype):
     model = _quantized(weights, dtype)
     src = tmp_path / "float"

@@ -1,12 +1,25 @@
 """W4A8: the int4 x int8 kernel against the reference math, and the scheme on the tiny LLaMA."""
 
+import dataclasses
+
 import pytest
 import torch
+from omegaconf import OmegaConf
+from torch import nn
 
 from common import ops
+from common.core.errors import RecipeError
+from common.io.checkpoint import from_seed
 from common.ops.library import loads, registered
 from common.ops.w4a8_linear import pack, reference, unpack, w4a8_linear, w4a8_vnni
 from common.ops.w8a8_linear import quantize_rows
+from common.quant.int4 import Int4Embedding, Int4Linear, Int4WeightOnly
+from common.quant.scheme import configured_scheme
+from common.quant.w4a8 import W4A8, W4A8Linear
+from common.transforms.forwards import forwards
+from common.transforms.registry import apply_transforms
+from models.llama import LlamaForCausalLM
+from tests.tiny import TINY_LLAMA, random_batches, recipe_config
 
 needs_vnni = pytest.mark.skipif(not loads("int4_vnni"), reason="this CPU has no AVX512-VNNI")
 ROWS = [1, 3, 8, 17]  # one row, a register-block tail, a full block, blocks and a tail
@@ -147,3 +160,131 @@ def test_dispatch_runs_a_measured_or_pinned_choice(own_choices):
     ops.pin({"w4a8_linear": other})
     assert torch.equal(w4a8_linear(*args), want[other])
     assert f"{other} (pinned)" in ops.chosen()[label]
+
+
+# --- the scheme on the tiny LLaMA ---------------------------------------------------------
+
+
+def _tiny(tie: bool = False, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    args = dataclasses.replace(TINY_LLAMA, tie_word_embeddings=tie)
+    return from_seed(LlamaForCausalLM, args, 0, "cpu", dtype)
+
+
+def _transformed(weights: str, tie: bool = False, dtype=torch.float32, **quant):
+    """The tiny model through the recipe's transforms (fusion included) with these opts."""
+    cfg = recipe_config(
+        {"quant": {"weights": weights, **quant}, "fusion": {"projections": weights != "none"}}
+    )
+    return apply_transforms(_tiny(tie, dtype), cfg)
+
+
+def _logits(model) -> torch.Tensor:
+    (run,) = forwards(random_batches(TINY_LLAMA.vocab_size, 1, 24, seed=1))
+    with torch.no_grad():
+        return run(model).float()
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_weights_are_int4s_and_a_tied_head_stays_weight_only(tie):
+    """Same q, scales and zeros as the int4 scheme for every matrix (so the same checkpoint
+    tensors); embeddings and a tied head are int4 modules sharing one table."""
+    int4 = Int4WeightOnly(32).quantize(_tiny(tie))
+    w4a8 = W4A8(32).quantize(_tiny(tie))
+    mods = dict(w4a8.named_modules())
+    linears = [n for n, m in mods.items() if isinstance(m, W4A8Linear)]
+    assert len(linears) == 7 * TINY_LLAMA.num_hidden_layers + (not tie)
+    assert not any(isinstance(m, (nn.Linear, nn.Embedding)) for m in w4a8.modules())
+    assert isinstance(w4a8.model.embed_tokens, Int4Embedding)
+    if tie:
+        assert isinstance(w4a8.lm_head, Int4Linear)
+        assert w4a8.lm_head.weight_packed is w4a8.model.embed_tokens.weight_packed
+    ref = Int4WeightOnly(32).state_dict(int4)
+    state = W4A8(32).state_dict(w4a8)
+    assert state.keys() == ref.keys()
+    assert all(torch.equal(state[k], ref[k]) for k in ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_and_tokens_close_to_int4(dtype):
+    """w4a8 differs from int4 only by rounding each activation row to 255 levels of its own
+    max|x|: a relative error per linear of about max|x| / (127 sqrt(12) rms(x)), under 1% for
+    these rows. So its logits stay within 2% of int4's, a small fraction of what rounding the
+    weights to 4 bits costs against float, and the greedy tokens match int4's."""
+    ref = _logits(_transformed("none", dtype=dtype))
+    int4 = _logits(_transformed("int4", dtype=dtype))
+    w4a8 = _logits(_transformed("w4a8", dtype=dtype))
+    assert _rel(w4a8, int4) < 0.02
+    assert _rel(w4a8, int4) < 0.2 * _rel(int4, ref)
+    assert (w4a8.argmax(-1) == int4.argmax(-1)).float().mean() >= 0.9
+
+
+def test_greedy_generation_matches_int4():
+    from common.core.request import Request
+    from common.device.select import Device
+    from common.engine.engine import Engine
+    from common.kv.spec import KVSpec
+
+    prompts = ([5, 17, 33, 8, 61, 22, 9], [40, 3], [12, 70, 44, 19, 88])
+
+    def generate(model) -> list[list[int]]:
+        engine = Engine(model, Device("cpu"), KVSpec("contiguous"), "flash")
+        return [c.tokens for c in engine.generate([Request(list(p), 8) for p in prompts])]
+
+    assert generate(_transformed("w4a8")) == generate(_transformed("int4"))
+
+
+def test_options_skip_and_group_size():
+    model = _transformed("w4a8", group_size=64, skip=["lm_head", "layers.0.mlp"])
+    assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is Int4Embedding
+    assert type(model.model.layers[0].mlp.gate_up_proj) is nn.Linear
+    assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
+    assert all(
+        m.group_size == 64 for m in model.modules() if isinstance(m, (W4A8Linear, Int4Embedding))
+    )
+    scheme = configured_scheme(OmegaConf.create({"weights": "w4a8", "group_size": 32}))
+    assert scheme.group_size == 32 and scheme.quantization_config()["activations"] == {
+        "bits": 8,
+        "dynamic": True,
+        "granularity": "per_token",
+    }
+    with pytest.raises(RecipeError, match="quant.group_size must be one of 32, 64, 128, got 48"):
+        W4A8(48)
+
+
+def test_checkpoint_roundtrip_and_checks(tmp_path):
+    """quant.save then model.path: the same logits, a tied table shared again, the int4
+    scheme's tensors; another scheme's or a mismatched checkpoint is a clear error."""
+    from safetensors.torch import load_file, save_file
+
+    from common.io.quantized import load_quantized, save_quantized
+
+    model = _transformed("w4a8", tie=True, group_size=32)
+    scheme = configured_scheme(OmegaConf.create({"weights": "w4a8", "group_size": 32}))
+    out = save_quantized(model, scheme, tmp_path / "q", None, True)
+    loaded = load_quantized(LlamaForCausalLM, out, "cpu", torch.float32)
+    assert loaded.quantization_config["scheme"] == "w4a8"
+    assert loaded.lm_head.weight_packed is loaded.model.embed_tokens.weight_packed
+    assert type(loaded.model.layers[0].mlp.down_proj) is W4A8Linear
+    assert torch.equal(_logits(loaded), _logits(model))
+    with pytest.raises(RecipeError, match="is not the w4a8 scheme"):
+        scheme.load_state_dict(_tiny(True), scheme.state_dict(model), {"scheme": "int4"})
+
+    state = load_file(out / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.scales"
+    save_file({**state, name: state[name][:, :1].contiguous()}, out / "model.safetensors")
+    with pytest.raises(RecipeError, match=rf"{name} \(32, 1\), expected \(32, 2\)"):
+        load_quantized(LlamaForCausalLM, out, "cpu", torch.float32)
+
+
+@needs_vnni
+def test_compile_traces_through_the_w4a8_module(own_choices):
+    """torch.compile(fullgraph) sees the op as one node (its fake impl gives the shape)."""
+    down = W4A8(32).quantize(_tiny()).model.layers[0].mlp.down_proj
+    ops.pin({"w4a8_linear": "vnni"})
+    x = torch.randn(3, down.in_features)
+    compiled = torch.compile(down, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), down(x))

@@ -3,7 +3,8 @@
 `hf`: transformers' generate() (dynamic cache, its default attention), greedy or with the
 same sampling parameters; per-token times come from a generation streamer.
 `llama_cpp`: llama.cpp (llama-cpp-python) on a GGUF of our weights, at the format matching
-the row's quantization (the model's dtype, q8_0 for int8, q4_0 for int4), one sequence at a time.
+the row's quantization (the model's dtype, q8_0 for int8 and w8a8, q4_0 for int4 and w4a8),
+one sequence at a time.
 `vllm`: vLLM's CPU backend on our weights as an HF checkpoint, with max_num_seqs = our max
 batch, from its own virtualenv. Both run in their own process (common/bench/peer_process.py);
 neither is a dependency: a missing one is one line naming its install command.
@@ -36,7 +37,7 @@ INSTALL = {
     "vllm": "scripts/install_peers.sh vllm",
 }
 # quant.weights -> the llama.cpp format a llama.cpp user would pick for it
-GGUF_QUANT = {"int8": "q8_0", "w8a8": "q8_0", "int4": "q4_0"}
+GGUF_QUANT = {"int8": "q8_0", "w8a8": "q8_0", "int4": "q4_0", "w4a8": "q4_0"}
 GGUF_DTYPE = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
 VLLM_PYTHON = Path("~/.cache/llm-recipes/venv-vllm/bin/python")
 

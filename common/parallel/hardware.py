@@ -45,9 +45,10 @@ class Hardware:
         return self.devices_per_node * self.nodes
 
     def compute(self, dtype: torch.dtype, scheme: str = "none") -> float:
-        """FLOP/s of the matmuls: int8 tensor cores for W8A8, the activation dtype otherwise
-        (weight-only schemes dequantize into it)."""
-        key = "int8" if scheme == "w8a8" and "int8" in self.flops else DTYPE_NAMES[dtype]
+        """FLOP/s of the matmuls: int8 tensor cores for W8A8 and W4A8 (int8 activations), the
+        activation dtype otherwise (weight-only schemes dequantize into it)."""
+        int8 = scheme in ("w8a8", "w4a8") and "int8" in self.flops
+        key = "int8" if int8 else DTYPE_NAMES[dtype]
         if key not in self.flops:
             raise RecipeError(f"hardware {self.name} gives no {key} FLOP/s; add flops.{key}")
         return self.flops[key]

@@ -14,11 +14,13 @@ their kernels take:
 - w8a8 (SmoothQuant): the int8 layout (weights and a scale per output row in the model dtype,
   embeddings weight-only int8); activations are quantized per token on the fly. Explicit
   smoothing vectors ([K] where a linear's input is not a norm's output) are not counted.
+- w4a8: int4's layout and bytes (the same q, scales and zeros; rows padded to 64 input
+  channels rather than to the group, not counted); activations are quantized per token.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -66,14 +68,20 @@ def int4(group_size: int = 128) -> WeightFormat:
     return WeightFormat("int4", bits=4, group_size=group_size, zero_point=True, embeddings=True)
 
 
-SCHEME_NAMES = ("none", "int8", "int4", "w8a8")
+def w4a8(group_size: int = 128) -> WeightFormat:
+    return replace(int4(group_size), name="w4a8")
+
+
+SCHEME_NAMES = ("none", "int8", "int4", "w8a8", "w4a8")
 
 
 def weight_format(name: str, group_size: int = 128) -> WeightFormat:
-    """The format of a weight scheme by its quant.weights name (group_size: int4 only)."""
+    """The format of a weight scheme by its quant.weights name (group_size: int4, w4a8)."""
     formats = {"none": FLOAT, "bf16": FLOAT, "int8": INT8, "w8a8": W8A8}
     if name == "int4":
         return int4(group_size)
+    if name == "w4a8":
+        return w4a8(group_size)
     if name not in formats:
         raise RecipeError(
             f"unknown weight scheme {name!r}; choose one of {', '.join(SCHEME_NAMES)}"

@@ -93,13 +93,18 @@ def pad_groups(w: Tensor, group_size: int) -> Tensor:
     return torch.cat([w, w[:, -1:].expand(n, pad)], 1) if pad else w
 
 
-def quantize_rtn(weight: Tensor, group_size: int) -> Int4Table:
-    """Round to nearest, group-wise. The last group of a K that group_size does not divide is
-    quantized over its real columns only."""
+def rtn(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Round to nearest, group-wise: (q [N, K] uint8 0..15, scales, zeros [N, ceil(K/g)] in the
+    weight's dtype). The last group of a K that group_size does not divide is quantized over
+    its real columns only."""
     k = weight.shape[1]
     w = pad_groups(weight.detach().float(), group_size)
     scales, zeros = group_params(w, group_size, weight.dtype)
-    return Int4Table.build(round_to_grid(w, scales, zeros)[:, :k], scales, zeros, group_size)
+    return round_to_grid(w, scales, zeros)[:, :k], scales, zeros
+
+
+def quantize_rtn(weight: Tensor, group_size: int) -> Int4Table:
+    return Int4Table.build(*rtn(weight, group_size), group_size)
 
 
 class Int4Linear(nn.Module):

@@ -18,6 +18,7 @@ from common.quant.calibrated import AWQ, GPTQ
 from common.quant.formats import WeightFormat
 from common.quant.int4 import Int4WeightOnly
 from common.quant.int8 import Int8WeightOnly
+from common.quant.w4a8 import W4A8
 from common.quant.w8a8 import W8A8
 
 
@@ -56,7 +57,7 @@ class QuantScheme(Protocol):
 
 
 SCHEMES: dict[str, QuantScheme] = {
-    s.name: s for s in (Int8WeightOnly(), W8A8(), Int4WeightOnly(), GPTQ(), AWQ())
+    s.name: s for s in (Int8WeightOnly(), W8A8(), Int4WeightOnly(), W4A8(), GPTQ(), AWQ())
 }
 
 
