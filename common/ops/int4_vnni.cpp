@@ -35,40 +35,28 @@ inline __m512i unpack(const uint8_t* w) {
   return _mm512_and_si512(hi, _mm512_set1_epi8(0x0F));
 }
 
-// What one step of input channels (a group, or a chunk of two groups of 32) has in common.
-struct Steps {
-  int64_t chunks;   // chunks per step: g / 64, or 1 for g = 32
-  int64_t groups;   // groups per step: 1, or 2 for g = 32
-  __m512i lanes;    // which of the step's groups each int32 lane's channels belong to
-};
-
-inline Steps steps(int64_t group) {
-  if (group == 32)  // lanes 0-7 hold channels 0-31 of the chunk, lanes 8-15 channels 32-63
-    return {1, 2, _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)};
-  return {group / KB, 1, _mm512_setzero_si512()};
-}
-
 // MB activation rows (q [MB, Kp], scales xs, group sums qsum [MB, Gq]) against weight row w of
-// output n with its scales s and zeros z [G], all accumulators in registers.
-template <int MB, class T>
+// output n with its scales s and zeros z [G], all accumulators in registers. A step is a group
+// of g >= 64 channels (`chunks` = g / 64 chunks) or, for g = 32 (PAIR), one chunk of two
+// groups: int32 lanes 0-7 hold its channels 0-31, lanes 8-15 channels 32-63.
+template <int MB, bool PAIR, class T>
 inline void rows(const int8_t* q, const float* xs, const int32_t* qsum, int64_t Gq,
                  const uint8_t* w, const T* s, const T* z, T* y, int64_t n, int64_t N, int64_t C,
-                 int64_t G, const Steps& st) {
+                 int64_t G, int64_t chunks) {
   const int64_t Kp = C * KB;
   __m512 facc[MB];
   for (int i = 0; i < MB; ++i) facc[i] = _mm512_setzero_ps();
-  for (int64_t c = 0, g = 0; c < C; c += st.chunks, g += st.groups) {
+  for (int64_t c = 0, g = 0; c < C; c += chunks, g += PAIR ? 2 : 1) {
     __m512i acc[MB];
     for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_si512();
-    for (int64_t cc = c; cc < std::min(c + st.chunks, C); ++cc) {
+    for (int64_t cc = c; cc < std::min(c + chunks, C); ++cc) {
       const __m512i wv = unpack(w + cc * (KB / 2));
       for (int i = 0; i < MB; ++i)  // q is zero-padded to Kp
         acc[i] = _mm512_dpbusd_epi32(acc[i], wv, _mm512_loadu_si512(q + i * Kp + cc * KB));
     }
-    // The step's scales in their lanes (g = 32, odd G: the last group past G reads 0; its
-    // channels are padding, zero in q anyway).
-    const __mmask16 mk = tail16(G - g) & ((1 << st.groups) - 1);
-    const __m512 sv = _mm512_permutexvar_ps(st.lanes, load16(s + g, mk));
+    __m512 sv = _mm512_set1_ps(to_f32(s[g]));
+    if constexpr (PAIR)  // an odd G's last chunk: its second group is padding, zero in q
+      sv = _mm512_insertf32x8(sv, _mm256_set1_ps(g + 1 < G ? to_f32(s[g + 1]) : 0.f), 1);
     for (int i = 0; i < MB; ++i)
       facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i]), sv, facc[i]);
   }
@@ -83,32 +71,44 @@ inline void rows(const int8_t* q, const float* xs, const int32_t* qsum, int64_t 
   for (int i = 0; i < MB; ++i) store(_mm512_reduce_add_ps(facc[i]) * xs[i], y + i * N + n);
 }
 
-template <class T>
-void linear(const T* x, const uint8_t* w, const T* scales, const T* zeros, T* y, int64_t M,
-            int64_t N, int64_t K, int64_t group, int nthreads) {
+template <bool PAIR, class T>
+void mm(const QuantRows& r, const uint8_t* w, const T* scales, const T* zeros, T* y, int64_t M,
+        int64_t N, int64_t K, int64_t group, int nthreads) {
   constexpr int MB = 8;
   const int64_t C = (K + KB - 1) / KB, Kp = C * KB, G = (K + group - 1) / group;
   const int64_t Gq = (Kp + group - 1) / group;  // group sums per quantized row (>= G)
-  const QuantRows& r = quantize(x, (const T*)nullptr, M, K, Kp, group, nthreads);
+  const int64_t chunks = PAIR ? 1 : group / KB;
   const int8_t* q = r.q.data();
   const float* xs = r.scale.data();
   const int32_t* qsum = r.qsum.data();
-  const Steps st = steps(group);
   for_each_weight_row(w, N, C * (KB / 2), nthreads, [&](const uint8_t* wn, int64_t n) {
     const T *s = scales + n * G, *z = zeros + n * G;
     int64_t m = 0;
     for (; m + MB <= M; m += MB)
-      rows<MB>(q + m * Kp, xs + m, qsum + m * Gq, Gq, wn, s, z, y + m * N, n, N, C, G, st);
+      rows<MB, PAIR>(q + m * Kp, xs + m, qsum + m * Gq, Gq, wn, s, z, y + m * N, n, N, C, G,
+                     chunks);
     switch (M - m) {  // the last rows, fewer than MB
 #define TAIL(R)                                                                                \
   case R:                                                                                      \
-    rows<R>(q + m * Kp, xs + m, qsum + m * Gq, Gq, wn, s, z, y + m * N, n, N, C, G, st);       \
+    rows<R, PAIR>(q + m * Kp, xs + m, qsum + m * Gq, Gq, wn, s, z, y + m * N, n, N, C, G,      \
+                  chunks);                                                                     \
     break;
       TAIL(1) TAIL(2) TAIL(3) TAIL(4) TAIL(5) TAIL(6) TAIL(7)
 #undef TAIL
       default: break;
     }
   });
+}
+
+template <class T>
+void linear(const T* x, const uint8_t* w, const T* scales, const T* zeros, T* y, int64_t M,
+            int64_t N, int64_t K, int64_t group, int nthreads) {
+  const int64_t Kp = (K + KB - 1) / KB * KB;
+  const QuantRows& r = quantize(x, (const T*)nullptr, M, K, Kp, group, nthreads);
+  if (group == 32)
+    mm<true>(r, w, scales, zeros, y, M, N, K, group, nthreads);
+  else
+    mm<false>(r, w, scales, zeros, y, M, N, K, group, nthreads);
 }
 }  // namespace
 
