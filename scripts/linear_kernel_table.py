@@ -2,12 +2,15 @@
 chooses between.
 
     python scripts/linear_kernel_table.py [--scale small] [--rows 1,2,4,8,16] [--rounds 15]
+        [--group-size 128]
 
 One pass runs every weight matrix of the preset once (q/k/v and gate/up stacked, as `fuse`
 and `int8` do, plus the LM head) at one row count: the matmuls of one decode step. Every
 implementation that runs here of the float op `bf16_linear`, the weight-only `int8_linear`
-and the int8 x int8 `w8a8_linear` (its time includes quantizing the activations) gets a row.
-All layers' weights together exceed the L3, so passes read them from DRAM as a real step
+and `int4_linear` (groups of --group-size), and the int8 x int8 `w8a8_linear` and int4 x
+int8 `w4a8_linear` (their times include quantizing the activations) gets a row, except the
+int4 ops' portable fallbacks (SLOW: they unpack each weight in torch on every call, seconds
+per step, and lose to any kernel that runs). All layers' weights together exceed the L3, so passes read them from DRAM as a real step
 does; timing one matrix in a loop would measure the cache instead. Passes of all kernels are
 interleaved; median (min-max) over the rounds. GB/s is weight bytes over time, next to a
 streaming read of a buffer the size of the bf16 weights. Writes
@@ -27,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -36,9 +40,15 @@ from common.device.select import Device  # noqa: E402
 from common.io.presets import preset_args  # noqa: E402
 from common.ops.bf16_linear import bf16_linear  # noqa: E402
 from common.ops.dispatch import Op  # noqa: E402
+from common.ops.int4_linear import ROW_ALIGN, int4_linear  # noqa: E402
+from common.ops.int4_linear import pack as int4_pack  # noqa: E402
 from common.ops.int8_linear import int8_linear  # noqa: E402
+from common.ops.w4a8_linear import pack as w4a8_pack  # noqa: E402
+from common.ops.w4a8_linear import w4a8_linear  # noqa: E402
 from common.ops.w8a8_linear import w8a8_linear  # noqa: E402
 from models.llama import LlamaForCausalLM  # noqa: E402
+
+SLOW = {"int4_linear dequant_mm", "w4a8_linear reference"}
 
 
 def step_shapes(a) -> list[tuple[int, int]]:
@@ -58,6 +68,7 @@ def main() -> None:
     p.add_argument("--scale", default="small")
     p.add_argument("--rows", default="1,2,4,8,16")
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--group-size", type=int, default=128, help="int4 and w4a8 groups")
     p.add_argument("--out", type=Path, default=ROOT / "results/llama65b/cpu/linear_kernels")
     args = p.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
@@ -65,33 +76,50 @@ def main() -> None:
     mcfg.scale = args.scale
     shapes = step_shapes(preset_args(mcfg, LlamaForCausalLM))
     torch.manual_seed(0)  # random values: timing only
-    bf16 = [(torch.randn(n, k, dtype=torch.bfloat16), None) for n, k in shapes]
-    int8 = [
-        (torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n, dtype=torch.bfloat16))
-        for n, k in shapes
+    g = args.group_size
+    bf16, int8, int4, w4a8 = [], [], [], []  # per matrix: (input width, weight tensors)
+    smooth: list[tuple] = []  # w8a8's smoothing multiplier, per matrix
+    for n, k in shapes:
+        bf16.append((k, (torch.randn(n, k, dtype=torch.bfloat16),)))
+        w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        int8.append((k, (w8, torch.rand(n, dtype=torch.bfloat16))))
+        # o_proj / down_proj carry it; timing it on every matrix is the upper bound (the
+        # multiply rides on the quantization pass)
+        smooth.append((torch.rand(k, dtype=torch.bfloat16) + 0.5,))
+        q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+        groups = -(-k // g)
+        scales, zeros = torch.rand(2, n, groups, dtype=torch.bfloat16) / 50
+        # int4_linear: rows padded to 16 and the input to whole groups, as Int4Linear stores them
+        n16 = -(-n // ROW_ALIGN) * ROW_ALIGN
+        packed = int4_pack(F.pad(q, (0, groups * g - k, 0, n16 - n), value=8))
+        sz = torch.stack([scales, zeros], -1).transpose(0, 1)
+        sz = F.pad(sz, (0, 0, 0, n16 - n)).contiguous()
+        int4.append((groups * g, (packed, sz)))
+        w4a8.append((k, (w4a8_pack(q), scales, zeros)))
+    none = [()] * len(shapes)
+    ops: list[tuple[Op, list[tuple[int, tuple]], list[tuple]]] = [  # op, weights, extra args
+        (bf16_linear, bf16, [(None,)] * len(shapes)),  # no bias
+        (int8_linear, int8, none),
+        (w8a8_linear, int8, smooth),
+        (int4_linear, int4, [(g,)] * len(shapes)),
+        (w4a8_linear, w4a8, [(g,)] * len(shapes)),
     ]
-    smooth = {k: torch.rand(k, dtype=torch.bfloat16) + 0.5 for _, k in shapes}
-    inputs = {(m, k): torch.randn(m, k, dtype=torch.bfloat16) for m in rows for _, k in shapes}
-    # o_proj / down_proj carry w8a8's smoothing multiplier; timing it on every matrix is the
-    # upper bound (the multiply rides on the quantization pass).
-    ops: list[tuple[Op, list, Callable[[int], tuple]]] = [
-        (bf16_linear, bf16, lambda k: ()),
-        (int8_linear, int8, lambda k: ()),
-        (w8a8_linear, int8, lambda k: (smooth[k],)),
-    ]
+    widths = {width for weights in (bf16, int4) for width, _ in weights}
+    inputs = {(m, k): torch.randn(m, k, dtype=torch.bfloat16) for m in rows for k in widths}
     kernels: dict[str, tuple[int, Callable[[int], Callable[[], None]]]] = {}
-    for op, weights, extra in ops:
-        nbytes = sum(w.numel() * w.element_size() + (0 if s is None else s.numel() * 2)
-                     for w, s in weights)  # fmt: skip
+    for op, weights, extras in ops:
+        nbytes = sum(t.nbytes for _, tensors in weights for t in tensors)
+        calls = [(k, (*tensors, *extra)) for (k, tensors), extra in zip(weights, extras)]
         for impl in op.impls.values():
-            calls = [(w, s, *extra(w.shape[1])) for w, s in weights]
-            if impl.available("cpu", torch.bfloat16) and all(
-                impl.allows((inputs[1, c[0].shape[1]], *c)) for c in calls
+            if (
+                f"{op.name} {impl.name}" not in SLOW
+                and impl.available("cpu", torch.bfloat16)
+                and all(impl.allows((inputs[1, k], *c)) for k, c in calls)
             ):
                 fn = impl.fn
 
                 def make(m: int, fn=fn, calls=calls) -> Callable[[], None]:
-                    return lambda: [fn(inputs[m, c[0].shape[1]], *c) for c in calls]
+                    return lambda: [fn(inputs[m, k], *c) for k, c in calls]
 
                 kernels[f"{op.name} {impl.name}"] = (nbytes, make)
     runs = {(name, m): make(m) for name, (_, make) in kernels.items() for m in rows}
@@ -124,7 +152,8 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, torch {torch.__version__}",
         f"- per cell: ms per step, median (min–max) of {args.rounds} interleaved rounds; weight "
         "bytes / time; speed vs bf16 F.linear (`bf16_linear torch`) at the same rows. "
-        "w8a8 includes quantizing the activations",
+        "w8a8 and w4a8 include quantizing the activations; int4 and w4a8 in groups of "
+        f"{g}",
         f"- streaming read of a {kernels['bf16_linear torch'][0] / 1e6:.0f} MB buffer (the "
         f"bf16 weights): {stream / 1e9:.1f} GB/s",
         "",

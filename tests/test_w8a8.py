@@ -251,7 +251,9 @@ def test_kernel_table_times_every_linear_kernel_per_rows(tmp_path):
     assert run.returncode == 0, run.stderr.decode()
     ms = json.loads(out.with_suffix(".json").read_text())["ms"]
     assert {"bf16_linear torch", "int8_linear cpp_matvec", "w8a8_linear int_mm"} <= set(ms)
+    assert "int4_linear int4pack_mm" in ms and "w4a8_linear reference" not in ms  # too slow
     assert ("w8a8_linear vnni" in ms) == loads("int8_vnni")
+    assert ("w4a8_linear vnni" in ms) == loads("int4_vnni")
     assert ("bf16_linear cpp_bf16dot" in ms) == loads("bf16dot")
     assert all(set(row) == {"1", "3"} and min(row.values()) > 0 for row in ms.values())
 
