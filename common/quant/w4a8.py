@@ -3,8 +3,9 @@ int8 products accumulated in int32 (llama.cpp's q4_0, whose matmuls take q8_0 ac
 
 The weights are rounded exactly as `int4` rounds them (same q, scales and zeros; only the
 layout differs, common/ops/w4a8_linear.py), so w4a8 differs from int4 by the activations'
-rounding alone: each row to 255 levels of its own max|x|, as w8a8 rounds it. No smoothing:
-a group's scale already follows its weights, and llama.cpp's q4_0 x q8_0 does without.
+rounding alone: each row to 255 levels of its own max|x|, as w8a8 rounds it. No smoothing,
+as q4_0 x q8_0 has none; but one scale per token lets an outlier channel coarsen its whole
+row (what w8a8's smoothing is for), where q8_0 scales each block of 32 activations.
 
 Embeddings and a LM head tied to them stay weight-only int4 (one shared table, as the int4
 scheme has it): the head's input feeds the logits directly and a lookup has no matmul to speed.
