@@ -210,12 +210,19 @@ smol=$HOME/.cache/llm-recipes/SmolLM2-135M-Instruct
 python scripts/get_checkpoint.py smollm2-135m-instruct
 python $llama model.path="$smol" workload=chat workload.max_new_tokens=32 "bench.variants=$smol_rows" \
   bench.rounds=1 bench.warmup=0 bench.results_dir=results/quant/smollm2
+# GPTQ and AWQ at group 128 with today's defaults (act-order, 128 calibration blocks; the
+# table above predates them), each with the LM head in float as AutoGPTQ/AutoAWQ leave it, and
+# w4a8 next to int4 (the same integers, int8 activations).
+python $llama model.path="$smol" workload=chat workload.max_new_tokens=32 \
+  "bench.variants=[[int4],[w4a8],[gptq],[gptq,'quant.skip=[lm_head]'],[awq],[awq,'quant.skip=[lm_head]']]" \
+  bench.rounds=1 bench.warmup=0 bench.results_dir=results/quant/smollm2
 # The scheme rows on the seeded small preset, batch 1, two rounds (speed at LLaMA-65B's shape
 # ratios; perplexity needs real weights).
 quant_rows="[[int8],[int4],[int4,'quant.group_size=32'],[gptq],[gptq,'quant.act_order=true'],[awq],[awq,'quant.skip=[lm_head]'],[w8a8],[w8a8,'quant.smooth=false'],[int8,kv_int8]]"
 python $llama "bench.variants=$quant_rows" bench.rounds=2 bench.results_dir=results/quant/small
-# int4 at group 128 and 32 (and compiled) against llama.cpp's q4_0 on the same seeded weights.
-python $llama bench.peers=[llama_cpp] bench.rounds=2 "bench.variants=[[int4],[int4,'quant.group_size=32'],[flash_attn,int4,fuse,compile]]"
+# int4 at group 128 and 32 (and compiled), and w4a8 (int8 activations, q4_0's product), against
+# llama.cpp's q4_0 on the same seeded weights.
+python $llama bench.peers=[llama_cpp] bench.rounds=2 "bench.variants=[[int4],[int4,'quant.group_size=32'],[flash_attn,int4,fuse,compile],[w4a8],[flash_attn,w4a8,fuse,compile]]"
 # Which modules int4 hurts most on the real model (suggests quant.skip).
 python scripts/quant_sensitivity.py --model-path "$smol" --scheme int4
 
