@@ -124,6 +124,10 @@ python scripts/plan_validate.py
 # Where the decode step's time goes: kernel calls per step, step time and tok/s, time inside
 # vs outside ops, and the per-op breakdown, unfused / fused / compiled (~10 min).
 python scripts/decode_profile.py model.scale=small
+# The same for the int4 family: int4 (torch's int4 kernel, bf16 activations) against w4a8
+# (our VNNI kernel, int8 activations), eager and compiled.
+python scripts/decode_profile.py --variants "int4;w4a8;flash_attn,int4,fuse,compile;flash_attn,w4a8,fuse,compile" \
+  --out results/llama65b/cpu/decode_profile_int4 model.scale=small
 # The issue's numbers, every row in one run, with the llama.cpp peer (bf16 against the bf16
 # rows, q8_0 against the int8 ones): fuse, our own bf16 kernel (fast_linear), compile, and
 # weight-only vs activation-quantized int8; compile time has its own column (~10 min).
@@ -222,7 +226,7 @@ quant_rows="[[int8],[int4],[int4,'quant.group_size=32'],[gptq],[gptq,'quant.act_
 python $llama "bench.variants=$quant_rows" bench.rounds=2 bench.results_dir=results/quant/small
 # int4 at group 128 and 32 (and compiled), and w4a8 (int8 activations, q4_0's product), against
 # llama.cpp's q4_0 on the same seeded weights.
-python $llama bench.peers=[llama_cpp] bench.rounds=2 "bench.variants=[[int4],[int4,'quant.group_size=32'],[flash_attn,int4,fuse,compile],[w4a8],[flash_attn,w4a8,fuse,compile]]"
+python $llama bench.peers=[llama_cpp] bench.rounds=3 "bench.variants=[[int4],[int4,'quant.group_size=32'],[flash_attn,int4,fuse,compile],[w4a8],[flash_attn,w4a8,fuse,compile]]"
 # Which modules int4 hurts most on the real model (suggests quant.skip).
 python scripts/quant_sensitivity.py --model-path "$smol" --scheme int4
 
