@@ -83,11 +83,7 @@ class W4A8Linear(nn.Module):
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
 
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"group_size={self.group_size}, bias={self.bias is not None}"
-        )
+    extra_repr = Int4Linear.extra_repr  # the same attributes
 
 
 class W4A8(Int4WeightOnly):
