@@ -9,9 +9,10 @@ and `int8` do, plus the LM head) at one row count: the matmuls of one decode ste
 implementation that runs here of the float op `bf16_linear`, the weight-only `int8_linear`
 and `int4_linear` (groups of --group-size), and the int8 x int8 `w8a8_linear` and int4 x
 int8 `w4a8_linear` (their times include quantizing the activations) gets a row, except the
-int4 ops' portable fallbacks (SLOW: they unpack each weight in torch on every call, seconds
-per step, and lose to any kernel that runs). All layers' weights together exceed the L3, so passes read them from DRAM as a real step
-does; timing one matrix in a loop would measure the cache instead. Passes of all kernels are
+int4 ops' portable fallbacks (slow: they unpack each weight in torch on every call, seconds
+per step, and lose to any kernel that runs). All layers' weights together exceed the L3, so
+passes read them from DRAM as a real step does; timing one matrix in a loop would measure the
+cache instead. Passes of all kernels are
 interleaved; median (min-max) over the rounds. GB/s is weight bytes over time, next to a
 streaming read of a buffer the size of the bf16 weights. Writes
 results/llama65b/cpu/linear_kernels.{md,json} atomically.
