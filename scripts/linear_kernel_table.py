@@ -12,10 +12,9 @@ int8 `w4a8_linear` (their times include quantizing the activations) gets a row, 
 int4 ops' portable fallbacks (slow: they unpack each weight in torch on every call, seconds
 per step, and lose to any kernel that runs). All layers' weights together exceed the L3, so
 passes read them from DRAM as a real step does; timing one matrix in a loop would measure the
-cache instead. Passes of all kernels are
-interleaved; median (min-max) over the rounds. GB/s is weight bytes over time, next to a
-streaming read of a buffer the size of the bf16 weights. Writes
-results/llama65b/cpu/linear_kernels.{md,json} atomically.
+cache instead. Passes of all kernels are interleaved; median (min-max) over the rounds. GB/s
+is weight bytes over time, next to a streaming read of a buffer the size of the bf16 weights.
+Writes results/llama65b/cpu/linear_kernels.{md,json} atomically.
 """
 
 from __future__ import annotations

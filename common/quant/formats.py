@@ -77,11 +77,10 @@ SCHEME_NAMES = ("none", "int8", "int4", "w8a8", "w4a8")
 
 def weight_format(name: str, group_size: int = 128) -> WeightFormat:
     """The format of a weight scheme by its quant.weights name (group_size: int4, w4a8)."""
+    grouped = {"int4": int4, "w4a8": w4a8}
+    if name in grouped:
+        return grouped[name](group_size)
     formats = {"none": FLOAT, "bf16": FLOAT, "int8": INT8, "w8a8": W8A8}
-    if name == "int4":
-        return int4(group_size)
-    if name == "w4a8":
-        return w4a8(group_size)
     if name not in formats:
         raise RecipeError(
             f"unknown weight scheme {name!r}; choose one of {', '.join(SCHEME_NAMES)}"
