@@ -90,6 +90,22 @@ def test_cpu_choice_matches_dense(new_tokens):
     torch.testing.assert_close(out.double(), batch.dense(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("rows", [3, 20, 40])
+def test_cpp_decode_over_runs_of_kv_heads(rows):
+    """Decode tasks of the C++ kernel read runs of adjacent KV heads, as long as the rows and
+    threads allow (1, 2 and 3 of 3 heads at 2 threads: a run of 2 leaves a short last run)."""
+    g = torch.Generator().manual_seed(rows)
+    heads, kv_heads, blocks = 6, 3, 4 * rows
+    k_pool, v_pool = (torch.randn(blocks, BS, kv_heads, D, generator=g) for _ in "kv")
+    tables = torch.randperm(blocks, generator=g).view(rows, 4).int()
+    lens = torch.randint(1, 4 * BS + 1, (rows,), generator=g)
+    q = torch.randn(rows, heads, 1, D, generator=g)
+    meta = (tables, (lens - 1)[:, None], lens)
+    out = pa.paged_attention_cpp(q, k_pool, v_pool, *meta)
+    want = pa.paged_attention_reference(q, k_pool, v_pool, *meta)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kernel", ["reference", "cpp", "gather_sdpa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_int8_pools(kernel, dtype):
