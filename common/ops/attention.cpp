@@ -18,7 +18,7 @@ float f16_to_f32(uint16_t h) {  // kv scales; never negative, inf or nan
   return e ? std::ldexp(float(m | 1024), e - 25) : std::ldexp(float(m), -24);
 }
 constexpr int64_t QTILE = 16;  // queries of one row handled together (prefill)
-constexpr int64_t TASKS_PER_THREAD = 16;  // decode: enough tasks to balance unequal rows
+constexpr int64_t TASKS_PER_THREAD = 4;  // decode: few (long runs read whole tokens), enough to balance rows
 
 // e^x for x <= 0 (softmax weights once the max is subtracted) to about 1 ulp, in plain
 // arithmetic so that a loop of it vectorizes (std::exp does not without -ffast-math).
