@@ -9,17 +9,27 @@
 namespace {
 // One head row: channels [0, rot) rotated (the two halves, or adjacent pairs when
 // interleaved), the rest copied.
+// y[i] = x[i] * c[i] + r * s[i], each product and the sum rounded to T (as torch's ops do).
+template <class T>
+inline void rotate1(const T* x, T* y, const T* c, const T* s, int64_t i, float r) {
+  T a, b;
+  store(to_f32(x[i]) * to_f32(c[i]), &a);
+  store(r * to_f32(s[i]), &b);
+  store(to_f32(a) + to_f32(b), y + i);
+}
+
+// A loop per kind of channel, each without branches, so that each vectorizes.
 template <class T>
 void rotate_row(const T* x, T* y, const T* c, const T* s, int64_t dim, int64_t rot, bool inter) {
   const int64_t half = rot / 2;
-  for (int64_t i = 0; i < rot; ++i) {
-    float r;
-    if (inter) r = (i & 1) ? to_f32(x[i - 1]) : -to_f32(x[i + 1]);
-    else r = i < half ? -to_f32(x[i + half]) : to_f32(x[i - half]);
-    T a, b;
-    store(to_f32(x[i]) * to_f32(c[i]), &a);
-    store(r * to_f32(s[i]), &b);
-    store(to_f32(a) + to_f32(b), y + i);
+  if (inter) {
+    for (int64_t i = 0; i < rot; i += 2) {
+      rotate1(x, y, c, s, i, -to_f32(x[i + 1]));
+      rotate1(x, y, c, s, i + 1, to_f32(x[i]));
+    }
+  } else {
+    for (int64_t i = 0; i < half; ++i) rotate1(x, y, c, s, i, -to_f32(x[i + half]));
+    for (int64_t i = half; i < rot; ++i) rotate1(x, y, c, s, i, to_f32(x[i - half]));
   }
   for (int64_t i = rot; i < dim; ++i) y[i] = x[i];
 }
