@@ -107,6 +107,24 @@ def test_cpp_decode_over_runs_of_kv_heads(rows):
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("d", [32, 64, 128, 48])  # 48: no register path, the general loop
+@pytest.mark.parametrize("rows", [3, 5, 20])
+def test_cpp_bf16_decode_equals_its_fp32_math(rows, d):
+    """bf16 decode widens K/V rows in registers (D of 32, 64 or 128) instead of the fp32
+    copies the general loop makes: on the same bf16 values, the fp32 kernel's output to
+    within bf16 rounding, over runs of heads and query heads sharing a KV head."""
+    g = torch.Generator().manual_seed(rows + d)
+    heads, kv_heads, blocks = 6, 3, 4 * rows
+    k_pool, v_pool = (torch.randn(blocks, BS, kv_heads, d, generator=g).bfloat16() for _ in "kv")
+    tables = torch.randperm(blocks, generator=g).view(rows, 4).int()
+    lens = torch.randint(1, 4 * BS + 1, (rows,), generator=g)
+    q = torch.randn(rows, heads, 1, d, generator=g).bfloat16()
+    meta = (tables, (lens - 1)[:, None], lens)
+    out = pa.paged_attention_cpp(q, k_pool, v_pool, *meta)
+    want = pa.paged_attention_cpp(q.float(), k_pool.float(), v_pool.float(), *meta)
+    torch.testing.assert_close(out, want.bfloat16())
+
+
 @pytest.mark.parametrize("kernel", ["reference", "cpp", "gather_sdpa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_int8_pools(kernel, dtype):

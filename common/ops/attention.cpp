@@ -1,11 +1,15 @@
 // Decode/prefill attention over paged pools or dense caches, read in place through strides
-// (common/ops/attention.py).
+// (common/ops/attention.py). bf16 decode at head sizes 32, 64 and 128 has a path of its own
+// in AVX512 registers where the compiler targets AVX512 (decode_bf16).
 #include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#include <immintrin.h>
 
 #include "convert.h"
 #include "torch_op.h"
@@ -41,6 +45,100 @@ inline float exp_le0(float x) {
   return p * two_n;
 }
 
+// How many runs of adjacent kv heads a row's decode is cut into: enough for TASKS_PER_THREAD
+// tasks per thread, at most one per head.
+inline int64_t decode_chunks(int64_t B, int64_t Hkv, int nthreads) {
+  return std::clamp((TASKS_PER_THREAD * nthreads + B - 1) / B, int64_t{1}, Hkv);
+}
+
+// Online softmax over one block: scores s[0, n) become their weights e^(s - m) under the new
+// running max m; returns the factor that rescales what mx and sum held before (they move on).
+inline float softmax_block(float* s, int64_t n, float& mx, float& sum) {
+  float m = mx, block_sum = 0.f;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, s[i]);
+  for (int64_t i = 0; i < n; ++i) s[i] = exp_le0(s[i] - m), block_sum += s[i];  // vectorizes
+  const float corr = exp_le0(mx - m);
+  sum = sum * corr + block_sum, mx = m;
+  return corr;
+}
+
+template <class T>
+inline void store_row(const float* acc, float sum, T* out, int64_t D) {
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  for (int64_t d = 0; d < D; ++d) store(acc[d] * inv, out + d);
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define DECODE_BF16 1
+// 16 bf16 values as fp32 (a bf16 is the top half of an fp32).
+inline __m512 bf16x16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Decode (one query per row) over bf16 K/V, D = 16 * NV: attend()'s tasks and online softmax,
+// but each K and V row is widened to fp32 in registers as it is used, where attend() first
+// copies a block of every head of the run to fp32 buffers (4x the bytes it reads, through L2).
+// Both passes over a block run in the pool's order (token, then head), one stretch of memory.
+template <int NV>
+void decode_bf16(const uint16_t* q, const uint16_t* kp, const uint16_t* vp, const int32_t* bt,
+                 const int64_t* qpos, const int64_t* slen, uint16_t* out, int64_t B, int64_t H,
+                 int64_t Hkv, int64_t bs, int64_t mb, const int64_t* st, int nthreads) {
+  constexpr int64_t D = 16 * NV;
+  const int64_t rep = H / Hkv;
+  const int64_t chunks = decode_chunks(B, Hkv, nthreads);
+  const int64_t run = (Hkv + chunks - 1) / chunks, runs = (Hkv + run - 1) / run;
+  const float scale = 1.f / std::sqrt(float(D));
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int64_t heads = run * rep;  // query heads of a task, at most
+    std::vector<float> qf(heads * D), acc(heads * D), mx(heads), sum(heads), s(heads * bs);
+#pragma omp for schedule(dynamic)
+    for (int64_t task = 0; task < B * runs; ++task) {
+      const int64_t b = task / runs, g0 = task % runs * run, ng = std::min(run, Hkv - g0);
+      const int64_t nq = ng * rep, last = std::min(qpos[b], slen[b] - 1);
+      for (int64_t j = 0; j < nq; ++j) {  // j = (kv head of the run, query head of its group)
+        for (int64_t d = 0; d < D; ++d) qf[j * D + d] = to_f32(q[(b * H + g0 * rep + j) * D + d]) * scale;
+        mx[j] = -std::numeric_limits<float>::infinity(), sum[j] = 0.f;
+        std::fill(&acc[j * D], &acc[(j + 1) * D], 0.f);
+      }
+      for (int64_t blk = 0; blk * bs <= last; ++blk) {
+        const int64_t n = std::min(bs, last + 1 - blk * bs), base = bt[b * mb + blk] * st[0] + g0 * st[2];
+        for (int64_t i = 0; i < n; ++i)  // scores
+          for (int64_t g = 0; g < ng; ++g) {
+            const uint16_t* krow = kp + base + i * st[1] + g * st[2];
+            __m512 kv[NV];
+            for (int c = 0; c < NV; ++c) kv[c] = bf16x16(krow + 16 * c);
+            for (int64_t j = g * rep; j < (g + 1) * rep; ++j) {
+              __m512 a = _mm512_mul_ps(_mm512_loadu_ps(&qf[j * D]), kv[0]);
+              for (int c = 1; c < NV; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(&qf[j * D + 16 * c]), kv[c], a);
+              s[j * bs + i] = _mm512_reduce_add_ps(a);
+            }
+          }
+        for (int64_t j = 0; j < nq; ++j) {
+          const float corr = softmax_block(&s[j * bs], n, mx[j], sum[j]);
+          for (int64_t d = 0; d < D; ++d) acc[j * D + d] *= corr;
+        }
+        for (int64_t i = 0; i < n; ++i)  // weighted values
+          for (int64_t g = 0; g < ng; ++g) {
+            const uint16_t* vrow = vp + base + i * st[1] + g * st[2];
+            __m512 vv[NV];
+            for (int c = 0; c < NV; ++c) vv[c] = bf16x16(vrow + 16 * c);
+            for (int64_t j = g * rep; j < (g + 1) * rep; ++j) {
+              const __m512 w = _mm512_set1_ps(s[j * bs + i]);
+              for (int c = 0; c < NV; ++c) {
+                float* a = &acc[j * D + 16 * c];
+                _mm512_storeu_ps(a, _mm512_fmadd_ps(w, vv[c], _mm512_loadu_ps(a)));
+              }
+            }
+          }
+      }
+      for (int64_t j = 0; j < nq; ++j) store_row(&acc[j * D], sum[j], out + (b * H + g0 * rep + j) * D, D);
+    }
+  }
+}
+#endif
+
 // One task = (row, run of kv heads, tile of queries): every query head of a group and every
 // query of the tile share each K/V load, and the run's heads of one token are read together
 // (adjacent in a [block, token, head, d] pool). Runs are as long as the parallelism allows.
@@ -52,12 +150,21 @@ void attend(const T* q, const KV* kp, const KV* vp, const uint16_t* ks, const ui
             const int32_t* bt, const int64_t* qpos, const int64_t* slen, T* out, int64_t B,
             int64_t H, int64_t Hkv, int64_t Tq, int64_t D, int64_t bs, int64_t mb,
             const int64_t* st, int nthreads) {
+#ifdef DECODE_BF16
+  if constexpr (std::is_same_v<T, uint16_t> && std::is_same_v<KV, uint16_t>) {
+    if (Tq == 1) switch (D) {  // the usual head sizes; others take the loop below
+#define DECODE(NV) \
+  case 16 * NV: return decode_bf16<NV>(q, kp, vp, bt, qpos, slen, out, B, H, Hkv, bs, mb, st, nthreads);
+        DECODE(2) DECODE(4) DECODE(8)
+#undef DECODE
+      }
+  }
+#endif
   const int64_t rep = H / Hkv, tiles = (Tq + QTILE - 1) / QTILE;
   // Decode reads each K/V element once per query head of its group: memory-bound, so a task
   // takes as long a run of adjacent heads as the parallelism allows. Prefill reuses each load
   // for a tile of queries: compute-bound, one head per task.
-  const int64_t chunks =
-      Tq > 1 ? Hkv : std::clamp((TASKS_PER_THREAD * nthreads + B - 1) / B, int64_t{1}, Hkv);
+  const int64_t chunks = Tq > 1 ? Hkv : decode_chunks(B, Hkv, nthreads);
   const int64_t run = (Hkv + chunks - 1) / chunks, runs = (Hkv + run - 1) / run;
   const float scale = 1.f / std::sqrt(float(D));
 #pragma omp parallel num_threads(nthreads)
@@ -96,17 +203,12 @@ void attend(const T* q, const KV* kp, const KV* vp, const uint16_t* ks, const ui
           const int64_t nv = std::min(n, lim[j] - blk * bs + 1);
           if (nv <= 0) continue;
           const float *qj = &qf[j * D], *kg = &kf[j / nq * bs * D];
-          float m = mx[j];
           for (int64_t i = 0; i < nv; ++i) {
             float dot = 0.f;
             for (int64_t d = 0; d < D; ++d) dot += qj[d] * kg[i * D + d];
-            s[i] = dot, m = std::max(m, dot);
+            s[i] = dot;
           }
-          // The block's weights in one vectorized pass; the running sums rescale once.
-          float block_sum = 0.f;
-          for (int64_t i = 0; i < nv; ++i) s[i] = exp_le0(s[i] - m), block_sum += s[i];
-          const float corr = exp_le0(mx[j] - m);
-          sum[j] = sum[j] * corr + block_sum, mx[j] = m;
+          const float corr = softmax_block(s.data(), nv, mx[j], sum[j]);
           float* a = &acc[j * D];
           const float* vg = &vf[j / nq * bs * D];
           for (int64_t d = 0; d < D; ++d) a[d] *= corr;
@@ -116,8 +218,7 @@ void attend(const T* q, const KV* kp, const KV* vp, const uint16_t* ks, const ui
       }
       for (int64_t j = 0; j < ng * nq; ++j) {
         const int64_t h = g0 * rep + j / nt, t = t0 + j % nt;
-        const float inv = sum[j] > 0.f ? 1.f / sum[j] : 0.f;
-        for (int64_t d = 0; d < D; ++d) store(acc[j * D + d] * inv, out + ((b * H + h) * Tq + t) * D + d);
+        store_row(&acc[j * D], sum[j], out + ((b * H + h) * Tq + t) * D, D);
       }
     }
   }
