@@ -14,6 +14,7 @@ from common.ops.library import loads, registered
 from common.ops.w8a8_linear import (
     dequant_mm,
     int_mm,
+    int_mm_cpp,
     quantize_rows,
     s8s8_vnni,
     w8a8_linear,
@@ -61,13 +62,13 @@ def test_quantize_rows_within_half_a_step(dtype, with_smooth):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("impl", ["int_mm", "vnni"])
+@pytest.mark.parametrize("impl", ["int_mm", "int_mm_cpp", "vnni"])
 def test_kernels_equal_the_reference_exactly(dtype, impl):
     """int32 accumulation is exact, and every kernel quantizes and scales in the same float
     ops: equal to the last bit, over every row block and K/N tail."""
-    if impl == "vnni" and not loads("int8_vnni"):
+    if impl != "int_mm" and not loads("int8_vnni"):
         pytest.skip("this CPU has no AVX512-VNNI")
-    fn = {"int_mm": int_mm, "vnni": w8a8_vnni}[impl]
+    fn = {"int_mm": int_mm, "int_mm_cpp": int_mm_cpp, "vnni": w8a8_vnni}[impl]
     for m in ROWS:
         for k, n in SHAPES:
             for with_smooth in (False, True):
@@ -97,6 +98,7 @@ def test_vnni_integer_product_is_exact_at_the_extremes():
 def test_vnni_op_registration():
     torch.library.opcheck(registered(w8a8_vnni), _case(3, 100, 37, torch.bfloat16, True))
     torch.library.opcheck(registered(w8a8_vnni), _case(1, 64, 8, torch.float32, False))
+    torch.library.opcheck(registered(int_mm_cpp), _case(20, 100, 37, torch.bfloat16, True))
 
 
 @pytest.mark.skipif(not loads("int8_bf16dot"), reason="this CPU has no AVX512-BF16")

@@ -15,6 +15,9 @@
 #include "weight_rows.h"
 #include "torch_op.h"
 
+#include <ATen/ops/_int_mm.h>
+#include <ATen/ops/from_blob.h>
+
 #if !defined(__AVX512VNNI__) || !defined(__AVX512BW__)
 #error "int8_vnni needs AVX512-VNNI and AVX512BW"
 #endif
@@ -70,6 +73,20 @@ void linear(const T* x, const T* smooth, const int8_t* w, const T* ws, T* y, int
   const QuantRows& r = quantize(x, smooth, M, K, Kp, Kp, nthreads);  // one sum per row
   mm(r.q.data(), r.scale.data(), r.qsum.data(), w, ws, y, M, N, K, Kp, nthreads);
 }
+
+// y[m, n] = acc[m, n] * (xs[m] * ws[n]) in x's dtype: int_mm's products, scaled as rows<> does.
+// Without reassociation (the build allows it): (acc * xs) * ws would round differently.
+#pragma GCC push_options
+#pragma GCC optimize("no-associative-math")
+template <class T>
+void scale_rows(const int32_t* acc, const float* xs, const T* ws, T* y, int64_t M, int64_t N,
+                int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (M * N > (1 << 16))
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n)
+      store(float(acc[m * N + n]) * (xs[m] * to_f32(ws[n])), y + m * N + n);
+}
+#pragma GCC pop_options
 }  // namespace
 
 // x2d [M, K] float32/bfloat16, weight_int8 [N, K] contiguous, scales [N] and smooth [K] (or
@@ -86,6 +103,28 @@ at::Tensor w8a8_vnni(const at::Tensor& x2d, const at::Tensor& weight_int8, const
     using T = decltype(t);
     linear(op::in<T>(x), op::in<T>(sm), op::in<int8_t>(weight_int8), op::in<T>(ws), op::out<T>(y),
            x.size(0), y.size(1), x.size(1), op::threads());
+  });
+  return y;
+}
+
+// w8a8_vnni's quantization and scaling around torch's int8 GEMM (oneDNN: packed, blocked, for
+// many rows), in one call: the torch ops that int_mm() runs for them cost as much as the GEMM
+// in an eager prefill.
+at::Tensor w8a8_int_mm(const at::Tensor& x2d, const at::Tensor& weight_int8, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& smooth) {
+  at::Tensor y = op::linear_out("w8a8_int_mm", x2d, weight_int8, at::kChar, &scales);
+  CHECK_ARG(!smooth || (smooth->scalar_type() == x2d.scalar_type() && smooth->dim() == 1 &&
+                        smooth->size(0) == x2d.size(1)),
+            "w8a8_int_mm needs smooth [K] in x's dtype or None");
+  const at::Tensor x = x2d.contiguous(), ws = scales.contiguous();
+  const std::optional<at::Tensor> sm = smooth ? std::optional(smooth->contiguous()) : std::nullopt;
+  const int64_t M = x.size(0), K = x.size(1), N = y.size(1), Kp = (K + 15) / 16 * 16;
+  op::by_dtype(x, [&](auto t) {
+    using T = decltype(t);
+    const QuantRows& r = quantize(op::in<T>(x), op::in<T>(sm), M, K, Kp, Kp, op::threads());
+    at::Tensor q = at::from_blob(const_cast<int8_t*>(r.q.data()), {M, Kp}, at::kChar);
+    const at::Tensor acc = at::_int_mm(Kp == K ? q : q.narrow(1, 0, K).contiguous(), weight_int8.t());
+    scale_rows(op::in<int32_t>(acc), r.scale.data(), op::in<T>(ws), op::out<T>(y), M, N, op::threads());
   });
   return y;
 }
@@ -112,8 +151,10 @@ at::Tensor s8s8_vnni(const at::Tensor& q, const at::Tensor& weight_int8) {
 TORCH_LIBRARY_FRAGMENT(llm_recipes, m) {
   m.def("w8a8_vnni(Tensor x2d, Tensor weight_int8, Tensor scales, Tensor? smooth) -> Tensor");
   m.def("s8s8_vnni(Tensor q, Tensor weight_int8) -> Tensor");
+  m.def("w8a8_int_mm(Tensor x2d, Tensor weight_int8, Tensor scales, Tensor? smooth) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(llm_recipes, CPU, m) {
   m.impl("w8a8_vnni", w8a8_vnni);
   m.impl("s8s8_vnni", s8s8_vnni);
+  m.impl("w8a8_int_mm", w8a8_int_mm);
 }

@@ -6,6 +6,8 @@
   in the same call; one sequential weight stream per thread, each row loaded once for up to 8
   rows. Built only where the CPU has VNNI (elsewhere g++ refuses it and the table skips it).
 - int_mm: quantize_rows in torch + torch._int_mm (int32 accumulation; oneDNN on cpu).
+- int_mm_cpp: the same GEMM with the C++ quantization and scaling around it, one call
+  (int8_vnni.cpp): the torch ops around _int_mm cost as much as the GEMM in an eager prefill.
 - dequant_mm: the same integers multiplied in fp32 (exact while partial sums stay below 2^24,
   i.e. any K up to ~1000 at full range): the portable fallback every device runs.
 - npu: torch_npu.npu_dynamic_quant + npu_quant_matmul (unverified: no NPU in CI).
@@ -69,6 +71,10 @@ def _s8s8_out(q: Tensor, weight_int8: Tensor) -> Tensor:
     return torch.empty(q.shape[0], weight_int8.shape[0], dtype=torch.int32, device=q.device)
 
 
+# int_mm with its quantization and scaling in C++: the same arguments and result.
+int_mm_cpp = kernel_op("int8_vnni", "w8a8_int_mm", _out)
+
+
 # The VNNI kernel's integer product alone: int8 [M, K] @ int8 [N, K]ᵀ -> int32 [M, N].
 s8s8_vnni = kernel_op("int8_vnni", "s8s8_vnni", _s8s8_out)
 
@@ -102,6 +108,7 @@ w8a8_linear = Op(
     [
         Impl("vnni", w8a8_vnni, devices=("cpu",), dtypes=_DTYPES, cpp="int8_vnni"),
         Impl("int_mm", int_mm, devices=("cpu", "cuda"), when=_int_mm_fits),
+        Impl("int_mm_cpp", int_mm_cpp, devices=("cpu",), dtypes=_DTYPES, cpp="int8_vnni"),
         Impl("npu", npu_mm, devices=("npu",), dtypes=(torch.float16, torch.bfloat16)),
         Impl("dequant_mm", dequant_mm),
     ],
