@@ -89,16 +89,27 @@ void scale_rows(const int32_t* acc, const float* xs, const T* ws, T* y, int64_t 
 #pragma GCC pop_options
 }  // namespace
 
+// A w8a8 op's arguments, checked and contiguous, and its output.
+struct W8A8Args {
+  at::Tensor y, x, ws;
+  std::optional<at::Tensor> sm;
+};
+
 // x2d [M, K] float32/bfloat16, weight_int8 [N, K] contiguous, scales [N] and smooth [K] (or
 // None) in x's dtype -> [M, N] in x's dtype.
-at::Tensor w8a8_vnni(const at::Tensor& x2d, const at::Tensor& weight_int8, const at::Tensor& scales,
-                     const std::optional<at::Tensor>& smooth) {
-  at::Tensor y = op::linear_out("w8a8_vnni", x2d, weight_int8, at::kChar, &scales);
+W8A8Args w8a8_args(const char* name, const at::Tensor& x2d, const at::Tensor& weight_int8,
+                   const at::Tensor& scales, const std::optional<at::Tensor>& smooth) {
+  at::Tensor y = op::linear_out(name, x2d, weight_int8, at::kChar, &scales);
   CHECK_ARG(!smooth || (smooth->scalar_type() == x2d.scalar_type() && smooth->dim() == 1 &&
                         smooth->size(0) == x2d.size(1)),
-            "w8a8_vnni needs smooth [K] in x's dtype or None");
-  const at::Tensor x = x2d.contiguous(), ws = scales.contiguous();
-  const std::optional<at::Tensor> sm = smooth ? std::optional(smooth->contiguous()) : std::nullopt;
+            name, " needs smooth [K] in x's dtype or None");
+  return {y, x2d.contiguous(), scales.contiguous(),
+          smooth ? std::optional(smooth->contiguous()) : std::nullopt};
+}
+
+at::Tensor w8a8_vnni(const at::Tensor& x2d, const at::Tensor& weight_int8, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& smooth) {
+  const auto [y, x, ws, sm] = w8a8_args("w8a8_vnni", x2d, weight_int8, scales, smooth);
   op::by_dtype(x, [&](auto t) {
     using T = decltype(t);
     linear(op::in<T>(x), op::in<T>(sm), op::in<int8_t>(weight_int8), op::in<T>(ws), op::out<T>(y),
@@ -112,12 +123,7 @@ at::Tensor w8a8_vnni(const at::Tensor& x2d, const at::Tensor& weight_int8, const
 // in an eager prefill.
 at::Tensor w8a8_int_mm(const at::Tensor& x2d, const at::Tensor& weight_int8, const at::Tensor& scales,
                        const std::optional<at::Tensor>& smooth) {
-  at::Tensor y = op::linear_out("w8a8_int_mm", x2d, weight_int8, at::kChar, &scales);
-  CHECK_ARG(!smooth || (smooth->scalar_type() == x2d.scalar_type() && smooth->dim() == 1 &&
-                        smooth->size(0) == x2d.size(1)),
-            "w8a8_int_mm needs smooth [K] in x's dtype or None");
-  const at::Tensor x = x2d.contiguous(), ws = scales.contiguous();
-  const std::optional<at::Tensor> sm = smooth ? std::optional(smooth->contiguous()) : std::nullopt;
+  const auto [y, x, ws, sm] = w8a8_args("w8a8_int_mm", x2d, weight_int8, scales, smooth);
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1), Kp = (K + 15) / 16 * 16;
   op::by_dtype(x, [&](auto t) {
     using T = decltype(t);
