@@ -45,10 +45,10 @@ inline float exp_le0(float x) {
   return p * two_n;
 }
 
-// How many runs of adjacent kv heads a row's decode is cut into: enough for TASKS_PER_THREAD
-// tasks per thread, at most one per head.
-inline int64_t decode_chunks(int64_t B, int64_t Hkv, int nthreads) {
-  return std::clamp((TASKS_PER_THREAD * nthreads + B - 1) / B, int64_t{1}, Hkv);
+// Adjacent kv heads per decode task: as many as leave TASKS_PER_THREAD tasks per thread.
+inline int64_t decode_run(int64_t B, int64_t Hkv, int nthreads) {
+  const int64_t chunks = std::clamp((TASKS_PER_THREAD * nthreads + B - 1) / B, int64_t{1}, Hkv);
+  return (Hkv + chunks - 1) / chunks;
 }
 
 // Online softmax over one block: scores s[0, n) become their weights e^(s - m) under the new
@@ -86,8 +86,7 @@ void decode_bf16(const uint16_t* q, const uint16_t* kp, const uint16_t* vp, cons
                  int64_t Hkv, int64_t bs, int64_t mb, const int64_t* st, int nthreads) {
   constexpr int64_t D = 16 * NV;
   const int64_t rep = H / Hkv;
-  const int64_t chunks = decode_chunks(B, Hkv, nthreads);
-  const int64_t run = (Hkv + chunks - 1) / chunks, runs = (Hkv + run - 1) / run;
+  const int64_t run = decode_run(B, Hkv, nthreads), runs = (Hkv + run - 1) / run;
   const float scale = 1.f / std::sqrt(float(D));
 #pragma omp parallel num_threads(nthreads)
   {
@@ -164,8 +163,7 @@ void attend(const T* q, const KV* kp, const KV* vp, const uint16_t* ks, const ui
   // Decode reads each K/V element once per query head of its group: memory-bound, so a task
   // takes as long a run of adjacent heads as the parallelism allows. Prefill reuses each load
   // for a tile of queries: compute-bound, one head per task.
-  const int64_t chunks = Tq > 1 ? Hkv : decode_chunks(B, Hkv, nthreads);
-  const int64_t run = (Hkv + chunks - 1) / chunks, runs = (Hkv + run - 1) / run;
+  const int64_t run = Tq > 1 ? 1 : decode_run(B, Hkv, nthreads), runs = (Hkv + run - 1) / run;
   const float scale = 1.f / std::sqrt(float(D));
 #pragma omp parallel num_threads(nthreads)
   {

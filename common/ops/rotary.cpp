@@ -7,8 +7,6 @@
 #pragma GCC optimize("fp-contract=off")
 
 namespace {
-// One head row: channels [0, rot) rotated (the two halves, or adjacent pairs when
-// interleaved), the rest copied.
 // y[i] = x[i] * c[i] + r * s[i], each product and the sum rounded to T (as torch's ops do).
 template <class T>
 inline void rotate1(const T* x, T* y, const T* c, const T* s, int64_t i, float r) {
@@ -18,7 +16,9 @@ inline void rotate1(const T* x, T* y, const T* c, const T* s, int64_t i, float r
   store(to_f32(a) + to_f32(b), y + i);
 }
 
-// A loop per kind of channel, each without branches, so that each vectorizes.
+// One head row: channels [0, rot) rotated (the two halves, or adjacent pairs when
+// interleaved), the rest copied; a loop per kind of channel, without branches, so each
+// vectorizes.
 template <class T>
 void rotate_row(const T* x, T* y, const T* c, const T* s, int64_t dim, int64_t rot, bool inter) {
   const int64_t half = rot / 2;
