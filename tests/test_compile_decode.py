@@ -1,7 +1,7 @@
 """The compile opt: a compiled decode step (fullgraph, so any graph break fails) gives the
 same greedy tokens as eager (fp32 tiny LLaMA), compiles one graph per batch size and never
 recompiles across decode steps or runs, composes with flash_attn, int8, int4 and fuse, and
-decodes continuous batches on paged KV in one graph.
+decodes continuous batches on paged KV in one graph per padded row count.
 aot_eager traces exactly what inductor gets; one case runs inductor itself."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from common import ops
 from common.core.request import Request
 from common.device.select import Device
 from common.engine.engine import Engine
+from common.engine.runner import ModelRunner
 from common.engine.scheduler import SchedulerParams
 from common.io.checkpoint import from_seed
 from common.kv.spec import KVSpec
@@ -74,21 +75,33 @@ def test_compiled_decode_gives_eager_tokens_without_recompiles(
     assert compile_stats(model).graphs == 1
 
 
-def test_paged_continuous_batching_decodes_in_one_graph():
+def test_paged_continuous_batching_decodes_in_a_graph_per_row_bucket(monkeypatch):
     """Continuous batching on paged KV: the number of running sequences changes from step to
-    step (different prompt and output lengths, max batch 3), yet every decode step runs the
-    one graph padded to three rows."""
-    reqs = [([5, 17, 33, 8, 61, 22, 9], 7), ([40, 3], 3), ([12, 70, 44, 19, 88], 5), ([77], 6)]
-    sched = SchedulerParams(kind="continuous", max_batch=3)
+    step (different prompt and output lengths, max batch 5). Each decode step is padded to the
+    next power of two up to the max batch, and each of those shapes compiles once."""
+    reqs = [([5, 17, 33, 8, 61, 22, 9], 9), ([40, 3], 3), ([12, 70, 44, 19, 88], 5), ([77], 6)]
+    reqs += [([8, 9], 2), ([31, 4, 6], 4)]
+    sched = SchedulerParams(kind="continuous", max_batch=5)
 
     def run(model, static: bool) -> list[list[int]]:
         eng = Engine(model, CPU, KVSpec("paged", block_size=4, static=static), "flash", sched)
         return [c.tokens for c in eng.generate([Request(list(p), n) for p, n in reqs])]
 
     want = run(_model(None, True), static=False)
+    padded: set[tuple[int, int]] = set()  # (running rows, rows of the forward)
+    pad = ModelRunner._static_decode
+
+    def spy(self, ids, *args):
+        out = pad(self, ids, *args)
+        padded.add((ids.shape[0], out[0].shape[0]))
+        return out
+
+    monkeypatch.setattr(ModelRunner, "_static_decode", spy)
     model = compile_decode(_model(None, True), _settings())
     assert run(model, static=True) == want
-    assert compile_stats(model).graphs == 1
+    assert {rows for rows, _ in padded} >= {1, 3, 5}  # padded to 1, 4 and 5 (the max)
+    assert all(out == min(5, 1 << (rows - 1).bit_length()) for rows, out in padded)
+    assert compile_stats(model).graphs == len({out for _, out in padded})
 
 
 def test_batches_of_many_lengths_share_a_graph():

@@ -78,7 +78,7 @@ class ModelRunner:
         kv_heads = self.kv_heads[1] - self.kv_heads[0]
         self.dims = (a.num_hidden_layers, kv_heads, a.kv_head_dim)
         self.storage: RowStorage | PagedStorage | None = None
-        self.decode_slots = 1  # paged, static: rows of every decode forward (the max batch)
+        self.decode_slots = 1  # paged, static: the most rows a decode forward pads to (max batch)
         self.history: list[list[int] | None] = []  # row storage: each row's tokens so far
         self.peak_kv_bytes = 0  # reserved at the fullest moment
         # decode_steps, decode_ctx_tokens (KV read), useful_row_steps / capacity_row_steps,
@@ -144,11 +144,14 @@ class ModelRunner:
     def _static_decode(
         self, ids: Tensor, positions: Tensor, paged: tuple[Tensor, Tensor, Tensor]
     ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
-        """A decode forward in the same shapes every step: rows padded to decode_slots (a
-        padding row writes the scratch slot and sees no keys), block tables to the blocks
-        of the model's longest sequence."""
+        """A decode forward in one of a few fixed shapes: rows padded to the next power of two
+        up to decode_slots (vLLM's capture sizes; a padding row writes the scratch slot and
+        sees no keys), block tables to the blocks of the model's longest sequence. So a
+        compiled step has at most log2(max batch) + 1 graphs, and a step of 2 running
+        sequences does not pay for 16 rows of linears."""
         tables, slots, lens = paged
-        extra = self.decode_slots - ids.shape[0]
+        rows = ids.shape[0]
+        extra = min(self.decode_slots, 1 << (rows - 1).bit_length()) - rows
         width = -(-self.model.args.max_position_embeddings // self.spec.block_size)
         tables = F.pad(tables, (0, width - tables.shape[1], 0, extra))
         slots = F.pad(slots, (0, extra), value=self.storage.scratch_slot)

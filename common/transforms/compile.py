@@ -4,10 +4,12 @@ steps with static shapes; prefill and anything else stays eager.
 Static shapes come from the storage (kv_cache static, common/kv): a contiguous cache's
 decode step reads the whole preallocated cache and gets each row's length as a tensor
 (AttnMeta.lens), and a static batch keeps its row count while it decodes; a paged decode
-step is padded to the scheduler's max batch (padding rows write a scratch block and see no
-keys) and its block tables to the model's max length. So one graph serves every decode
-step of a run, whatever the number of running sequences. Custom kernels (common/ops) are registered torch ops: the graph
-holds them as opaque calls shaped by their fake implementations, and the dispatch choice is
+step is padded to the next power of two up to the scheduler's max batch (padding rows write
+a scratch block and see no keys) and its block tables to the model's max length. So a few
+graphs (1, 2, 4, ... rows, compiled on first use) serve every decode step of a run,
+whatever the number of running sequences.
+
+Custom kernels (common/ops) are registered torch ops: the graph holds them as opaque calls shaped by their fake implementations, and the dispatch choice is
 made at trace time (fullgraph=True: a graph break is an error, not a silent slowdown).
 
 Backends: inductor on cpu (compile.cpp_wrapper, compile.freezing for constant-folded,
