@@ -9,6 +9,9 @@ import torch
 from torch._dynamo.utils import counters
 
 from common.attention import paged as pa
+from common.attention.backends import get_backend
+from common.attention.meta import AttnMeta, PagedMeta
+from common.device.select import Device
 from common.ops.attention import dense_decode_cpp, dense_decode_sdpa
 from common.ops.kv_int8 import dequantize_kv, quantize_kv
 
@@ -88,6 +91,21 @@ def test_cpu_choice_matches_dense(new_tokens):
     out = pa.paged_attention_cpu(*_args(batch))
     tol = TOL[torch.bfloat16]
     torch.testing.assert_close(out.double(), batch.dense(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("backend", ["eager", "flash"])
+def test_packed_row_equals_the_padded_batch(backend):
+    """A packed forward's one row (two decodes, then two prompt chunks one after another,
+    vLLM's varlen layout): each sequence's outputs are the dense ones of the padded batch."""
+    new = [1, 1, 7, 12]
+    batch = Batch([9, 17, 30, 12], new, torch.float32)
+    q = torch.cat([batch.q[b, :, :n] for b, n in enumerate(new)], dim=1)[None]
+    q_pos = torch.cat([batch.q_pos[b, :n] for b, n in enumerate(new)])[None]
+    meta = AttnMeta(paged=PagedMeta(batch.block_tables, q_pos, batch.seq_lens, tuple(new)))
+    out = get_backend(backend, Device("cpu"), paged=True)(q, batch.k_pool, batch.v_pool, meta)
+    want = torch.cat([batch.dense()[b, :, :n] for b, n in enumerate(new)], dim=1)[None]
+    assert out.shape == q.shape
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [3, 5, 20])

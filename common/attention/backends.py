@@ -6,11 +6,13 @@ per-forward AttnMeta prepared by the KV cache, and returns [B, H, Tq, D].
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.attention.meta import AttnMeta, Backend
+from common.attention.meta import AttnMeta, Backend, PagedMeta
 from common.core.errors import RecipeError
 from common.device.select import Device
 from common.ops.attention import decode_attention
@@ -77,6 +79,26 @@ def npu_fused_attention(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta) -> Tens
     return out
 
 
+def _packed(kernel: Callable[..., Tensor], q: Tensor, k: Tensor, v: Tensor, p: PagedMeta) -> Tensor:
+    """A packed row q [1, H, N, D] (p.q_lens queries per sequence, one after another): the
+    leading one-query sequences (the step's decodes) as one batch, each longer one (a prompt
+    chunk) as a batch of its own; outputs in the same packed order."""
+    lens = p.q_lens
+    d = next((i for i, n in enumerate(lens) if n > 1), len(lens))
+    outs = []
+    if d:  # [1, H, d, D] -> [d, H, 1, D] and back
+        rows = q[0, :, :d].transpose(0, 1).unsqueeze(2)
+        out = kernel(rows, k, v, p.block_tables[:d], p.q_pos[0, :d, None], p.seq_lens[:d])
+        outs.append(out[:, :, 0].transpose(0, 1)[None])
+    at = d
+    for i in range(d, len(lens)):
+        part = slice(at, at + lens[i])
+        tables, seq_lens = p.block_tables[i : i + 1], p.seq_lens[i : i + 1]
+        outs.append(kernel(q[:, :, part], k, v, tables, p.q_pos[:, part], seq_lens))
+        at += lens[i]
+    return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+
 def _paged(kernel_name: str, reads_int8: bool = False) -> Backend:
     """Adapt a common/paged_attention.py kernel to the backend signature (K/V are pools)."""
 
@@ -88,6 +110,8 @@ def _paged(kernel_name: str, reads_int8: bool = False) -> Backend:
         if isinstance(k, QuantizedKV) and not reads_int8:  # gather + dequantize instead
             name = "paged_attention_reference"
         kernel = getattr(paged_attention, name)
+        if p.q_lens is not None:
+            return _packed(kernel, q, k, v, p)
         return kernel(q, k, v, p.block_tables, p.q_pos, p.seq_lens)
 
     return run

@@ -14,11 +14,15 @@ from torch import Tensor
 @dataclass(frozen=True)
 class PagedMeta:
     """Where each row's K/V lives in a paged pool: block ids per row [B, max_blocks] (int32),
-    query positions [B, Tq], and the number of cached tokens per row (new ones included)."""
+    query positions [B, Tq], and the number of cached tokens per row (new ones included).
+    q_lens: a packed forward (B = 1 row of Tq tokens holding several sequences' queries one
+    after another, vLLM's varlen layout): each sequence's query count, in order; tables and
+    seq_lens then have one row per sequence."""
 
     block_tables: Tensor
     q_pos: Tensor
     seq_lens: Tensor
+    q_lens: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ to MultimodalLM's `encode` and `rope_table`."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import threading
 import time
 from collections import Counter
@@ -149,34 +150,44 @@ class Encoder:
                 c.pending = self.pool.submit(self._encode, c, list(range(len(c.items))))
 
 
-def model_inputs(rows: list[tuple[SeqContent | None, int, int]], positions: Tensor) -> dict:
+def model_inputs(
+    rows: list[tuple[SeqContent | None, int, int]], positions: Tensor, packed: bool = False
+) -> dict:
     """The model's extra inputs for a batch whose row r computes positions[r] (row r's
-    chunk starts at rows[r][1]): embeddings for the placeholders in each chunk, and rotary
-    positions from each row's table (past the prompt: position + offset)."""
+    chunk starts at rows[r][1]), or, packed, whose one row holds each entry's tokens one
+    after another: embeddings for the placeholders in each chunk, and rotary positions from
+    each entry's table (past the prompt: position + offset)."""
     if all(c is None for c, _, _ in rows):
         return {}
-    b, t = positions.shape
-    index, values = [], []
-    for r, (content, start, n) in enumerate(rows):
+    flat = positions.flatten()
+    t = positions.shape[1]
+    # where each entry's tokens begin in the flattened batch
+    offsets = (
+        itertools.accumulate((n for _, _, n in rows), initial=0)
+        if packed
+        else itertools.count(0, t)
+    )
+    index, values, spans = [], [], []
+    for (content, start, n), at in zip(rows, offsets):
         if content is None:
             continue
+        spans.append((content, at, n))
         for it, feats in zip(content.items, content.features):
             lo, hi = max(start, it.start), min(start + n, it.start + it.length)
             if lo < hi:
-                index.append(torch.arange(lo - start, hi - start) + r * t)
+                index.append(torch.arange(lo - start, hi - start) + at)
                 values.append(feats[lo - it.start : hi - it.start])
     extra = {}
     if index:
         extra["embeds"] = (torch.cat(index).to(positions.device), torch.cat(values))
-    tables = [c.table if c is not None else None for c, _, _ in rows]
-    if any(tab is not None for tab in tables):
-        axes = next(tab for tab in tables if tab is not None).shape[0]
-        rope = positions[None].expand(axes, b, t).clone()
-        for r, (content, _, _) in enumerate(rows):
-            if content is None or content.table is None:
+    tables = [c.table for c, _, _ in spans if c.table is not None]
+    if tables:
+        rope = flat[None].expand(tables[0].shape[0], -1).clone()
+        for content, at, n in spans:
+            if content.table is None:
                 continue
-            pos, size = positions[r], content.table.shape[1]
+            pos, size = flat[at : at + n], content.table.shape[1]
             inside = content.table[:, pos.clamp(max=size - 1)]
-            rope[:, r] = torch.where(pos < size, inside, pos + content.delta)
-        extra["rope_positions"] = rope
+            rope[:, at : at + n] = torch.where(pos < size, inside, pos + content.delta)
+        extra["rope_positions"] = rope.view(-1, *positions.shape)
     return extra

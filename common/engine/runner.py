@@ -3,12 +3,16 @@
 Row storage (dynamic, contiguous, none) advances every row of its static batch in one
 forward: rows are right-padded, each with its own positions, and a row whose sequence has
 finished repeats its last token until the batch ends (what a padded static batch costs).
-Paged storage runs the step's decodes and its prefill chunks as two forwards, so short
-decode rows are never padded to a long prompt; block tables say where each row's K/V live.
+Paged storage runs a step of decodes alone as rows of one token (padded to fixed row counts
+for a compiled step), and a step with prompt chunks as one packed forward: every sequence's
+tokens one after another in a single row (vLLM's varlen batch), so no row is padded to the
+longest prompt and the decodes share the chunks' pass over the weights; block tables say
+where each sequence's K/V live.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from typing import Any
 
@@ -108,24 +112,25 @@ class ModelRunner:
         ids: Tensor,
         positions: Tensor,
         valid: Tensor,
-        paged: tuple[Tensor, Tensor, Tensor] | None = None,
+        paged: tuple | None = None,
         extra: dict[str, Any] | None = None,
     ) -> Tensor:
         """One model pass over new tokens [B, T]; returns final hidden states [B, T, H].
-        paged: (block tables, slots, seq lens); extra: model inputs passed through as is
-        (e.g. image embeddings, see `extras`)."""
+        paged: (block tables, slots, seq lens[, query lengths of a packed row]); extra:
+        model inputs passed through as is (e.g. image embeddings, see `extras`)."""
         meta = storage.begin(positions, valid, *paged) if paged else storage.begin(positions, valid)
         ctx = ForwardContext(storage, self.backend, meta)
         return (
             self.model(ids, positions, ctx, **extra) if extra else self.model(ids, positions, ctx)
         )
 
-    def extras(self, rows: Rows, positions: Tensor) -> dict[str, Any]:
-        """Extra model inputs for rows with encoded content (encoding what the chunks need)."""
+    def extras(self, rows: Rows, positions: Tensor, packed: bool = False) -> dict[str, Any]:
+        """Extra model inputs for rows with encoded content (encoding what the chunks need);
+        packed: the rows are segments of positions' one row, one after another."""
         if self.encoder is None:
             return {}
         self.encoder.ensure(rows)
-        return model_inputs(rows, positions)
+        return model_inputs(rows, positions, packed)
 
     def _paged_inputs(self, group: list[ScheduledSeq]) -> tuple[Tensor, Tensor, Tensor]:
         bs, dev = self.spec.block_size, self.device.torch
@@ -159,15 +164,16 @@ class ModelRunner:
         valid = torch.ones_like(ids, dtype=torch.bool)
         return ids, positions, valid, (tables, slots, F.pad(lens, (0, extra)))
 
-    def _logits(self, hidden: Tensor, rows: list[tuple[int, ScheduledSeq]]) -> Tensor | None:
+    def _logits(self, hidden: Tensor, rows: list[tuple[int, int, ScheduledSeq]]) -> Tensor | None:
         """One LM-head matmul for all sampled rows (it reads the whole head once, not per
-        row): each (batch row, entry) gives its last 1 + num_draft positions, in order."""
+        row): each (batch row, offset of its tokens in the row, entry) gives its last
+        1 + num_draft positions, in order."""
         if not rows:
             return None
         index = torch.tensor(
             [
-                (i, t)
-                for i, e in rows
+                (i, at + t)
+                for i, at, e in rows
                 for t in range(len(e.tokens) - 1 - e.num_draft, len(e.tokens))
             ],
             dtype=torch.long,
@@ -257,26 +263,35 @@ class ModelRunner:
     def _step_paged(self, plan: StepPlan) -> tuple[list[ScheduledSeq], list[Tensor]]:
         # decodes: one pending token (+ a speculation's drafts); the rest are prompt chunks
         decodes = [e for e in plan.seqs if len(e.tokens) == 1 + e.num_draft]
+        chunks = [e for e in plan.seqs if len(e.tokens) > 1 + e.num_draft]
         if decodes:
             ctx = sum(e.start + len(e.tokens) for e in decodes)
             self._count_decode(ctx, len(decodes), plan.capacity)
-        sampled, logits = [], []
-        for group in (decodes, [e for e in plan.seqs if len(e.tokens) > 1 + e.num_draft]):
-            if not group:
-                continue
-            ids, positions, valid = pad_rows(
-                [e.tokens for e in group], [e.start for e in group], self.device.torch
+        group = decodes + chunks
+        contents = [(e.extras, e.start, len(e.tokens)) for e in group]
+        paged = self._paged_inputs(group)
+        dev = self.device.torch
+        if chunks:  # one packed row: decodes first, then the chunks
+            ids = torch.tensor([[t for e in group for t in e.tokens]], device=dev)
+            positions = torch.tensor(
+                [[e.start + j for e in group for j in range(len(e.tokens))]], device=dev
             )
-            extra = self.extras([(e.extras, e.start, len(e.tokens)) for e in group], positions)
-            paged = self._paged_inputs(group)
-            if group is decodes and self.spec.static:
+            valid = torch.ones_like(ids, dtype=torch.bool)
+            extra = self.extras(contents, positions, packed=True)
+            paged = (*paged, tuple(len(e.tokens) for e in group))
+            offsets = itertools.accumulate((len(e.tokens) for e in group), initial=0)
+            rows = [(0, at, e) for at, e in zip(offsets, group)]
+        else:
+            ids, positions, valid = pad_rows(
+                [e.tokens for e in group], [e.start for e in group], dev
+            )
+            extra = self.extras(contents, positions)
+            if self.spec.static:
                 ids, positions, valid, paged = self._static_decode(ids, positions, paged)
-            hidden = self.forward(self.storage, ids, positions, valid, paged, extra)
-            rows = [(i, e) for i, e in enumerate(group) if e.sample]
-            if rows:
-                sampled += [e for _, e in rows]
-                logits.append(self._logits(hidden, rows))
-        return sampled, logits
+            rows = [(i, 0, e) for i, e in enumerate(group)]
+        hidden = self.forward(self.storage, ids, positions, valid, paged, extra)
+        rows = [r for r in rows if r[2].sample]
+        return [e for _, _, e in rows], [self._logits(hidden, rows)] if rows else []
 
     def _step_rows(self, plan: StepPlan) -> tuple[list[ScheduledSeq], list[Tensor]]:
         if plan.kv_ops.new_rows:
@@ -313,7 +328,7 @@ class ModelRunner:
         extra = self.extras(contents, positions)
         hidden = self.forward(self.storage, ids, positions, valid, extra=extra)
         sampled = [e for e in plan.seqs if e.sample]
-        logits = self._logits(hidden, [(e.where, e) for e in sampled])
+        logits = self._logits(hidden, [(e.where, 0, e) for e in sampled])
         return sampled, [logits] if sampled else []
 
     def track(self, slots: tuple[int, int] | None) -> None:

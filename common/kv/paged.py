@@ -101,13 +101,16 @@ class PagedStorage:
         block_tables: Tensor,
         slots: Tensor,
         seq_lens: Tensor,
+        q_lens: tuple[int, ...] | None = None,
     ) -> AttnMeta:
-        """One forward: where its valid tokens go (slots, flat), and each row's blocks. A
-        static decode step writes every row (padding rows to the scratch slot)."""
+        """One forward: where its valid tokens go (slots, flat), and each row's blocks (each
+        sequence's, for a packed forward: see PagedMeta.q_lens). A static decode step and a
+        packed forward write every token (a static step's padding rows to the scratch slot)."""
         self.slots, self.valid = slots, valid
-        self.dense_write = self.static and positions.shape[1] == 1
-        meta = PagedMeta(block_tables, positions, seq_lens)
-        return AttnMeta(paged=meta, static=self.dense_write)
+        static = self.static and positions.shape[1] == 1 and q_lens is None
+        self.dense_write = static or q_lens is not None
+        meta = PagedMeta(block_tables, positions, seq_lens, q_lens)
+        return AttnMeta(paged=meta, static=static)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[KVTensor, KVTensor]:
         for store, new in ((self.k[layer], k), (self.v[layer], v)):
