@@ -117,6 +117,14 @@ def test_batches_of_many_lengths_share_a_graph():
     assert compile_stats(model).graphs == 1
 
 
+def test_a_new_decode_shape_runs_eager_once_so_its_kernels_are_measured():
+    """A trace cannot measure kernels; the first step of each static shape runs eager, so the
+    dispatch table ranks the decode bucket (two rows) before the graph takes its choice."""
+    model = compile_decode(_model(None, True), _settings())
+    _generate(model, "flash", static=True)
+    assert any("rows=2," in label for label in ops.chosen())
+
+
 def test_static_storage_alone_changes_nothing():
     """Static shapes (full-length reads with lengths) without compiling: same tokens."""
     model = _model(None, False)

@@ -83,11 +83,18 @@ def compile_decode(model: nn.Module, settings: Any) -> nn.Module:
     compiled = torch.compile(eager, **compile_kwargs(settings, device_type))
     stats = CompileStats()
     marked: list[object] = [None]  # the storage whose tensors CUDA graphs may keep
+    shapes: set[tuple[int, ...]] = set()
 
     def forward(input_ids, positions, ctx, **extra):
         meta = getattr(ctx, "meta", None)
         if extra or meta is None or not meta.static:
             return eager(input_ids, positions, ctx, **extra)
+        if input_ids.shape not in shapes:
+            # One eager step first: the dispatch table measures this shape's kernels (a trace
+            # takes the ranking so far and cannot measure); it writes the same K/V slots the
+            # compiled step then writes again.
+            shapes.add(input_ids.shape)
+            eager(input_ids, positions, ctx)
         if device_type == "cuda" and ctx.cache is not marked[0]:  # unverified: no GPU in CI
             for store in (*ctx.cache.k, *ctx.cache.v):  # written in place by the graph
                 for t in kv_parts(store):
