@@ -15,6 +15,7 @@ from common.ops.w8a8_linear import (
     dequant_mm,
     int_mm,
     int_mm_cpp,
+    onednn_mm,
     quantize_rows,
     s8s8_vnni,
     w8a8_linear,
@@ -62,13 +63,13 @@ def test_quantize_rows_within_half_a_step(dtype, with_smooth):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("impl", ["int_mm", "int_mm_cpp", "vnni"])
+@pytest.mark.parametrize("impl", ["int_mm", "int_mm_cpp", "vnni", "onednn"])
 def test_kernels_equal_the_reference_exactly(dtype, impl):
     """int32 accumulation is exact, and every kernel quantizes and scales in the same float
     ops: equal to the last bit, over every row block and K/N tail."""
-    if impl != "int_mm" and not loads("int8_vnni"):
+    if impl in ("int_mm_cpp", "vnni") and not loads("int8_vnni"):
         pytest.skip("this CPU has no AVX512-VNNI")
-    fn = {"int_mm": int_mm, "int_mm_cpp": int_mm_cpp, "vnni": w8a8_vnni}[impl]
+    fn = {"int_mm": int_mm, "int_mm_cpp": int_mm_cpp, "vnni": w8a8_vnni, "onednn": onednn_mm}[impl]
     for m in ROWS:
         for k, n in SHAPES:
             for with_smooth in (False, True):
@@ -258,6 +259,20 @@ def test_kernel_table_times_every_linear_kernel_per_rows(tmp_path):
     assert ("w4a8_linear vnni" in ms) == loads("int4_vnni")
     assert ("bf16_linear cpp_bf16dot" in ms) == loads("bf16dot")
     assert all(set(row) == {"1", "3"} and min(row.values()) > 0 for row in ms.values())
+
+
+def test_onednn_packs_a_weight_once_and_drops_it_with_the_weight():
+    from common.ops.w8a8_linear import _PACKED
+
+    x, w, scales, _ = _case(4, 64, 24, torch.float32, False)
+    w = w.clone()
+    onednn_mm(x, w, scales, None)
+    packed = _PACKED[id(w)][1][0]
+    onednn_mm(x, w, scales, None)
+    assert _PACKED[id(w)][1][0] is packed
+    key = id(w)
+    del w
+    assert key not in _PACKED
 
 
 @needs_vnni

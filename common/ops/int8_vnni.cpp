@@ -15,6 +15,7 @@
 #include "weight_rows.h"
 #include "torch_op.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/_int_mm.h>
 #include <ATen/ops/from_blob.h>
 
@@ -78,13 +79,36 @@ void linear(const T* x, const T* smooth, const int8_t* w, const T* ws, T* y, int
 // Without reassociation (the build allows it): (acc * xs) * ws would round differently.
 #pragma GCC push_options
 #pragma GCC optimize("no-associative-math")
-template <class T>
-void scale_rows(const int32_t* acc, const float* xs, const T* ws, T* y, int64_t M, int64_t N,
+template <class A, class T>
+void scale_rows(const A* acc, const float* xs, const T* ws, T* y, int64_t M, int64_t N,
                 int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (M * N > (1 << 16))
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n)
       store(float(acc[m * N + n]) * (xs[m] * to_f32(ws[n])), y + m * N + n);
+}
+
+inline void store16(__m512 v, float* d, __mmask16 m) { _mm512_mask_storeu_ps(d, m, v); }
+inline void store16(__m512 v, uint16_t* d, __mmask16 m) {  // bf16, nearest even, as store()
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+  _mm256_mask_storeu_epi16(d, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+}
+
+// scale_rows for float products (oneDNN's), 16 outputs at a time in the same float ops.
+template <class T>
+void scale_rows16(const float* acc, const float* xs, const T* ws, T* y, int64_t M, int64_t N,
+                  int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (M * N > (1 << 16))
+  for (int64_t m = 0; m < M; ++m) {
+    const __m512 s = _mm512_set1_ps(xs[m]);
+    for (int64_t n = 0; n < N; n += 16) {
+      const __mmask16 mk = tail16(N - n);
+      const __m512 a = _mm512_maskz_loadu_ps(mk, acc + m * N + n);
+      store16(_mm512_mul_ps(a, _mm512_mul_ps(s, load16(ws + n, mk))), y + m * N + n, mk);
+    }
+  }
 }
 #pragma GCC pop_options
 }  // namespace
@@ -135,6 +159,37 @@ at::Tensor w8a8_int_mm(const at::Tensor& x2d, const at::Tensor& weight_int8, con
   return y;
 }
 
+// w8a8_int_mm with oneDNN's GEMM on the weight packed once (torch.ops.onednn.qlinear_prepack, by
+// the caller): _int_mm reorders the weight into that layout on every call. oneDNN's fast x86
+// path takes unsigned activations, so q + 128 (the sign bit flipped) with zero point 128; its
+// float32 output is the int32 products converted, as scale_rows converts them.
+at::Tensor w8a8_onednn(const at::Tensor& x2d, const at::Tensor& packed, const at::Tensor& ones,
+                       const at::Tensor& zeros, const at::Tensor& weight_int8,
+                       const at::Tensor& scales, const std::optional<at::Tensor>& smooth) {
+  static auto qlinear =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("onednn::qlinear_pointwise", "")
+          .typed<at::Tensor(at::Tensor, double, int64_t, at::Tensor, at::Tensor, at::Tensor,
+                            std::optional<at::Tensor>, double, int64_t, std::optional<at::ScalarType>,
+                            c10::string_view, c10::List<std::optional<at::Scalar>>,
+                            c10::string_view)>();
+  const auto [y, x, ws, sm] = w8a8_args("w8a8_onednn", x2d, weight_int8, scales, smooth);
+  const int64_t M = x.size(0), K = x.size(1), N = y.size(1), Kp = (K + 15) / 16 * 16;
+  op::by_dtype(x, [&](auto t) {
+    using T = decltype(t);
+    const QuantRows& r = quantize(op::in<T>(x), op::in<T>(sm), M, K, Kp, Kp, op::threads());
+    at::Tensor u = at::empty({M, K}, x.options().dtype(at::kByte));
+    uint8_t* ud = u.data_ptr<uint8_t>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) ud[m * K + k] = uint8_t(r.q[m * Kp + k]) ^ 0x80;
+    const at::Tensor acc = qlinear.call(u, 1.0, 128, packed, ones, zeros, std::nullopt, 1.0, 0,
+                                        at::kFloat, "none", c10::List<std::optional<at::Scalar>>(), "");
+    scale_rows16(op::in<float>(acc), r.scale.data(), op::in<T>(ws), op::out<T>(y), M, N,
+                 op::threads());
+  });
+  return y;
+}
+
 // The integer product alone, for tests: q [M, K] int8 (any values) @ weight_int8 [N, K]^T ->
 // [M, N] int32, exact.
 at::Tensor s8s8_vnni(const at::Tensor& q, const at::Tensor& weight_int8) {
@@ -158,9 +213,15 @@ TORCH_LIBRARY_FRAGMENT(llm_recipes, m) {
   m.def("w8a8_vnni(Tensor x2d, Tensor weight_int8, Tensor scales, Tensor? smooth) -> Tensor");
   m.def("s8s8_vnni(Tensor q, Tensor weight_int8) -> Tensor");
   m.def("w8a8_int_mm(Tensor x2d, Tensor weight_int8, Tensor scales, Tensor? smooth) -> Tensor");
+  m.def(
+      "w8a8_onednn(Tensor x2d, Tensor packed, Tensor ones, Tensor zeros, Tensor weight_int8, "
+      "Tensor scales, Tensor? smooth) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(llm_recipes, CPU, m) {
   m.impl("w8a8_vnni", w8a8_vnni);
   m.impl("s8s8_vnni", s8s8_vnni);
   m.impl("w8a8_int_mm", w8a8_int_mm);
+  m.impl("w8a8_onednn", w8a8_onednn);
 }
+// The packed weight is an MKLDNN-layout tensor, so calls dispatch on that key.
+TORCH_LIBRARY_IMPL(llm_recipes, MkldnnCPU, m) { m.impl("w8a8_onednn", w8a8_onednn); }
