@@ -275,6 +275,18 @@ def test_onednn_packs_a_weight_once_and_drops_it_with_the_weight():
     assert key not in _PACKED
 
 
+def test_onednn_repacks_a_buffer_refilled_in_place():
+    """Offload refills one buffer with each layer's weights in turn (marked so): every call
+    sees the weights it holds now."""
+    x, w, scales, _ = _case(4, 64, 24, torch.float32, False)
+    buf = w.clone()
+    buf.refilled_in_place = True
+    onednn_mm(x, buf, scales, None)
+    other = torch.randint(-127, 128, buf.shape, dtype=torch.int8)
+    buf.view(torch.uint8).numpy()[:] = other.view(torch.uint8).numpy()  # as os.preadv writes
+    assert torch.equal(onednn_mm(x, buf, scales, None), _reference(x, other, scales, None))
+
+
 @needs_vnni
 def test_compile_traces_through_the_w8a8_module(own_choices):
     """torch.compile(fullgraph) sees the op as one node (its fake impl gives the shape)."""

@@ -96,14 +96,16 @@ _PACKED: dict[int, tuple[weakref.ref, tuple[Tensor, Tensor, Tensor]]] = {}  # id
 
 def _onednn_weight(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """w int8 [N, K] in oneDNN's layout, with unit scales and zero points [N] for it; packed on
-    first use and dropped with w."""
+    first use and dropped with w. A buffer refilled in place with other weights (offload's,
+    marked `refilled_in_place`; a read into it need not bump its version) is packed per call."""
     hit = _PACKED.get(id(w))
     if hit is not None and hit[0]() is w:
         return hit[1]
     key, n = id(w), w.shape[0]
     packed = torch.ops.onednn.qlinear_prepack(w, None)
     entry = (packed, torch.ones(n), torch.zeros(n, dtype=torch.long))
-    _PACKED[key] = (weakref.ref(w, lambda _: _PACKED.pop(key, None)), entry)
+    if not getattr(w, "refilled_in_place", False):
+        _PACKED[key] = (weakref.ref(w, lambda _: _PACKED.pop(key, None)), entry)
     return entry
 
 

@@ -66,6 +66,8 @@ class LayerStreamer:
             {n: nn.Parameter(t, requires_grad=False) for n, t in slot.items()}
             for slot in self.slots
         ]
+        for t in (t for group in (*self.slots, *self.params) for t in group.values()):
+            t.refilled_in_place = True  # each layer's weights in turn: kernels must not cache
         self.host: list[Slot] = []
         self.file: Path | None = None
         if mode == "cpu":
