@@ -75,17 +75,15 @@ void linear(const T* x, const T* smooth, const int8_t* w, const T* ws, T* y, int
   mm(r.q.data(), r.scale.data(), r.qsum.data(), w, ws, y, M, N, K, Kp, nthreads);
 }
 
-// y[m, n] = acc[m, n] * (xs[m] * ws[n]) in x's dtype: int_mm's products, scaled as rows<> does.
-// Without reassociation (the build allows it): (acc * xs) * ws would round differently.
+// y[m, n] = acc[m, n] * (xs[m] * ws[n]) in x's dtype, 16 outputs at a time: the GEMM's
+// products (int32 from _int_mm, or the same integers as float from oneDNN) scaled in the
+// float ops rows<> uses. Without reassociation (the build allows it): (acc * xs) * ws would
+// round differently.
 #pragma GCC push_options
 #pragma GCC optimize("no-associative-math")
-template <class A, class T>
-void scale_rows(const A* acc, const float* xs, const T* ws, T* y, int64_t M, int64_t N,
-                int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (M * N > (1 << 16))
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n)
-      store(float(acc[m * N + n]) * (xs[m] * to_f32(ws[n])), y + m * N + n);
+inline __m512 load_acc(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load_acc(const int32_t* p, __mmask16 m) {  // float(int32), nearest even
+  return _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, p));
 }
 
 inline void store16(__m512 v, float* d, __mmask16 m) { _mm512_mask_storeu_ps(d, m, v); }
@@ -96,16 +94,15 @@ inline void store16(__m512 v, uint16_t* d, __mmask16 m) {  // bf16, nearest even
   _mm256_mask_storeu_epi16(d, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
 }
 
-// scale_rows for float products (oneDNN's), 16 outputs at a time in the same float ops.
-template <class T>
-void scale_rows16(const float* acc, const float* xs, const T* ws, T* y, int64_t M, int64_t N,
-                  int nthreads) {
+template <class A, class T>
+void scale_rows(const A* acc, const float* xs, const T* ws, T* y, int64_t M, int64_t N,
+                int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (M * N > (1 << 16))
   for (int64_t m = 0; m < M; ++m) {
     const __m512 s = _mm512_set1_ps(xs[m]);
     for (int64_t n = 0; n < N; n += 16) {
       const __mmask16 mk = tail16(N - n);
-      const __m512 a = _mm512_maskz_loadu_ps(mk, acc + m * N + n);
+      const __m512 a = load_acc(acc + m * N + n, mk);
       store16(_mm512_mul_ps(a, _mm512_mul_ps(s, load16(ws + n, mk))), y + m * N + n, mk);
     }
   }
@@ -184,8 +181,7 @@ at::Tensor w8a8_onednn(const at::Tensor& x2d, const at::Tensor& packed, const at
       for (int64_t k = 0; k < K; ++k) ud[m * K + k] = uint8_t(r.q[m * Kp + k]) ^ 0x80;
     const at::Tensor acc = qlinear.call(u, 1.0, 128, packed, ones, zeros, std::nullopt, 1.0, 0,
                                         at::kFloat, "none", c10::List<std::optional<at::Scalar>>(), "");
-    scale_rows16(op::in<float>(acc), r.scale.data(), op::in<T>(ws), op::out<T>(y), M, N,
-                 op::threads());
+    scale_rows(op::in<float>(acc), r.scale.data(), op::in<T>(ws), op::out<T>(y), M, N, op::threads());
   });
   return y;
 }

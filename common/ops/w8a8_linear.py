@@ -11,8 +11,9 @@
 - onednn: int_mm_cpp with oneDNN's int8 GEMM on the weight packed once into its blocked
   layout (torch.ops.onednn.qlinear_prepack, what inductor's x86 int8 path uses) instead of
   _int_mm, which reorders the weight on every call: 16 rows of a small LLaMA's linears, the
-  GEMMs alone, 8.4 against 12.7 ms here (scratch). The packing is a second copy of the weight's bytes,
-  kept as long as the weight lives (it shows in peak memory, not in the weights column).
+  GEMMs alone, 8.4 against 12.7 ms here (scratch). The packing is a second copy of the
+  weight's bytes, kept as long as the weight lives (it shows in peak memory, not in the
+  weights column).
 - dequant_mm: the same integers multiplied in fp32 (exact while partial sums stay below 2^24,
   i.e. any K up to ~1000 at full range): the portable fallback every device runs.
 - npu: torch_npu.npu_dynamic_quant + npu_quant_matmul (unverified: no NPU in CI).
@@ -91,7 +92,8 @@ def int_mm(x2d: Tensor, weight_int8: Tensor, scales: Tensor, smooth: Tensor | No
     return _scale(torch._int_mm(q, weight_int8.t()), x_scale, scales, x2d.dtype)
 
 
-_PACKED: dict[int, tuple[weakref.ref, tuple[Tensor, Tensor, Tensor]]] = {}  # id(weight) ->
+# id(weight) -> (the weight, (its packing, unit scales, zero points))
+_PACKED: dict[int, tuple[weakref.ref, tuple[Tensor, Tensor, Tensor]]] = {}
 
 
 def _onednn_weight(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -9,9 +9,10 @@ a scratch block and see no keys) and its block tables to the model's max length.
 graphs (1, 2, 4, ... rows, compiled on first use) serve every decode step of a run,
 whatever the number of running sequences.
 
-Custom kernels (common/ops) are registered torch ops: the graph holds them as opaque calls shaped by their fake implementations, and the dispatch choice is
-made at trace time, after one eager step of that shape has let the table measure its bucket
-(fullgraph=True: a graph break is an error, not a silent slowdown).
+Custom kernels (common/ops) are registered torch ops: the graph holds them as opaque calls
+shaped by their fake implementations, and the dispatch choice is made at trace time, after
+one eager step of that shape has let the table measure its bucket (fullgraph=True: a graph
+break is an error, not a silent slowdown).
 
 Backends: inductor on cpu (compile.cpp_wrapper, compile.freezing for constant-folded,
 prepacked weights), inductor with mode="reduce-overhead" (CUDA graphs) on cuda, torchair on
