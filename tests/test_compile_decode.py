@@ -91,8 +91,8 @@ def test_paged_continuous_batching_decodes_in_a_graph_per_row_bucket(monkeypatch
     padded: set[tuple[int, int]] = set()  # (running rows, rows of the forward)
     pad = ModelRunner._static_decode
 
-    def spy(self, ids, *args):
-        out = pad(self, ids, *args)
+    def spy(self, storage, ids, *args):
+        out = pad(self, storage, ids, *args)
         padded.add((ids.shape[0], out[0].shape[0]))
         return out
 

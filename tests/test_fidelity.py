@@ -19,7 +19,7 @@ def _runner(logits: dict[tuple[int, ...], torch.Tensor]) -> Runner:
     """A variant whose teacher-forced logits are fixed per prompt."""
     return Runner(
         generate=lambda reqs: [],
-        teacher_forced_logits=lambda prompt, cont: logits[tuple(prompt)].clone(),
+        teacher_forced_logits=lambda prompt, cont, stepwise=False: logits[tuple(prompt)].clone(),
         peak_kv=lambda: 0,
         groups=lambda reqs: [reqs],
     )

@@ -47,9 +47,10 @@ def fidelity(
 
 
 def _teacher_forced(runner: Runner, r: Request, continuation: list[int]) -> torch.Tensor:
-    """Requests with images hand their content to the runner too."""
+    """Through decode steps, so a variant's decode path (its decode kernels, a compiled
+    step) is what is compared. Requests with images hand their content to the runner too."""
     extra = (r.mm_items,) if r.mm_items else ()
-    return runner.teacher_forced_logits(r.prompt, continuation, *extra)
+    return runner.teacher_forced_logits(r.prompt, continuation, *extra, stepwise=True)
 
 
 def perplexity(runner: Runner, blocks: torch.Tensor) -> float:

@@ -111,7 +111,10 @@ def hf_runner(model: CausalLM, max_batch: int, tokenizer: Any | None = None) -> 
         return comps
 
     @torch.inference_mode()
-    def teacher_forced_logits(prompt: list[int], continuation: list[int]) -> torch.Tensor:
+    def teacher_forced_logits(
+        prompt: list[int], continuation: list[int], stepwise: bool = False
+    ) -> torch.Tensor:
+        """One forward either way: the reference's decode path runs the same kernels."""
         seq = torch.tensor([prompt + continuation[:-1]], device=hf.device)
         return hf(seq).logits[0, len(prompt) - 1 :].float()
 

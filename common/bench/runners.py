@@ -19,10 +19,11 @@ from common.engine.scheduler import SchedulerParams
 class Runner:
     """A variant: how to run one group of requests (a static batch, or everything at once
     under a scheduler), teacher-force a continuation (logits [T, V], or only the greedy
-    token ids [T] from a peer that gives no logits), and report KV bytes at the peak."""
+    token ids [T] from a peer that gives no logits; keyword stepwise: through decode steps
+    where the runner has a decode path of its own), and report KV bytes at the peak."""
 
     generate: Callable[[list[Request]], list[Completion]]
-    teacher_forced_logits: Callable[[list[int], list[int]], Tensor]
+    teacher_forced_logits: Callable[..., Tensor]  # (prompt, continuation[, mm], stepwise=)
     peak_kv: Callable[[], int]  # reserved KV bytes at the fullest moment
     groups: Callable[[list[Request]], list[list[Request]]]
     stats: Callable[[], dict] = dict  # engine counters since the last reset (decode steps, ...)

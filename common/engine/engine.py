@@ -213,10 +213,15 @@ class Engine:
 
     @torch.inference_mode()
     def teacher_forced_logits(
-        self, prompt: list[int], continuation: list[int], mm_items: tuple = ()
+        self,
+        prompt: list[int],
+        continuation: list[int],
+        mm_items: tuple = (),
+        stepwise: bool = False,
     ) -> Tensor:
-        """Logits [len(continuation), V] predicting each continuation token from all before it."""
-        return self.runner.teacher_forced_logits(prompt, continuation, mm_items)
+        """Logits [len(continuation), V] predicting each continuation token from all before it
+        (stepwise: through decode steps, as generated; see ModelRunner.teacher_forced_logits)."""
+        return self.runner.teacher_forced_logits(prompt, continuation, mm_items, stepwise)
 
     # One forward on a row storage of one's own (the HF oracle tests drive the model so).
     def new_cache(self, batch: int, max_len: int) -> RowStorage:

@@ -201,9 +201,12 @@ class Pipeline:
         )  # fmt: skip
 
     @torch.inference_mode()
-    def teacher_forced_logits(self, prompt: list[int], continuation: list[int]) -> Tensor:
+    def teacher_forced_logits(
+        self, prompt: list[int], continuation: list[int], stepwise: bool = False
+    ) -> Tensor:
         """Logits [len(continuation), V] on stage 0 (the last stage sends them); other
-        stages return zeros of that shape."""
+        stages return zeros of that shape. One forward, stepwise or not (not yet through
+        the stages' decode steps)."""
         fed = prompt + continuation[:-1]
         ids, positions, valid = pad_rows([fed], [0], self.device)
         storage = self._storage(1, len(fed) + 1)

@@ -147,7 +147,11 @@ class ModelRunner:
         return tables.to(dev), torch.tensor(slots, device=dev), seq_lens.to(dev)
 
     def _static_decode(
-        self, ids: Tensor, positions: Tensor, paged: tuple[Tensor, Tensor, Tensor]
+        self,
+        storage: PagedStorage,
+        ids: Tensor,
+        positions: Tensor,
+        paged: tuple[Tensor, Tensor, Tensor],
     ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
         """A decode forward in one of a few fixed shapes: rows padded to the next power of two
         up to decode_slots (vLLM's capture sizes; a padding row writes the scratch slot and
@@ -159,7 +163,7 @@ class ModelRunner:
         extra = min(self.decode_slots, 1 << (rows - 1).bit_length()) - rows
         width = -(-self.model.args.max_position_embeddings // self.spec.block_size)
         tables = F.pad(tables, (0, width - tables.shape[1], 0, extra))
-        slots = F.pad(slots, (0, extra), value=self.storage.scratch_slot)
+        slots = F.pad(slots, (0, extra), value=storage.scratch_slot)
         ids, positions = F.pad(ids, (0, 0, 0, extra)), F.pad(positions, (0, 0, 0, extra))
         valid = torch.ones_like(ids, dtype=torch.bool)
         return ids, positions, valid, (tables, slots, F.pad(lens, (0, extra)))
@@ -287,7 +291,9 @@ class ModelRunner:
             )
             extra = self.extras(contents, positions)
             if self.spec.static:
-                ids, positions, valid, paged = self._static_decode(ids, positions, paged)
+                ids, positions, valid, paged = self._static_decode(
+                    self.storage, ids, positions, paged
+                )
             rows = [(i, 0, e) for i, e in enumerate(group)]
         hidden = self.forward(self.storage, ids, positions, valid, paged, extra)
         rows = [r for r in rows if r[2].sample]
@@ -347,23 +353,45 @@ class ModelRunner:
         return self.encoder.prepare(req) if self.encoder is not None else None
 
     def teacher_forced_logits(
-        self, prompt: list[int], continuation: list[int], mm_items: tuple[MultimodalItem, ...] = ()
+        self,
+        prompt: list[int],
+        continuation: list[int],
+        mm_items: tuple[MultimodalItem, ...] = (),
+        stepwise: bool = False,
     ) -> Tensor:
         """Logits [len(continuation), V] predicting each continuation token from all before
-        it, in a storage of its own (the serving storage is left alone)."""
+        it, in a storage of its own (the serving storage is left alone). stepwise: the prompt
+        in one forward, then each continuation token as a decode step, the path generation
+        takes (decode kernels and a compiled step included); otherwise one forward."""
         fed = prompt + continuation[:-1]
         dev = self.device.torch
-        ids, positions, valid = pad_rows([fed], [0], dev)
         content = self.prepare(Request(prompt, 1, mm_items=mm_items))
-        extra = self.extras([(content, 0, len(fed))], positions)
         if self.spec.paged:
-            bs = self.spec.block_size
-            blocks = list(range(-(-len(fed) // bs)))
-            storage = self.new_paged(len(blocks))
-            entry = ScheduledSeq(0, 0, fed, True, False, fed, None, blocks)
-            paged = self._paged_inputs([entry])
-            hidden = self.forward(storage, ids, positions, valid, paged, extra)
+            blocks = list(range(-(-len(fed) // self.spec.block_size)))
+            # a compiled step's graph is specialized to the serving storage's size: match it
+            same = stepwise and self.spec.static and self.storage is not None
+            storage = self.new_paged(max(len(blocks), self.storage.num_blocks if same else 0))
         else:
             storage = self.new_rows(1, len(fed) + 1)
-            hidden = self.forward(storage, ids, positions, valid, extra=extra)
-        return self.model.logits(hidden[0, len(prompt) - 1 :]).float()
+        stepwise = stepwise and (self.spec.paged or storage.stores_kv)
+        segments = [
+            (0, prompt),
+            *((len(prompt) + i, [t]) for i, t in enumerate(fed[len(prompt) :])),
+        ]
+        hidden = []
+        for start, tokens in segments if stepwise else [(0, fed)]:
+            ids, positions, valid = pad_rows([tokens], [start], dev)
+            extra = self.extras([(content, start, len(tokens))], positions)
+            if self.spec.paged:
+                end = start + len(tokens)
+                entry = ScheduledSeq(0, start, tokens, True, False, fed[:end], None, blocks)
+                paged = self._paged_inputs([entry])
+                if stepwise and self.spec.static and len(tokens) == 1:
+                    ids, positions, valid, paged = self._static_decode(
+                        storage, ids, positions, paged
+                    )
+                h = self.forward(storage, ids, positions, valid, paged, extra)
+            else:
+                h = self.forward(storage, ids, positions, valid, extra=extra)
+            hidden.append(h[0, max(len(prompt) - 1 - start, 0) : len(tokens)])
+        return self.model.logits(torch.cat(hidden)).float()

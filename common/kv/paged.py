@@ -66,6 +66,7 @@ class PagedStorage:
         no sequence owns, takes the writes of the rows that pad a decode batch."""
         self.heads, self.block_size, self.dtype = heads, block_size, dtype
         self.static, self.dense_write = static, False
+        self.num_blocks = num_blocks  # owned by sequences; a static storage has one more
         self.scratch_slot = num_blocks * block_size
         shape = ((num_blocks + static) * block_size, heads[1] - heads[0], head_dim)
         self.k: list[KVTensor] = [kv_zeros(shape, dtype, int8, device) for _ in range(num_layers)]
