@@ -42,8 +42,14 @@ python $llama workload=online 'bench.variants=[[paged_kv,flash_attn],[paged_kv,c
 python $llama +opt=flash_attn,int8 bench.ladder=true bench.peers=[hf,llama_cpp]
 python $llama workload=throughput bench.peers=[vllm] bench.rounds=2 bench.warmup=1 \
   'bench.variants=[[paged_kv,cont_batch,flash_attn],[paged_kv,cont_batch,flash_attn,int8],[paged_kv,cont_batch,flash_attn,fuse,fast_linear],[paged_kv,cont_batch,flash_attn,fuse,fast_linear,compile],[paged_kv,cont_batch,flash_attn,int8,fuse,compile],[paged_kv,cont_batch,flash_attn,w8a8,fuse,compile]]'
+# fuse, fast_linear and compile (each compiled row next to the same opts eager) against
+# llama.cpp's bf16 and q8_0, batch 1; then their fidelity on the real SmolLM2 weights.
+python $llama bench.peers=[llama_cpp] bench.rounds=3 \
+  'bench.variants=[[fuse],[fuse,compile],[fuse,fast_linear],[fuse,fast_linear,compile],[flash_attn,int8,fuse],[flash_attn,int8,fuse,compile],[flash_attn,w8a8,fuse],[flash_attn,w8a8,fuse,compile]]'
 smollm2=$HOME/.cache/llm-recipes/SmolLM2-135M-Instruct
 python scripts/get_checkpoint.py smollm2-135m-instruct
+python $llama model.path="$smollm2" workload=chat bench.rounds=1 bench.results_dir=results/smollm2-135m \
+  'bench.variants=[[fuse],[fuse,fast_linear],[fuse,compile],[fuse,fast_linear,compile],[flash_attn,int8,fuse,compile],[flash_attn,w8a8,fuse,compile]]'
 python $llama +opt=flash_attn,int8 bench.ladder=true bench.peers=[hf,llama_cpp] model.path="$smollm2" \
   bench.results_dir=results/smollm2-135m
 python $llama workload=throughput bench.peers=[vllm] bench.rounds=2 bench.warmup=0 model.path="$smollm2" \

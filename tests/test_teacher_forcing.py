@@ -19,17 +19,20 @@ from common.engine.engine import Engine
 from common.engine.scheduler import SchedulerParams
 from common.io.checkpoint import from_seed
 from common.kv.spec import KVSpec
+from common.quant.scheme import get_scheme
 from common.transforms.compile import compile_decode, compile_stats
 from common.transforms.fusion import fuse_kernels, fuse_projections
 from models.llama import LlamaForCausalLM
 
 CPU = Device("cpu")
 PROMPT, NEW = [5, 17, 33, 8, 61, 22, 9], 9
-CASES = {  # name: (KV spec, attention, compiled)
-    "dynamic": (KVSpec("dynamic"), "eager", False),
-    "contiguous compiled": (KVSpec("contiguous", static=True), "flash", True),
-    "paged": (KVSpec("paged", block_size=4), "flash", False),
-    "paged compiled": (KVSpec("paged", block_size=4, static=True), "flash", True),
+CASES = {  # name: (KV spec, attention, compiled, weights)
+    "dynamic": (KVSpec("dynamic"), "eager", False, None),
+    "contiguous compiled": (KVSpec("contiguous", static=True), "flash", True, None),
+    "paged": (KVSpec("paged", block_size=4), "flash", False, None),
+    "paged compiled": (KVSpec("paged", block_size=4, static=True), "flash", True, None),
+    # int8 weights: row-1 kernels of their own (the head's too)
+    "int8 compiled": (KVSpec("contiguous", static=True), "flash", True, "int8"),
 }
 
 
@@ -42,9 +45,11 @@ def _fresh(tmp_path, monkeypatch):
     ops.reset()
 
 
-def _model(compiled: bool) -> LlamaForCausalLM:
+def _model(compiled: bool, scheme: str | None) -> LlamaForCausalLM:
     model = from_seed(LlamaForCausalLM, TINY_LLAMA, 0, "cpu", torch.bfloat16)
     fuse_kernels(fuse_projections(model), add_norm=True, rotary=True)
+    if scheme:
+        model = get_scheme(scheme).quantize(model)
     if compiled:
         settings = SimpleNamespace(backend="aot_eager", mode=None, cpp_wrapper=False,
                                    freezing=False)  # fmt: skip
@@ -54,8 +59,8 @@ def _model(compiled: bool) -> LlamaForCausalLM:
 
 @pytest.mark.parametrize("case", CASES)
 def test_stepwise_logits_are_the_ones_generation_computed(case: str, monkeypatch):
-    spec, attention, compiled = CASES[case]
-    model = _model(compiled)
+    spec, attention, compiled, scheme = CASES[case]
+    model = _model(compiled, scheme)
     sched = SchedulerParams(kind="continuous" if spec.paged else "static", max_batch=2)
     engine = Engine(model, CPU, spec, attention, sched)
     seen: list[torch.Tensor] = []

@@ -378,7 +378,7 @@ class ModelRunner:
             (0, prompt),
             *((len(prompt) + i, [t]) for i, t in enumerate(fed[len(prompt) :])),
         ]
-        hidden = []
+        logits = []  # per forward, as generation computes them (the head's kernel by rows)
         for start, tokens in segments if stepwise else [(0, fed)]:
             ids, positions, valid = pad_rows([tokens], [start], dev)
             extra = self.extras([(content, start, len(tokens))], positions)
@@ -393,5 +393,5 @@ class ModelRunner:
                 h = self.forward(storage, ids, positions, valid, paged, extra)
             else:
                 h = self.forward(storage, ids, positions, valid, extra=extra)
-            hidden.append(h[0, max(len(prompt) - 1 - start, 0) : len(tokens)])
-        return self.model.logits(torch.cat(hidden)).float()
+            logits.append(self.model.logits(h[0, max(len(prompt) - 1 - start, 0) : len(tokens)]))
+        return torch.cat(logits).float()
