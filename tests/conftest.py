@@ -27,3 +27,16 @@ def _kernel_choices(tmp_path_factory: pytest.TempPathFactory) -> None:
     from common import ops
 
     ops.reset(tmp_path_factory.mktemp("ops") / "kernel_choices.json")
+
+
+@pytest.fixture
+def fresh_compile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Each compile test from scratch: its own inductor cache and kernel choices, dynamo's
+    compiled graphs and counters reset."""
+    from common import ops
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    ops.reset(tmp_path / "choices.json")
+    torch._dynamo.reset()
+    yield
+    ops.reset()

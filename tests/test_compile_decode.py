@@ -26,17 +26,9 @@ from common.transforms.fusion import fuse_kernels, fuse_projections
 from models.llama import LlamaForCausalLM
 
 CPU = Device("cpu")
+pytestmark = pytest.mark.usefixtures("fresh_compile")
 PROMPTS = ([5, 17, 33, 8, 61, 22, 9], [40, 3])  # one padded static batch of two rows
 NEW = 8
-
-
-@pytest.fixture(autouse=True)
-def _fresh(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    ops.reset(tmp_path / "choices.json")
-    torch._dynamo.reset()
-    yield
-    ops.reset()
 
 
 def _model(scheme: str | None, fuse: bool) -> LlamaForCausalLM:

@@ -12,7 +12,6 @@ import pytest
 import torch
 from tiny import TINY_LLAMA
 
-from common import ops
 from common.core.request import Request
 from common.device.select import Device
 from common.engine.engine import Engine
@@ -25,6 +24,7 @@ from common.transforms.fusion import fuse_kernels, fuse_projections
 from models.llama import LlamaForCausalLM
 
 CPU = Device("cpu")
+pytestmark = pytest.mark.usefixtures("fresh_compile")
 PROMPT, NEW = [5, 17, 33, 8, 61, 22, 9], 9
 CASES = {  # name: (KV spec, attention, compiled, weights)
     "dynamic": (KVSpec("dynamic"), "eager", False, None),
@@ -34,15 +34,6 @@ CASES = {  # name: (KV spec, attention, compiled, weights)
     # int8 weights: row-1 kernels of their own (the head's too)
     "int8 compiled": (KVSpec("contiguous", static=True), "flash", True, "int8"),
 }
-
-
-@pytest.fixture(autouse=True)
-def _fresh(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    ops.reset(tmp_path / "choices.json")
-    torch._dynamo.reset()
-    yield
-    ops.reset()
 
 
 def _model(compiled: bool, scheme: str | None) -> LlamaForCausalLM:
