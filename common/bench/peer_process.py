@@ -139,7 +139,7 @@ def server_runner(
 
     return Runner(
         generate,
-        lambda prompt, cont, stepwise=False: teacher(proc, prompt, cont),  # its own way
+        lambda prompt, cont, stepwise=False: teacher(proc, prompt, cont),  # one forward
         lambda: peak_kv,
         (lambda reqs: [reqs]) if one_call else (lambda reqs: batches(reqs, max_batch)),
         lambda: dict(stats),

@@ -114,7 +114,8 @@ def hf_runner(model: CausalLM, max_batch: int, tokenizer: Any | None = None) -> 
     def teacher_forced_logits(
         prompt: list[int], continuation: list[int], stepwise: bool = False
     ) -> torch.Tensor:
-        """One forward either way: the reference's decode path runs the same kernels."""
+        """One forward, stepwise or not: a peer is scored on its prefill path (its decode
+        kernels are not ours to compare)."""
         seq = torch.tensor([prompt + continuation[:-1]], device=hf.device)
         return hf(seq).logits[0, len(prompt) - 1 :].float()
 
