@@ -9,12 +9,14 @@ and its JSON gives the measured TTFT, TPOT and output tok/s. Next to it the simu
 (common/parallel/simulate.py) predicts the same for this machine, calibrated by measurement,
 never a constant:
 - bandwidth and FLOP/s: common/parallel/calibrate.py times the model's own matmul shapes
-  (one rank's shard) with T x P processes at once, each with cores / (T x P) threads, and
-  the link's bandwidth from a large all-reduce, right before each round's runs;
+  (one rank's shard) with T x P processes at once, each with cores / (T x P) threads (the
+  slowest rank's figures; FLOP/s at the prefill's rows), and the link's bandwidth from a
+  large all-reduce, right before each round's runs;
 - the overhead per layer, collectives' latency included: the same recipe run, under the same
   layout, with the model narrowed to width 64 (same layers, vocabulary, runtime and
-  collectives; its math is negligible) at each batch: what its TPOT leaves beyond the
-  simulation of the narrowed model with no overhead and no link latency. The calibration's
+  collectives; its math is negligible) at each batch: what its TPOT (decode) and TTFT
+  (prefill) leave beyond the simulation of the narrowed model with no overhead and no link
+  latency. The calibration's
   own latency reading (all-reduces between matmul slices) is reported but not used: it
   moved 3x between runs on one machine, while the narrowed run times the real calls.
 Each (layout, batch) takes --rounds rounds of calibration, narrowed run and measured run (one
@@ -65,6 +67,7 @@ class Round(NamedTuple):
 
     notes: list[str]
     layer_s: float
+    prefill_s: float
     predicted: dict
     measured: dict
 
@@ -150,7 +153,8 @@ def main() -> None:
                     # this VM's bandwidth drifts by a third in minutes, so each round's
                     # prediction sees the machine its measurement saw; medians over rounds.
                     hw = calibrate(tp * pp, shapes, dtype, 0.0, [shapes[:4], shapes[4:7]],
-                                   args.hidden_size, shm_bytes=shm_bytes)  # fmt: skip
+                                   args.hidden_size, rows=a.prompt_len * -(-b // mb),
+                                   shm_bytes=shm_bytes)  # fmt: skip
                     hw = dataclasses.replace(  # latency: in the narrowed run's overhead (docstring)
                         hw, intra=Link(hw.intra.bandwidth, 0.0), inter=Link(hw.inter.bandwidth, 0.0)
                     )
@@ -159,16 +163,17 @@ def main() -> None:
                     if failed:
                         skipped.append(f"tp={tp} pp={pp} batch={b}: the run failed: {failed}")
                         break
-                    layer_s = layer_overhead(narrow_args, dtype, st, work, hw, narrowed["tpot_ms"])
-                    hw = dataclasses.replace(hw, layer_overhead=layer_s)
+                    layer_s, prefill_s = layer_overhead(narrow_args, dtype, st, work, hw, narrowed)
+                    hw = dataclasses.replace(hw, layer_overhead=layer_s, prefill_overhead=prefill_s)
                     sim = simulate(args, dtype, st, work, hw, kv_passes=KV_PASSES)
                     predicted = {"ttft_ms": 1e3 * sim.ttft, "tpot_ms": 1e3 * sim.tpot,
                                  "tokens_per_s": sim.throughput}  # fmt: skip
-                    rounds.append(Round(hw.notes, layer_s, predicted, measured))
+                    rounds.append(Round(hw.notes, layer_s, prefill_s, predicted, measured))
                 else:
                     key = f"tp{tp} pp{pp} b{b}"
                     calibrations[key] = [note for r in rounds for note in r.notes]
-                    overhead[key] = statistics.median(r.layer_s for r in rounds)
+                    overhead[key] = (statistics.median(r.layer_s for r in rounds),
+                                     statistics.median(r.prefill_s for r in rounds))  # fmt: skip
                     row = {"tp": tp, "pp": pp, "batch": b}
                     for m in METRICS:  # (predicted, measured), each the median over rounds
                         row[m] = (statistics.median(r.predicted[m] for r in rounds),
@@ -178,17 +183,30 @@ def main() -> None:
 
 
 def layer_overhead(
-    narrow_args: ModelArgs, dtype, st: Strategy, w: Workload, hw: Hardware, tpot_ms: float
-) -> float:
-    """Seconds per layer that the narrowed model's measured TPOT leaves beyond its simulation
-    without overhead (TPOT is linear in the overhead term, so two simulations solve it)."""
+    narrow_args: ModelArgs, dtype, st: Strategy, w: Workload, hw: Hardware, narrowed: dict
+) -> tuple[float, float]:
+    """Seconds per layer of a decode and of a prefill forward that the narrowed model's
+    measured TPOT and TTFT leave beyond its simulation without overhead."""
 
-    def tpot(per_layer: float) -> float:
-        hw_o = dataclasses.replace(hw, layer_overhead=per_layer)
-        return simulate(narrow_args, dtype, st, w, hw_o, kv_passes=KV_PASSES).tpot
+    def sim(decode: float, prefill: float):
+        hw_o = dataclasses.replace(hw, layer_overhead=decode, prefill_overhead=prefill)
+        return simulate(narrow_args, dtype, st, w, hw_o, kv_passes=KV_PASSES)
 
-    base = tpot(0.0)
-    return max(0.0, (1e-3 * tpot_ms - base) / (tpot(1.0) - base))
+    decode = _solve(lambda x: sim(x, 0.0).tpot, 1e-3 * narrowed["tpot_ms"])
+    prefill = _solve(lambda x: sim(decode, x).ttft, 1e-3 * narrowed["ttft_ms"])
+    return decode, prefill
+
+
+def _solve(f, target: float, hi: float = 1.0) -> float:
+    """x in [0, hi] with f(x) = target, for f rising with x (0 if f(0) is already above it):
+    bisection, since the slowest stage, and so the slope, can change with x."""
+    lo = 0.0
+    if f(lo) >= target:
+        return 0.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+    return (lo + hi) / 2
 
 
 def _err(pair: tuple[float, float]) -> float:
@@ -216,10 +234,11 @@ def write(
         f"{a.rounds} rounds of calibrate, narrowed run, run (medians) "
         "(baseline opts: dynamic KV cache, eager attention)",
         "predicted: common/parallel/simulate.py with this machine measured "
-        "(common/parallel/calibrate.py, its all-reduce latency reported, not used); per-layer "
-        "overhead, collectives' latency included, from the same runs (same layout and batch) "
-        "narrowed to width 64, beyond their simulation without it: "
-        + ", ".join(f"{k}: {1e6 * s:.0f} us" for k, s in overhead.items()),
+        "(common/parallel/calibrate.py: the slowest rank's matmul bandwidth, and FLOP/s at the "
+        "prefill's rows; its all-reduce latency reported, not used); per-layer overhead of a "
+        "decode / a prefill forward, collectives' latency included, from the same runs (same "
+        "layout and batch) narrowed to width 64, beyond their simulation without it: "
+        + ", ".join(f"{k}: {1e6 * d:.0f} / {1e6 * p:.0f} us" for k, (d, p) in overhead.items()),
         *(f"calibration {k}: {'; '.join(v)}" for k, v in calibrations.items()),
         *(f"skipped {s}" for s in skipped),
         "err = (predicted - measured) / measured; target: TPOT and throughput within 20%",

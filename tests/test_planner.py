@@ -193,13 +193,26 @@ def test_validation_overhead_is_what_the_narrowed_run_leaves_beyond_its_simulati
     spec.loader.exec_module(pv)
     hw, w = A100, W
     for st in (strategy(tp=2), strategy(pp=2, mb=2)):
-        ideal = simulate(LLAMA, torch.bfloat16, st, w, hw, kv_passes=pv.KV_PASSES).tpot
-        per_layer = pv.layer_overhead(LLAMA, torch.bfloat16, st, w, hw, 1e3 * ideal + 5.0)
-        with_it = dataclasses.replace(hw, layer_overhead=per_layer)
-        tpot = simulate(LLAMA, torch.bfloat16, st, w, with_it, kv_passes=pv.KV_PASSES).tpot
-        assert per_layer > 0 and tpot == pytest.approx(ideal + 5e-3)
+        ideal = simulate(LLAMA, torch.bfloat16, st, w, hw, kv_passes=pv.KV_PASSES)
+        narrowed = {"tpot_ms": 1e3 * ideal.tpot + 5.0, "ttft_ms": 1e3 * ideal.ttft + 20.0}
+        decode, prefill = pv.layer_overhead(LLAMA, torch.bfloat16, st, w, hw, narrowed)
+        with_it = dataclasses.replace(hw, layer_overhead=decode, prefill_overhead=prefill)
+        sim = simulate(LLAMA, torch.bfloat16, st, w, with_it, kv_passes=pv.KV_PASSES)
+        assert 0 < decode < prefill
+        assert sim.tpot == pytest.approx(ideal.tpot + 5e-3)
+        assert sim.ttft == pytest.approx(ideal.ttft + 20e-3)
         # a narrowed run faster than its simulation: no negative overhead
-        assert pv.layer_overhead(LLAMA, torch.bfloat16, st, w, hw, 1e3 * ideal / 2) == 0
+        fast = {"tpot_ms": 1e3 * ideal.tpot / 2, "ttft_ms": 1e3 * ideal.ttft / 2}
+        assert pv.layer_overhead(LLAMA, torch.bfloat16, st, w, hw, fast) == (0, 0)
+
+
+def test_prefill_overhead_applies_to_prefill_only() -> None:
+    st = strategy(tp=2)
+    base = simulate(LLAMA, torch.bfloat16, st, W, dataclasses.replace(A100, prefill_overhead=0))
+    hw = dataclasses.replace(A100, prefill_overhead=1e-3)
+    sim = simulate(LLAMA, torch.bfloat16, st, W, hw)
+    layers = LLAMA.num_hidden_layers + 1  # the last stage's head counts as one
+    assert sim.tpot == base.tpot and sim.ttft == pytest.approx(base.ttft + 1e-3 * layers)
 
 
 def test_strategies_that_do_not_fit_are_dropped() -> None:

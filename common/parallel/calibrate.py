@@ -1,7 +1,8 @@
 """This machine as the planner's hardware, measured: what a CPU rank achieves, not its peaks.
 
 A run of W ranks on one CPU gives each rank cores / W threads, and the ranks share the memory
-bus, so W processes measure at once, each with its share of the threads:
+bus, so W processes measure at once, each with its share of the threads, and the slowest
+rank's figures stand for all (every collective waits for it):
 - memory bandwidth as decode sees it: a batch-1 matmul over weight matrices of the model's
   shapes, together larger than the caches (bytes / median time, less the same calls'
   dispatch time);
@@ -137,7 +138,11 @@ def _rank(rank: int, world: int, port: int, job: dict, out: str) -> None:
             segments = _segments([[tuple(s) for s in g] for g in job["segments"]], dtype)
             comm = Collectives(None, "cpu", job["shm_bytes"])
             link = measure_link(comm, segments, torch.zeros(1, job["hidden"], dtype=dtype))
+        # A step waits at every collective for its slowest rank: plan with that rank's speed.
+        speeds: list = [None] * world
+        dist.all_gather_object(speeds, (bw, flops))
         if rank == 0:
+            bw, flops = min(b for b, _ in speeds), min(f for _, f in speeds)
             Path(out).write_text(json.dumps({"mem_bw": bw, "flops": flops, "link": link}))
     finally:
         dist.destroy_process_group()

@@ -1,5 +1,6 @@
 """What the planner knows of a machine: devices per node, nodes, and per device its memory,
-peak compute per dtype, memory bandwidth and per-layer overhead; links inside and across nodes.
+peak compute per dtype, memory bandwidth and per-layer overhead (decode, and prefill
+where it was measured apart); links inside and across nodes.
 
 Read from the `spec` section of configs/hardware/NAME.yaml (public spec-sheet numbers), or
 measured on this machine (common/parallel/calibrate.py).
@@ -37,6 +38,7 @@ class Hardware:
     layer_overhead: float = (
         0.0  # seconds per decoder layer and forward beyond its math (launches, dispatch)
     )
+    prefill_overhead: float | None = None  # the same for a prefill forward; None: layer_overhead
     usable_memory: float = 0.9  # share of memory a plan may fill (runtime, allocator slack)
     notes: list[str] = field(default_factory=list)
 
@@ -52,6 +54,12 @@ class Hardware:
         if key not in self.flops:
             raise RecipeError(f"hardware {self.name} gives no {key} FLOP/s; add flops.{key}")
         return self.flops[key]
+
+    def overhead(self, prefill: bool) -> float:
+        """Seconds per decoder layer beyond the math, of a prefill or a decode forward."""
+        if prefill and self.prefill_overhead is not None:
+            return self.prefill_overhead
+        return self.layer_overhead
 
     def link(self, ranks: int) -> Link:
         """The slowest link a group of `ranks` consecutive devices uses."""

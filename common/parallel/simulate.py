@@ -5,7 +5,8 @@ A forward on one device of stage s (its tensor-parallel shard of the stage's lay
 - matmuls: max(FLOPs / peak FLOP/s, weight bytes read / memory bandwidth) — every weight is
   read once per forward whatever the rows, and each row costs 2 FLOPs per weight;
 - attention: max(4 x rows x new x keys x heads x head_dim / FLOP/s, KV bytes / bandwidth);
-- a fixed overhead per decoder layer (kernel launches and dispatch: what the math leaves);
+- a fixed overhead per decoder layer (kernel launches and dispatch: what the math leaves),
+  the prefill's apart where the hardware gives it;
 - tensor parallel: two ring all-reduces of the layer's activations per layer (after o_proj
   and down_proj; 2(p-1)/p x bytes / link bandwidth + 2(p-1) hops of latency), one for the
   vocab-parallel embedding, and an all-gather of the last stage's logits;
@@ -171,7 +172,7 @@ def forward_cost(
     return Cost(
         matmul=max(compute_s, read_s),
         attention=attention,
-        overhead=hw.layer_overhead * (layers + last),
+        overhead=hw.overhead(prefill=new > 1) * (layers + last),
         comm=comm,
         memory_bound=read_s >= compute_s,
     )
