@@ -2,7 +2,9 @@
 
     python scripts/support_matrix.py [--recipe llama65b ...] [--results results]
 
-For each recipe, every results/<recipe>/<hardware>/*.json benchmark table is read; a cell
+For each recipe, every <recipe>/<hardware>/*.json benchmark table under results/ is read
+(results/<recipe>/ and the runs given a bench.results_dir of their own, such as
+results/quant/smollm2/<recipe>/); a cell
 is "measured" when some table has a row with that opt on that device type and dtype (the
 number of tables in brackets). Where nothing is measured: "unverified" on an accelerator
 (the code calls the real APIs, but no such device ran it), "not measured" on CPU, and "no"
@@ -37,10 +39,10 @@ def opt_devices(config_dir: Path) -> dict[str, list[str]]:
     }
 
 
-def measured(recipe_dir: Path) -> dict[tuple[str, str, str], set[str]]:
+def measured(results: Path, recipe: str) -> dict[tuple[str, str, str], set[str]]:
     """(opt or "baseline", device type, dtype) -> the tables with such a row."""
     found: dict[tuple[str, str, str], set[str]] = defaultdict(set)
-    for path in sorted(recipe_dir.glob("*/*.json")):
+    for path in sorted(results.glob(f"**/{recipe}/*/*.json")):
         result = json.loads(path.read_text())
         if "variants" not in result:  # a script's table, not a recipe run
             continue
@@ -50,7 +52,7 @@ def measured(recipe_dir: Path) -> dict[tuple[str, str, str], set[str]]:
             if variant.get("peer"):
                 continue
             for opt in variant["opts"] or ["baseline"]:
-                found[(opt, device, dtype)].add(path.stem)
+                found[(opt, device, dtype)].add(str(path.relative_to(results).with_suffix("")))
     return found
 
 
@@ -63,7 +65,7 @@ def cell(opt: str, device: str, dtype: str, devices: list[str], found: dict) -> 
 
 
 def matrix(recipe: str, results: Path, config_dir: Path) -> tuple[str, dict]:
-    found = measured(results / recipe)
+    found = measured(results, recipe)
     specs = {"baseline": list(DEVICES), **opt_devices(config_dir)}
     columns = [(d, t) for d in DEVICES for t in DTYPES]
     rows = {
@@ -74,7 +76,7 @@ def matrix(recipe: str, results: Path, config_dir: Path) -> tuple[str, dict]:
         f"# {recipe}: what has been measured where",
         "",
         "- command: `python scripts/support_matrix.py`",
-        f"- read from the committed tables in results/{recipe}/; measured (N): a row with "
+        f"- read from the committed tables in results/**/{recipe}/; measured (N): a row with "
         "this opt on this device and dtype in N tables; unverified: the code calls the real "
         "APIs but no such device ran it; not measured: runs on CPU, no committed table; no: "
         "the opt does not support the device",

@@ -55,6 +55,10 @@ def test_support_matrix_reads_committed_results(tmp_path: Path) -> None:
                           {"opts": [], "peer": "hf"}]}  # fmt: skip
     (tmp_path / "llama65b" / "cpu").mkdir(parents=True)
     (tmp_path / "llama65b" / "cpu" / "t.json").write_text(json.dumps(table))
+    # a run given a results dir of its own (bench.results_dir=results/quant/smollm2)
+    nested = {**table, "variants": [{"opts": ["int8"]}]}
+    (tmp_path / "quant" / "smollm2" / "llama65b" / "cpu").mkdir(parents=True)
+    (tmp_path / "quant" / "smollm2" / "llama65b" / "cpu" / "t.json").write_text(json.dumps(nested))
     cmd = [
         sys.executable,
         "scripts/support_matrix.py",
@@ -67,8 +71,10 @@ def test_support_matrix_reads_committed_results(tmp_path: Path) -> None:
     rows = json.loads((tmp_path / "llama65b" / "support_matrix.json").read_text())["rows"]
     assert rows["paged_kv"]["cpu bfloat16"] == "measured (1)"
     assert rows["paged_kv"]["cpu float32"] == "not measured"
-    assert rows["int8"]["cpu bfloat16"] == "not measured"
+    assert rows["int8"]["cpu bfloat16"] == "measured (1)"
     assert rows["int8"]["npu bfloat16"] == "unverified"
+    assert rows["int4"]["cpu bfloat16"] == "not measured"
+    assert rows["baseline"]["cpu bfloat16"] == "measured (1)"  # one table: the nested has none
 
 
 def test_decode_profile_counts_fewer_kernel_calls_when_fused(tmp_path: Path) -> None:
