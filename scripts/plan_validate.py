@@ -8,10 +8,10 @@ workload.batch_size=B parallel.tp=T parallel.pp=P ...`, into a temporary results
 and its JSON gives the measured TTFT, TPOT and output tok/s. Next to it the simulation
 (common/parallel/simulate.py) predicts the same for this machine, calibrated by measurement,
 never a constant:
-- bandwidth and FLOP/s: common/parallel/calibrate.py times the model's own matmul shapes
-  (one rank's shard) with T x P processes at once, each with cores / (T x P) threads (the
-  slowest rank's figures; FLOP/s at the prefill's rows), and the link's bandwidth from a
-  large all-reduce, right before each round's runs;
+- bandwidth and FLOP/s: common/parallel/calibrate.py times the model's own matmuls (one
+  rank's shard of its stage's decode step, in order) with T x P processes at once, each
+  with cores / (T x P) threads (the slowest rank's figures; FLOP/s at the prefill's rows),
+  and the link's bandwidth from a large all-reduce, right before each round's runs;
 - the overhead per layer, collectives' latency included: the same recipe run, under the same
   layout, with the model narrowed to width 64 (same layers, vocabulary, runtime and
   collectives; its math is negligible) at each batch: what its TPOT (decode) and TTFT
@@ -137,6 +137,8 @@ def main() -> None:
                 skipped.append(f"tp={tp} pp={pp}: the runtime has no {', '.join(missing)} yet")
                 continue
             shapes = shard_shapes(args, tp)
+            # the matmuls of the last (slowest) stage's decode step: its layers, then the head
+            step = shapes[:7] * -(-args.num_hidden_layers // pp) + shapes[7:]
             par = [f"{k}={n}" for k, n in (("parallel.tp", tp), ("parallel.pp", pp)) if n > 1]
             for b in a.batches:
                 mb = min(pp, b)
@@ -152,7 +154,7 @@ def main() -> None:
                     # Calibration, narrowed run and measured run side by side, round after round:
                     # this VM's bandwidth drifts by a third in minutes, so each round's
                     # prediction sees the machine its measurement saw; medians over rounds.
-                    hw = calibrate(tp * pp, shapes, dtype, 0.0, [shapes[:4], shapes[4:7]],
+                    hw = calibrate(tp * pp, step, dtype, 0.0, [shapes[:4], shapes[4:7]],
                                    args.hidden_size, rows=a.prompt_len * -(-b // mb),
                                    shm_bytes=shm_bytes)  # fmt: skip
                     hw = dataclasses.replace(  # latency: in the narrowed run's overhead (docstring)

@@ -3,9 +3,9 @@
 A run of W ranks on one CPU gives each rank cores / W threads, and the ranks share the memory
 bus, so W processes measure at once, each with its share of the threads, and the slowest
 rank's figures stand for all (every collective waits for it):
-- memory bandwidth as decode sees it: a batch-1 matmul over weight matrices of the model's
-  shapes, together larger than the caches (bytes / median time, less the same calls'
-  dispatch time);
+- memory bandwidth as decode sees it: batch-1 matmuls over the weight matrices of a decode
+  step, in its order, together larger than the caches (bytes / median time, less the same
+  calls' dispatch time);
 - compute: the same matmuls on `rows` rows (FLOPs / median time);
 - the link: bandwidth from a large all-reduce against a small one, back to back (the ring
   formula of simulate.py), through the collectives the recipe's ranks use (collectives.py:
@@ -63,7 +63,11 @@ def measure_matmuls(
     shapes: list[tuple[int, int]], dtype: torch.dtype, rows: int, min_bytes: int, repeats: int = 9
 ) -> tuple[float, float]:
     """(bytes/s at one row, FLOP/s at `rows` rows) of F.linear over weights of `shapes`
-    ([out, in]), repeated until they hold min_bytes, so a pass reads memory, not cache."""
+    ([out, in]), the matmuls a decode step runs in its order (every layer's, then the head's),
+    so each shape weighs what it weighs in the model: small matrices stream slower than large
+    ones, and a set of one layer and the head would be mostly head. Repeated until they hold
+    min_bytes, so a pass reads memory, not cache. FLOP/s: one step's matmuls at `rows` rows,
+    each weight once (a weight hot in cache would hide the memory traffic of its packing)."""
     per_set = sum(n * k for n, k in shapes) * dtype.itemsize
     copies = max(1, -(-min_bytes // per_set))
     weights = [torch.randn(n, k).to(dtype) for _ in range(copies) for n, k in shapes]
@@ -76,8 +80,10 @@ def measure_matmuls(
     with torch.no_grad():
         t_read = _median(lambda: [F.linear(xs[w.shape[1]], w) for w in weights], repeats)
         t_calls = _median(lambda: [F.linear(xs[w.shape[1]], w) for w in stubs], repeats)
-        few = weights[: len(shapes)]  # compute-bound: one set is enough
-        t_rows = _median(lambda: [F.linear(xr[w.shape[1]], w) for w in few], repeats)
+        step = weights[
+            : len(shapes)
+        ]  # one step's weights: each read from memory, as a prefill does
+        t_rows = _median(lambda: [F.linear(xr[w.shape[1]], w) for w in step], repeats)
     flops = 2 * rows * sum(n * k for n, k in shapes)
     return copies * per_set / max(t_read - t_calls, 1e-9), flops / t_rows
 
@@ -169,7 +175,7 @@ def calibrate(
     shm_bytes: int = 0,
 ) -> Hardware:
     """This CPU as `world` devices of cores / world threads each, measured. shapes: one
-    rank's matmuls ([out, in]) for bandwidth and FLOP/s; segments: the matmuls a rank runs
+    rank's matmuls ([out, in]) in a decode step, in order, for bandwidth and FLOP/s; segments: the matmuls a rank runs
     between two all-reduces of a [1, hidden] activation (a layer's attention, then its MLP);
     shm_bytes: the ranks' parallel.shm_mb in bytes (0: gloo only)."""
     cores = cores or os.cpu_count() or 1
