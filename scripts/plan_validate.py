@@ -16,9 +16,9 @@ never a constant:
   layout, with the model narrowed to width 64 (same layers, vocabulary, runtime and
   collectives; its math is negligible) at each batch: what its TPOT (decode) and TTFT
   (prefill) leave beyond the simulation of the narrowed model with no overhead and no link
-  latency. The calibration's
-  own latency reading (all-reduces between matmul slices) is reported but not used: it
-  moved 3x between runs on one machine, while the narrowed run times the real calls.
+  latency. The calibration's own latency reading (all-reduces between matmul slices) is
+  reported but not used: it moved 3x between runs on one machine, while the narrowed run
+  times the real calls.
 Each (layout, batch) takes --rounds rounds of calibration, narrowed run and measured run (one
 timed pass each), in that order; predictions and measurements are the medians over rounds.
 Keys the runtime does not have yet (parallel.tp, parallel.pp) are skipped with a note.
@@ -199,10 +199,10 @@ def layer_overhead(
     return decode, prefill
 
 
-def _solve(f, target: float, hi: float = 1.0) -> float:
-    """x in [0, hi] with f(x) = target, for f rising with x (0 if f(0) is already above it):
+def _solve(f, target: float) -> float:
+    """x in [0, 1 s] with f(x) = target, for f rising with x (0 if f(0) is already above it):
     bisection, since the slowest stage, and so the slope, can change with x."""
-    lo = 0.0
+    lo, hi = 0.0, 1.0
     if f(lo) >= target:
         return 0.0
     for _ in range(60):

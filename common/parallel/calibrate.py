@@ -80,9 +80,8 @@ def measure_matmuls(
     with torch.no_grad():
         t_read = _median(lambda: [F.linear(xs[w.shape[1]], w) for w in weights], repeats)
         t_calls = _median(lambda: [F.linear(xs[w.shape[1]], w) for w in stubs], repeats)
-        step = weights[
-            : len(shapes)
-        ]  # one step's weights: each read from memory, as a prefill does
+        # one step's weights: each read from memory, as a prefill reads them
+        step = weights[: len(shapes)]
         t_rows = _median(lambda: [F.linear(xr[w.shape[1]], w) for w in step], repeats)
     flops = 2 * rows * sum(n * k for n, k in shapes)
     return copies * per_set / max(t_read - t_calls, 1e-9), flops / t_rows
@@ -175,9 +174,10 @@ def calibrate(
     shm_bytes: int = 0,
 ) -> Hardware:
     """This CPU as `world` devices of cores / world threads each, measured. shapes: one
-    rank's matmuls ([out, in]) in a decode step, in order, for bandwidth and FLOP/s; segments: the matmuls a rank runs
-    between two all-reduces of a [1, hidden] activation (a layer's attention, then its MLP);
-    shm_bytes: the ranks' parallel.shm_mb in bytes (0: gloo only)."""
+    rank's matmuls ([out, in]) in a decode step, in order, for bandwidth and FLOP/s;
+    segments: the matmuls a rank runs between two all-reduces of a [1, hidden] activation (a
+    layer's attention, then its MLP); shm_bytes: the ranks' parallel.shm_mb in bytes (0: gloo
+    only)."""
     cores = cores or os.cpu_count() or 1
     threads = max(1, cores // world)
     job = dict(
