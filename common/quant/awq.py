@@ -6,8 +6,9 @@ model's outputs exactly.
 Per group of linears reading one input: s = mean|x|^alpha (normalized), alpha searched on a
 grid in [0, 1) for the least output error of the int4-rounded linears on the calibration
 inputs. alpha = 0 is s = 1, plain round to nearest, so the search never does worse than it
-on those inputs. Then each group's weights are clipped to a searched fraction of their peak
-(AWQ's auto-clip: a narrower grid rounds the bulk of the group finer), except q and k.
+on those inputs. Then each group's range is narrowed at either end where that lowers the
+output error (AWQ's auto-clip: a narrower grid rounds the bulk of the group finer), except
+for q and k.
 """
 
 from __future__ import annotations

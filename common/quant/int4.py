@@ -319,33 +319,33 @@ def load_int4_state_dict(model: nn.Module, state: dict[str, Tensor], group_size:
     return load_rest(model, rest, state, _PACKED)
 
 
-CLIP_GRID, CLIP_MAX_SHRINK = 20, 0.5  # AWQ's: bounds 1, 0.95, ..., 0.55 of each group's peak
+CLIP_SHRINK = tuple(i / 25 for i in range(7))  # each end moved in by 0, 4, ..., 24% of the range
 
 
 @torch.no_grad()
 def clip_groups(weight: Tensor, hessian: Tensor, group_size: int) -> Tensor:
-    """weight [N, G*g] clamped per group to ±r·max|w| (float32), r chosen per group for the
-    least output error of its int4 rounding, dᵀ H_g d with d = w - q and H_g [G, g, g] the
-    group's block of the inputs' second moment (exact, without forming x·W). r = 1 is plain
-    rounding, so no group does worse than it on those inputs: a narrower grid rounds the
-    bulk of a group finer at the cost of its few largest weights (AWQ's auto-clip)."""
+    """weight [N, G*g] clamped per group to [min + a·r, max - b·r] (float32; r = max - min),
+    a and b chosen per group from CLIP_SHRINK for the least output error of its int4 rounding,
+    dᵀ H_g d with d = w - q and H_g [G, g, g] the group's block of the inputs' second moment
+    (exact, without forming x·W). a = b = 0 is plain rounding, so no group does worse than it
+    on those inputs: a narrower grid rounds the bulk of a group finer at the cost of its few
+    extreme weights (AWQ's auto-clip). The two ends move apart because the grid is
+    asymmetric: a group's tails are rarely alike, and clipping one alone can pay."""
     n, k = weight.shape
     groups = k // group_size
-    w = weight.float()
-    peak = w.view(n, groups, group_size).abs().amax(-1, keepdim=True)  # [N, G, 1]
+    w = weight.float().view(n, groups, group_size)
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
     best_err = torch.full((n, groups), float("inf"), device=w.device)
     best = w.clone()
-    for step in range(int(CLIP_MAX_SHRINK * CLIP_GRID)):
-        bound = (peak * (1 - step / CLIP_GRID)).expand(n, groups, group_size).reshape(n, k)
-        clipped = torch.minimum(torch.maximum(w, -bound), bound)
-        d = (w - fake_rtn(clipped, group_size)).view(n, groups, group_size)
-        err = torch.einsum("ngi,gij,ngj->ng", d, hessian.float(), d)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(
-            better[..., None].expand(n, groups, group_size).reshape(n, k), clipped, best
-        )
-    return best
+    for a in CLIP_SHRINK:
+        for b in CLIP_SHRINK:
+            clipped = torch.minimum(torch.maximum(w, lo + a * (hi - lo)), hi - b * (hi - lo))
+            d = w - fake_rtn(clipped.view(n, k), group_size).view(n, groups, group_size)
+            err = torch.einsum("ngi,gij,ngj->ng", d, hessian.float(), d)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better[..., None], clipped, best)
+    return best.view(n, k)
 
 
 def fake_rtn(weight: Tensor, group_size: int) -> Tensor:
