@@ -209,26 +209,20 @@ python $llama model.path="$sm" workload=file workload.path=$wl/smollm2/free.json
 python scripts/sampling_table.py
 
 # Quantization (docs/quantization.md): every weight scheme against bf16 in one table per
-# model. Rows carry their own settings (group 32, act-order, clipping off, GPTQ int8, the
+# model. Rows carry their own settings (group 32, clipping or act-order off, GPTQ int8, the
 # tied LM head or the most sensitive layers kept in float, SmoothQuant without smoothing). On
 # SmolLM2-135M-Instruct (real weights, the chat prompts rendered with its chat template, 32
 # new tokens): bytes, decode tok/s, TTFT, perplexity on held-out text, agreement. One round
-# (every row quantizes and calibrates in its own process, ~35 min): the quality columns are
+# (every row quantizes and calibrates in its own process, ~40 min): the quality columns are
 # deterministic, speed comes from the preset table below.
-smol_rows="[[int8],[int8,'quant.skip=[lm_head]'],[gptq,'quant.bits=8'],[int4],[int4,'quant.group_size=32'],[gptq],[gptq,'quant.act_order=true'],[gptq,'quant.act_order=true','quant.clip=false'],[gptq,'quant.act_order=true','quant.skip=[lm_head,layers.11.mlp,layers.29.mlp]'],[awq],[awq,'quant.clip=false'],[w8a8],[w8a8,'quant.smooth=false'],[int8,kv_int8],[int4,kv_int8]]"
+smol_rows="[[int8],[int8,'quant.skip=[lm_head]'],[gptq,'quant.bits=8'],[int4],[int4,'quant.group_size=32'],[w4a8],[gptq],[gptq,'quant.skip=[lm_head]'],[gptq,'quant.skip=[lm_head]','quant.clip=false'],[gptq,'quant.skip=[lm_head]','quant.act_order=false'],[gptq,'quant.skip=[lm_head,layers.11.mlp,layers.29.mlp]'],[awq],[awq,'quant.skip=[lm_head]'],[w8a8],[w8a8,'quant.smooth=false'],[int8,kv_int8],[int4,kv_int8]]"
 smol=$HOME/.cache/llm-recipes/SmolLM2-135M-Instruct
 python scripts/get_checkpoint.py smollm2-135m-instruct
 python $llama model.path="$smol" workload=chat workload.max_new_tokens=32 "bench.variants=$smol_rows" \
   bench.rounds=1 bench.warmup=0 bench.results_dir=results/quant/smollm2
-# GPTQ and AWQ at group 128 with today's defaults (act-order, 128 calibration blocks; the
-# table above predates them), each with the LM head in float as AutoGPTQ/AutoAWQ leave it, and
-# w4a8 next to int4 (the same integers, int8 activations).
-python $llama model.path="$smol" workload=chat workload.max_new_tokens=32 \
-  "bench.variants=[[int4],[w4a8],[gptq],[gptq,'quant.skip=[lm_head]'],[awq],[awq,'quant.skip=[lm_head]']]" \
-  bench.rounds=1 bench.warmup=0 bench.results_dir=results/quant/smollm2
 # The scheme rows on the seeded small preset, batch 1, two rounds (speed at LLaMA-65B's shape
 # ratios; perplexity needs real weights).
-quant_rows="[[int8],[int4],[int4,'quant.group_size=32'],[gptq],[gptq,'quant.act_order=true'],[awq],[awq,'quant.skip=[lm_head]'],[w8a8],[w8a8,'quant.smooth=false'],[int8,kv_int8]]"
+quant_rows="[[int8],[int4],[int4,'quant.group_size=32'],[gptq],[awq],[awq,'quant.skip=[lm_head]'],[w8a8],[w8a8,'quant.smooth=false'],[int8,kv_int8],[int4,kv_int8]]"
 python $llama "bench.variants=$quant_rows" bench.rounds=2 bench.results_dir=results/quant/small
 # int4 at group 128 and 32 (and compiled), and w4a8 (int8 activations, q4_0's product), against
 # llama.cpp's q4_0 on the same seeded weights.
