@@ -335,11 +335,12 @@ def clip_groups(weight: Tensor, hessian: Tensor, group_size: int) -> Tensor:
     groups = k // group_size
     w = weight.float().view(n, groups, group_size)
     lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    span = hi - lo
     best_err = torch.full((n, groups), float("inf"), device=w.device)
-    best = w.clone()
+    best = w  # never written in place: each better candidate makes a new tensor
     for a in CLIP_SHRINK:
         for b in CLIP_SHRINK:
-            clipped = torch.minimum(torch.maximum(w, lo + a * (hi - lo)), hi - b * (hi - lo))
+            clipped = torch.minimum(torch.maximum(w, lo + a * span), hi - b * span)
             d = w - fake_rtn(clipped.view(n, k), group_size).view(n, groups, group_size)
             err = torch.einsum("ngi,gij,ngj->ng", d, hessian.float(), d)
             better = err < best_err
