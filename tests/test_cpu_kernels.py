@@ -34,10 +34,12 @@ def test_int8_matvec_matches_exact_product(dtype: torch.dtype, rows: int, k: int
     assert ((out.double() - exact).abs() <= tol * exact.abs() + 1e-5).all()
 
 
-@pytest.mark.parametrize("impl", ["cpp_matvec", "cpp_bf16dot", "int8pack_mm", "dequant_mm"])
+@pytest.mark.parametrize(
+    "impl", ["cpp_matvec", "cpp_bf16dot", "cpp_bf16outer", "int8pack_mm", "dequant_mm"]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 3, 5, 16, 17])  # cpp_bf16dot's row blocks and tails
-@pytest.mark.parametrize("k", [256, 100])
+@pytest.mark.parametrize("rows", [1, 3, 5, 16, 17, 35])  # the cpp kernels' row blocks and tails
+@pytest.mark.parametrize("k", [256, 100, 37])  # 100, 37: a partial column step, an odd K
 def test_every_int8_linear_implementation_matches_exact(impl, dtype, rows, k) -> None:
     chosen = int8_linear.impls[impl]
     if not chosen.available("cpu", dtype) or not chosen.allows(
@@ -45,11 +47,11 @@ def test_every_int8_linear_implementation_matches_exact(impl, dtype, rows, k) ->
     ):
         pytest.skip(f"{impl} does not run {dtype} with K={k} here")
     x = torch.randn(rows, k).to(dtype)
-    w = torch.randint(-127, 128, (96, k), dtype=torch.int8)
-    scales = (torch.rand(96) / 50).to(dtype)
+    w = torch.randint(-127, 128, (88, k), dtype=torch.int8)  # 88: a partial block of 16
+    scales = (torch.rand(88) / 50).to(dtype)
     exact = (x.double() @ w.double().t()) * scales.double()
     out = chosen.fn(x, w, scales)
-    assert out.shape == (rows, 96) and out.dtype == dtype
+    assert out.shape == (rows, 88) and out.dtype == dtype
     # Same int8 values and scales; rounding and summation order differ (bf16: a few ulps).
     tol = 1e-5 if dtype == torch.float32 else 2**-6
     assert ((out.double() - exact).abs() <= tol * exact.abs() + 1e-3).all()
@@ -110,7 +112,7 @@ def test_int8_linear_rules() -> None:
     w64, w40 = torch.zeros(32, 64, dtype=torch.int8), torch.zeros(32, 40, dtype=torch.int8)
     s = torch.ones(32, dtype=torch.bfloat16)
     x = torch.randn(3, 64, dtype=torch.bfloat16)
-    bf16dot = {"cpp_bf16dot"} if loads("int8_bf16dot") else set()  # AVX512-BF16 CPUs only
+    bf16dot = {"cpp_bf16dot", "cpp_bf16outer"} if loads("int8_bf16dot") else set()  # AVX512-BF16
     assert (
         _eligible(int8_linear, x, w64, s) == {"cpp_matvec", "int8pack_mm", "dequant_mm"} | bf16dot
     )

@@ -1,4 +1,4 @@
-"""Weight-only int8 linear, y = (x @ w_int8ᵀ) * scales, five ways:
+"""Weight-only int8 linear, y = (x @ w_int8ᵀ) * scales, six ways:
 
 - cpp_matvec: int8_matvec.cpp, one output channel at a time so each thread reads one
   sequential stream of weights; also runs fp32 activations, where int8pack_mm has only a
@@ -7,6 +7,10 @@
   widened to bf16, exact products), one sequential weight stream per thread, each row loaded once for up to 8 activation
   rows, so batched decode reads the weights once per step instead of falling back to
   dequantize + GEMM.
+- cpp_bf16outer: int8_bf16outer.cpp, the same on AVX512-BF16 as outer products: 16 weight
+  rows transposed in registers into (16 channels x column pair) vectors, each multiplied by
+  every activation row's broadcast column pair, so no output ends in a horizontal sum and the
+  activations are read once per 16 channels (what bounds the dot form at 8-16 rows).
 - int8pack_mm: torch._weight_int8pack_mm (AVX512/AMX matrix-vector; bf16 only, K % 16 == 0).
 - dequant_mm: dequantize to the activation dtype + F.linear (gpt-fast's formulation, which
   torch.compile fuses).
@@ -47,9 +51,11 @@ def _check(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
 
 
 # x2d [M, K] float32/bfloat16 on cpu, weight_int8 [N, K] contiguous, scales [N] in x's dtype
-# -> [M, N] in x's dtype: int8_matvec.cpp, and int8_bf16dot.cpp for bfloat16 x on AVX512-BF16.
+# -> [M, N] in x's dtype: int8_matvec.cpp, and int8_bf16dot.cpp / int8_bf16outer.cpp for
+# bfloat16 x on AVX512-BF16.
 int8_matvec_cpp = kernel_op("int8_matvec", "int8_matvec_cpp", _check)
 int8_bf16dot_cpp = kernel_op("int8_bf16dot", "int8_bf16dot_cpp", _check)
+int8_bf16outer_cpp = kernel_op("int8_bf16outer", "int8_bf16outer_cpp", _check)
 
 
 def int8pack_mm(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
@@ -88,6 +94,13 @@ int8_linear = Op(
             devices=("cpu",),
             dtypes=(torch.bfloat16,),
             cpp="int8_bf16dot",  # AVX512-BF16 only: elsewhere it does not build
+        ),
+        Impl(
+            "cpp_bf16outer",
+            int8_bf16outer_cpp,
+            devices=("cpu",),
+            dtypes=(torch.bfloat16,),
+            cpp="int8_bf16outer",  # AVX512-BF16 only, as cpp_bf16dot
         ),
         Impl(
             "int8pack_mm",
