@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
-import transformers
+from tiny import hf_llama_checkpoint
 
 from common.io.checkpoint import from_seed
 from common.quant.int8 import quantize_int8
@@ -61,13 +61,7 @@ def test_shuffling_keeps_each_groups_errors_and_perturbing_unties() -> None:
 
 
 def test_script_writes_the_quantized_rows_and_the_shuffled_draws(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
-    ckpt = tmp_path / "ckpt"
-    transformers.LlamaForCausalLM(config).save_pretrained(ckpt)
+    ckpt = hf_llama_checkpoint(tmp_path / "ckpt")
     cmd = [sys.executable, "scripts/perplexity_floor.py", "--model-path", str(ckpt), "--seeds",
            "3", "--eval-samples", "2", "--seq-len", "32", "--results-dir", str(tmp_path)]  # fmt: skip
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)

@@ -6,8 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-import transformers
+from tiny import hf_llama_checkpoint
 
 from common.ops.build import cache_dir
 
@@ -15,12 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_fidelity_floor_on_a_checkpoint_compares_every_pair(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-    )  # fmt: skip
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "ckpt")
+    hf_llama_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "floor"
     cmd = [sys.executable, "scripts/fidelity_floor.py", "--model-path", str(tmp_path / "ckpt"),
            "--workload", "latency", "--out", str(out)]  # fmt: skip

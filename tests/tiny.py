@@ -31,3 +31,17 @@ def random_batches(vocab: int, batches: int, length: int, seed: int = 0) -> list
     """Seeded uniform token ids [1, length]: calibration batches for tests that need no text."""
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (1, length), generator=gen) for _ in range(batches)]
+
+
+def hf_llama_checkpoint(path: Path) -> Path:
+    """A seeded transformers LLaMA (256-token vocab, 2 layers, GQA) saved with save_pretrained
+    at `path`, no tokenizer: what the scripts that take --model-path read."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
