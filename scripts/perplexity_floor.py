@@ -34,7 +34,8 @@ from quant_sensitivity import perplexity  # noqa: E402  scripts/, next to this f
 from torch import Tensor, nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from common.bench.report import command_line, write_table  # noqa: E402
+from common.bench.report import command_line, git_revision, write_table  # noqa: E402
+from common.device.probe import cpu_info  # noqa: E402
 from common.io.checkpoint import from_pretrained  # noqa: E402
 from common.io.presets import load_tokenizer  # noqa: E402
 from common.quant.data import load_texts, token_blocks  # noqa: E402
@@ -135,6 +136,8 @@ def main() -> None:
         f"# Perplexity floor: {args.model_path.name}, {args.scheme}",
         "",
         f"- command: `{command_line()}`",
+        f"- hardware: {cpu_info()}, {torch.get_num_threads()} threads, torch {torch.__version__},"
+        f" git {git_revision()}",
         f"- float perplexity: {base:.3f} ({held_out.shape[0]} blocks of {held_out.shape[1]}"
         f" tokens, {args.dtype})",
         f"- shuffled errors: mean {mean:+.2%}, standard deviation {spread:.2%}, range"
@@ -147,7 +150,7 @@ def main() -> None:
     md = "\n".join(lines) + "\n"
     print(md)
     result = {
-        "command": command_line(), "scheme": args.scheme, "float_perplexity": base,
+        "command": command_line(), "cpu": cpu_info(), "scheme": args.scheme, "float_perplexity": base,
         "rows": [{"model": label, "perplexity": ppl, "change": c}
                  for (label, ppl), c in zip(rows, changes)],
         "shuffled": {"mean": mean, "stdev": spread, "min": min(floor), "max": max(floor)},
