@@ -229,6 +229,9 @@ python $llama "bench.variants=$quant_rows" bench.rounds=2 bench.results_dir=resu
 python $llama bench.peers=[llama_cpp] bench.rounds=3 "bench.variants=[[int4],[int4,'quant.group_size=32'],[flash_attn,int4,fuse,compile],[w4a8],[flash_attn,w4a8,fuse,compile]]"
 # Which modules int4 hurts most on the real model (suggests quant.skip).
 python scripts/quant_sensitivity.py --model-path "$smol" --scheme int4
+# How much of a perplexity change is which way each weight rounded: the same errors, shuffled.
+python scripts/perplexity_floor.py --model-path "$smol" --scheme int8
+python scripts/perplexity_floor.py --model-path "$smol" --scheme int4
 
 # Which opt was measured on which device and dtype, read from the tables above.
 python scripts/support_matrix.py
