@@ -7,7 +7,6 @@
 // form at 8-16 rows. Same math: exact products summed in fp32, one rounding at the end.
 #include <immintrin.h>
 
-#include "convert.h"
 #include "torch_op.h"
 
 #if !defined(__AVX512BF16__) || !defined(__AVX512BW__)
