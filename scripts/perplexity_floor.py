@@ -34,7 +34,9 @@ from quant_sensitivity import perplexity  # noqa: E402  scripts/, next to this f
 from torch import Tensor, nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from common.bench.cli import fail  # noqa: E402
 from common.bench.report import command_line, git_revision, write_table  # noqa: E402
+from common.core.errors import RecipeError  # noqa: E402
 from common.device.probe import cpu_info  # noqa: E402
 from common.io.checkpoint import from_pretrained  # noqa: E402
 from common.io.presets import load_tokenizer  # noqa: E402
@@ -68,8 +70,9 @@ def effective_errors(model: nn.Module, quantized: nn.Module) -> dict[str, Tensor
 
 
 def shuffled_within_groups(error: Tensor, group: int | None, generator: torch.Generator) -> Tensor:
-    """Each group's entries (`group` consecutive input channels of a row sharing a scale; None:
-    the whole row) in a random order: the same error sizes, aligned with nothing."""
+    """Each group's entries (`group` consecutive input channels of a row sharing a scale; the
+    whole row when group is None or does not divide it) in a random order: the same error
+    sizes, aligned with nothing."""
     rows, cols = error.shape
     groups = error.reshape(rows, -1, group) if group and cols % group == 0 else error[:, None]
     order = torch.rand(groups.shape, generator=generator).argsort(dim=-1)
@@ -93,15 +96,23 @@ def main() -> None:
     p.add_argument("--scheme", default="int8", choices=sorted(SCHEMES))
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--bits", type=int, default=4, help="gptq: 4 or 8")
-    p.add_argument("--seeds", type=int, default=8, help="shuffled copies")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--seeds", type=int, default=8, help="shuffled copies (at least 2)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--eval-path", default=None, help="held-out text (.txt/.jsonl/.parquet)")
     p.add_argument("--eval-samples", type=int, default=16, help="the recipes' default")
     p.add_argument("--calib-path", default=None, help="calibration text for gptq/awq/w8a8")
     p.add_argument("--seq-len", type=int, default=512, help="eval block length")
     p.add_argument("--results-dir", type=Path, default=ROOT / "results/quant")
     args = p.parse_args()
+    if args.seeds < 2:
+        p.error(f"--seeds {args.seeds}: a spread needs at least 2 shuffled copies")
+    try:
+        floor_table(args)
+    except RecipeError as e:
+        fail(str(e))
 
+
+def floor_table(args: argparse.Namespace) -> None:
     model = from_pretrained(LlamaForCausalLM, args.model_path, "cpu", getattr(torch, args.dtype))
     encode = encoder(load_tokenizer(args.model_path), model.args.vocab_size)
     held_out = token_blocks(
@@ -131,7 +142,7 @@ def main() -> None:
         )
     changes = [ppl / base - 1 for _, ppl in rows]
     floor = changes[2:]
-    mean, spread = statistics.mean(floor), statistics.stdev(floor) if len(floor) > 1 else 0.0
+    mean, spread = statistics.mean(floor), statistics.stdev(floor)
     lines = [
         f"# Perplexity floor: {args.model_path.name}, {args.scheme}",
         "",

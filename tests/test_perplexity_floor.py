@@ -76,3 +76,12 @@ def test_script_writes_the_quantized_rows_and_the_shuffled_draws(tmp_path: Path)
     stats = result["shuffled"]
     assert stats["min"] == min(draws) <= stats["mean"] <= stats["max"] == max(draws)
     assert len(set(draws)) > 1  # different shuffles, different perplexities
+    for bad, message in (
+        (["--model-path", str(tmp_path / "missing")], "model directory"),
+        (["--model-path", str(ckpt), "--seeds", "1"], "at least 2 shuffled copies"),
+    ):
+        run = subprocess.run(
+            [sys.executable, "scripts/perplexity_floor.py", *bad], cwd=ROOT, capture_output=True,
+            text=True,
+        )  # fmt: skip
+        assert run.returncode == 2 and message in run.stderr.strip().splitlines()[-1]
