@@ -7,8 +7,9 @@ chooses between.
 One pass runs every weight matrix of the preset once (q/k/v and gate/up stacked, as `fuse`
 and `int8` do, plus the LM head) at one row count: the matmuls of one decode step. Every
 implementation that runs here of the float op `bf16_linear`, the weight-only `int8_linear`
-and `int4_linear` (groups of --group-size), and the int8 x int8 `w8a8_linear` and int4 x
-int8 `w4a8_linear` (their times include quantizing the activations) gets a row, except the
+(scales per output channel, and per group of --group-size inputs: `int8_linear g128`) and
+`int4_linear` (groups of --group-size), and the int8 x int8 `w8a8_linear` and int4 x int8
+`w4a8_linear` (their times include quantizing the activations) gets a row, except the
 int4 ops' portable fallbacks (slow: they unpack each weight in torch on every call, seconds
 per step, and lose to any kernel that runs). All layers' weights together exceed the L3, so
 passes read them from DRAM as a real step does; timing one matrix in a loop would measure the
@@ -68,7 +69,7 @@ def main() -> None:
     p.add_argument("--scale", default="small")
     p.add_argument("--rows", default="1,2,4,8,16")
     p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--group-size", type=int, default=128, help="int4 and w4a8 groups")
+    p.add_argument("--group-size", type=int, default=128, help="int4, w4a8 and int8 groups")
     p.add_argument("--out", type=Path, default=ROOT / "results/llama65b/cpu/linear_kernels")
     args = p.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
@@ -77,17 +78,19 @@ def main() -> None:
     shapes = step_shapes(preset_args(mcfg, LlamaForCausalLM))
     torch.manual_seed(0)  # random values: timing only
     g = args.group_size
-    bf16, int8, int4, w4a8 = [], [], [], []  # per matrix: (input width, weight tensors)
+    # per matrix: (input width, weight tensors)
+    bf16, int8, int8g, int4, w4a8 = [], [], [], [], []
     smooth: list[tuple] = []  # w8a8's smoothing multiplier, per matrix
     for n, k in shapes:
         bf16.append((k, (torch.randn(n, k, dtype=torch.bfloat16),)))
         w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
         int8.append((k, (w8, torch.rand(n, dtype=torch.bfloat16))))
+        groups = -(-k // g)
+        int8g.append((k, (w8, torch.rand(n, groups, dtype=torch.bfloat16))))
         # o_proj / down_proj carry it; timing it on every matrix is the upper bound (the
         # multiply rides on the quantization pass)
         smooth.append((torch.rand(k, dtype=torch.bfloat16) + 0.5,))
         q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
-        groups = -(-k // g)
         scales, zeros = torch.rand(2, n, groups, dtype=torch.bfloat16) / 50
         # int4_linear: rows padded to 16 and the input to whole groups, as Int4Linear stores them
         n16 = -(-n // ROW_ALIGN) * ROW_ALIGN
@@ -97,22 +100,24 @@ def main() -> None:
         int4.append((groups * g, (packed, sz)))
         w4a8.append((k, (w4a8_pack(q), scales, zeros)))
     none = [()] * len(shapes)
-    ops: list[tuple[Op, list[tuple[int, tuple]], list[tuple]]] = [  # op, weights, extra args
-        (bf16_linear, bf16, [(None,)] * len(shapes)),  # no bias
-        (int8_linear, int8, none),
-        (w8a8_linear, int8, smooth),
-        (int4_linear, int4, [(g,)] * len(shapes)),
-        (w4a8_linear, w4a8, [(g,)] * len(shapes)),
+    grouped = [(g,)] * len(shapes)
+    ops: list[tuple[str, Op, list[tuple[int, tuple]], list[tuple]]] = [  # weights, extra args
+        ("bf16_linear", bf16_linear, bf16, [(None,)] * len(shapes)),  # no bias
+        ("int8_linear", int8_linear, int8, none),
+        (f"int8_linear g{g}", int8_linear, int8g, grouped),
+        ("w8a8_linear", w8a8_linear, int8, smooth),
+        ("int4_linear", int4_linear, int4, grouped),
+        ("w4a8_linear", w4a8_linear, w4a8, grouped),
     ]
     widths = {width for weights in (bf16, int4) for width, _ in weights}
     inputs = {(m, k): torch.randn(m, k, dtype=torch.bfloat16) for m in rows for k in widths}
     kernels: dict[str, tuple[int, Callable[[int], Callable[[], None]]]] = {}
-    for op, weights, extras in ops:
+    for label, op, weights, extras in ops:
         nbytes = sum(t.nbytes for _, tensors in weights for t in tensors)
         calls = [(k, (*tensors, *extra)) for (k, tensors), extra in zip(weights, extras)]
         for impl in op.impls.values():
             if (
-                f"{op.name} {impl.name}" not in SLOW
+                f"{label} {impl.name}" not in SLOW
                 and impl.available("cpu", torch.bfloat16)
                 and all(impl.allows((inputs[1, k], *c)) for k, c in calls)
             ):
@@ -121,7 +126,7 @@ def main() -> None:
                 def make(m: int, fn=fn, calls=calls) -> Callable[[], None]:
                     return lambda: [fn(inputs[m, k], *c) for k, c in calls]
 
-                kernels[f"{op.name} {impl.name}"] = (nbytes, make)
+                kernels[f"{label} {impl.name}"] = (nbytes, make)
     runs = {(name, m): make(m) for name, (_, make) in kernels.items() for m in rows}
     for run in runs.values():
         run()  # warm-up: builds the C++ kernels, faults in every page
@@ -152,8 +157,8 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, torch {torch.__version__}",
         f"- per cell: ms per step, median (min–max) of {args.rounds} interleaved rounds; weight "
         "bytes / time; speed vs bf16 F.linear (`bf16_linear torch`) at the same rows. "
-        "w8a8 and w4a8 include quantizing the activations; int4 and w4a8 in groups of "
-        f"{g}",
+        "w8a8 and w4a8 include quantizing the activations; int4, w4a8 and "
+        f"`int8_linear g{g}` in groups of {g}",
         f"- streaming read of a {kernels['bf16_linear torch'][0] / 1e6:.0f} MB buffer (the "
         f"bf16 weights): {stream / 1e9:.1f} GB/s",
         "",

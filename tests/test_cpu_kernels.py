@@ -40,21 +40,35 @@ def test_int8_matvec_matches_exact_product(dtype: torch.dtype, rows: int, k: int
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 5, 16, 17, 35])  # the cpp kernels' row blocks and tails
 @pytest.mark.parametrize("k", [256, 100, 37])  # 100, 37: a partial column step, an odd K
-def test_every_int8_linear_implementation_matches_exact(impl, dtype, rows, k) -> None:
+@pytest.mark.parametrize("group", [0, 32, 128])  # per channel; groups (100, 37: a partial one)
+def test_every_int8_linear_implementation_matches_exact(impl, dtype, rows, k, group) -> None:
     chosen = int8_linear.impls[impl]
-    if not chosen.available("cpu", dtype) or not chosen.allows(
-        (torch.ones(1, k), torch.ones(1, k), 0)
-    ):
-        pytest.skip(f"{impl} does not run {dtype} with K={k} here")
+    scales = (torch.rand((88, -(-k // group)) if group else (88,)) / 50).to(dtype)
     x = torch.randn(rows, k).to(dtype)
     w = torch.randint(-127, 128, (88, k), dtype=torch.int8)  # 88: a partial block of 16
-    scales = (torch.rand(88) / 50).to(dtype)
-    exact = (x.double() @ w.double().t()) * scales.double()
-    out = chosen.fn(x, w, scales)
+    if not chosen.available("cpu", dtype) or not chosen.allows((x, w, scales, group)):
+        pytest.skip(f"{impl} does not run {dtype} with K={k}, group_size {group} here")
+    per_input = scales.double().repeat_interleave(group, 1)[:, :k] if group else scales[:, None]
+    exact = x.double() @ (w.double() * per_input).t()
+    out = chosen.fn(x, w, scales, group)
     assert out.shape == (rows, 88) and out.dtype == dtype
-    # Same int8 values and scales; rounding and summation order differ (bf16: a few ulps).
+    # Same int8 values and scales; rounding and summation order differ (bf16: a few ulps of
+    # the result). dequant_mm with groups rounds each weight times its scale to bf16 first: a
+    # few ulps of each product, so the bound is on the sum of their sizes.
+    size = exact.abs()
+    if impl == "dequant_mm" and group:
+        size = x.double().abs() @ (w.double() * per_input).abs().t()
     tol = 1e-5 if dtype == torch.float32 else 2**-6
-    assert ((out.double() - exact).abs() <= tol * exact.abs() + 1e-3).all()
+    assert ((out.double() - exact).abs() <= tol * size + 1e-3).all()
+
+
+def test_int8_linear_group_scales_are_checked() -> None:
+    """Scales must fit the group size: [N, ceil(K / g)] for g a multiple of 32, else [N]."""
+    x, w = torch.randn(2, 100), torch.zeros(8, 100, dtype=torch.int8)
+    for scales, group in [(torch.ones(8, 4), 0), (torch.ones(8, 3), 32), (torch.ones(8, 5), 20)]:
+        with pytest.raises(ValueError, match="int8_matvec_cpp needs scales"):
+            int8_matvec_cpp(x, w, scales, group)
+    assert int8_matvec_cpp(x, w, torch.ones(8, 4), 32).shape == (2, 8)
 
 
 def test_int8_matvec_rejects_mismatched_inputs() -> None:
@@ -119,6 +133,10 @@ def test_int8_linear_rules() -> None:
     assert _eligible(int8_linear, x[:, :40], w40, s) == {"cpp_matvec", "dequant_mm"} | bf16dot
     assert _eligible(int8_linear, x.float(), w64, s.float()) == {"cpp_matvec", "dequant_mm"}
     assert _eligible(int8_linear, x.half(), w64, s.half()) == {"dequant_mm"}
+    grouped = torch.ones(32, 2, dtype=torch.bfloat16)  # group_size 32: per channel only there
+    assert _eligible(int8_linear, x, w64, grouped, 32) == _eligible(int8_linear, x, w64, s) - {
+        "int8pack_mm"
+    }
 
 
 def test_modules_run_what_the_registry_chooses() -> None:

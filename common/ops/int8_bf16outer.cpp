@@ -7,6 +7,9 @@
 // form at 8-16 rows. Same math: exact products summed in fp32, one rounding at the end.
 #include <immintrin.h>
 
+#include <algorithm>
+
+#include "convert.h"
 #include "torch_op.h"
 
 #if !defined(__AVX512BF16__) || !defined(__AVX512BW__)
@@ -74,49 +77,64 @@ inline void step(const uint16_t* x, const int8_t* w, int rows, int64_t K, int64_
   }
 }
 
-// MB activation rows x one block of `rows` (<= 16) weight rows starting at w (row stride K).
+// MB activation rows x one block of `rows` (<= 16) weight rows starting at w (row stride K),
+// whose scales are scale[c * groups + g] for channel c of the block and group g of `group`
+// columns (a multiple of KB, or K: one scale per channel): each group's partial sums are
+// weighed by their 16 scales, then rounded to bf16 once.
 template <int MB, bool AllRows>
-void block(const uint16_t* x, const int8_t* w, int rows, const uint16_t* scale, uint16_t* y,
-           int64_t N, int64_t K) {
+void block(const uint16_t* x, const int8_t* w, int rows, const uint16_t* scale, int64_t groups,
+           int64_t group, uint16_t* y, int64_t N, int64_t K) {
   __m512 acc[MB];
   for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + KB <= K; k += KB) step<MB, true, AllRows>(x, w, rows, K, k, KB, acc);
-  if (k < K) step<MB, false, AllRows>(x, w, rows, K, k, K - k, acc);
+  for (int64_t k0 = 0; k0 < K; k0 += group) {
+    const int64_t k1 = std::min(K, k0 + group);
+    __m512 part[MB];
+    for (int i = 0; i < MB; ++i) part[i] = _mm512_setzero_ps();
+    int64_t k = k0;
+    for (; k + KB <= k1; k += KB) step<MB, true, AllRows>(x, w, rows, K, k, KB, part);
+    if (k < k1) step<MB, false, AllRows>(x, w, rows, K, k, k1 - k, part);
+    alignas(64) float s[NB] = {};  // missing channels' scales stay zero
+    for (int c = 0; c < rows; ++c) s[c] = to_f32(scale[c * groups + k0 / group]);
+    const __m512 sv = _mm512_load_ps(s);
+    for (int i = 0; i < MB; ++i) acc[i] = _mm512_fmadd_ps(part[i], sv, acc[i]);
+  }
   const __mmask16 mn = rows == NB ? 0xFFFF : (1u << rows) - 1;
-  const __m512 s = _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(mn, scale));
   for (int i = 0; i < MB; ++i)
-    _mm256_mask_storeu_epi16(y + i * N, mn, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[i], s)));
+    _mm256_mask_storeu_epi16(y + i * N, mn, (__m256i)_mm512_cvtneps_pbh(acc[i]));
 }
 
 template <int MB>
-void rows_of(const uint16_t* x, const int8_t* w, const uint16_t* scale, uint16_t* y, int64_t N,
-             int64_t K, int64_t n) {
+void rows_of(const uint16_t* x, const int8_t* w, const uint16_t* scale, int64_t groups,
+             int64_t group, uint16_t* y, int64_t N, int64_t K, int64_t n) {
+  const uint16_t* sn = scale + n * groups;
   if (N - n >= NB)
-    block<MB, true>(x, w + n * K, NB, scale + n, y + n, N, K);
+    block<MB, true>(x, w + n * K, NB, sn, groups, group, y + n, N, K);
   else  // the last channels, fewer than 16
-    block<MB, false>(x, w + n * K, int(N - n), scale + n, y + n, N, K);
+    block<MB, false>(x, w + n * K, int(N - n), sn, groups, group, y + n, N, K);
 }
 }  // namespace
 
-// x2d [M, K] bf16, weight_int8 [N, K] contiguous, scales [N] bf16 -> [M, N] bf16.
+// x2d [M, K] bf16, weight_int8 [N, K] contiguous, scales [N] or [N, ceil(K / g)] (group_size
+// g) bf16 -> [M, N] bf16.
 at::Tensor int8_bf16outer_cpp(const at::Tensor& x2d, const at::Tensor& weight_int8,
-                              const at::Tensor& scales) {
-  at::Tensor y = op::linear_out("int8_bf16outer_cpp", x2d, weight_int8, at::kChar, &scales);
+                              const at::Tensor& scales, int64_t group_size) {
+  at::Tensor y = op::linear_out("int8_bf16outer_cpp", x2d, weight_int8, at::kChar, nullptr);
+  const int64_t group =
+      op::scale_group("int8_bf16outer_cpp", x2d, weight_int8, scales, group_size);
   CHECK_ARG(x2d.scalar_type() == at::kBFloat16, "int8_bf16outer_cpp needs bfloat16 x, got ",
             x2d.scalar_type());
   const at::Tensor x = x2d.contiguous(), s = scales.contiguous();
   const uint16_t *xp = op::in<uint16_t>(x), *sp = op::in<uint16_t>(s);
   const int8_t* wp = op::in<int8_t>(weight_int8);
   uint16_t* yp = op::out<uint16_t>(y);
-  const int64_t M = x.size(0), N = y.size(1), K = x.size(1);
+  const int64_t M = x.size(0), N = y.size(1), K = x.size(1), G = s.dim() == 2 ? s.size(1) : 1;
   // Threads split the blocks of 16 output channels; each block is read once for all rows.
 #pragma omp parallel for num_threads(op::threads()) schedule(static)
   for (int64_t n = 0; n < N; n += NB) {
     int64_t m = 0;
-    for (; m + NB <= M; m += NB) rows_of<NB>(xp + m * K, wp, sp, yp + m * N, N, K, n);
+    for (; m + NB <= M; m += NB) rows_of<NB>(xp + m * K, wp, sp, G, group, yp + m * N, N, K, n);
     switch (M - m) {  // the last rows, fewer than 16
-#define TAIL(R) case R: rows_of<R>(xp + m * K, wp, sp, yp + m * N, N, K, n); break;
+#define TAIL(R) case R: rows_of<R>(xp + m * K, wp, sp, G, group, yp + m * N, N, K, n); break;
       TAIL(1) TAIL(2) TAIL(3) TAIL(4) TAIL(5) TAIL(6) TAIL(7) TAIL(8)
       TAIL(9) TAIL(10) TAIL(11) TAIL(12) TAIL(13) TAIL(14) TAIL(15)
 #undef TAIL
@@ -127,6 +145,6 @@ at::Tensor int8_bf16outer_cpp(const at::Tensor& x2d, const at::Tensor& weight_in
 }
 
 TORCH_LIBRARY_FRAGMENT(llm_recipes, m) {
-  m.def("int8_bf16outer_cpp(Tensor x2d, Tensor weight_int8, Tensor scales) -> Tensor");
+  m.def("int8_bf16outer_cpp(Tensor x2d, Tensor weight_int8, Tensor scales, int group_size=0) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(llm_recipes, CPU, m) { m.impl("int8_bf16outer_cpp", int8_bf16outer_cpp); }

@@ -1,4 +1,6 @@
-"""Weight-only int8 linear, y = (x @ w_int8ᵀ) * scales, six ways:
+"""Weight-only int8 linear, y = (x @ w_int8ᵀ) * scales, six ways. Scales are per output
+channel ([N], group_size 0) or per group of group_size input channels ([N, ceil(K / g)], g a
+multiple of 32; the last group of a row may be partial):
 
 - cpp_matvec: int8_matvec.cpp, one output channel at a time so each thread reads one
   sequential stream of weights; also runs fp32 activations, where int8pack_mm has only a
@@ -11,7 +13,8 @@
   rows transposed in registers into (16 channels x column pair) vectors, each multiplied by
   every activation row's broadcast column pair, so no output ends in a horizontal sum and the
   activations are read once per 16 channels (what bounds the dot form at 8-16 rows).
-- int8pack_mm: torch._weight_int8pack_mm (AVX512/AMX matrix-vector; bf16 only, K % 16 == 0).
+- int8pack_mm: torch._weight_int8pack_mm (AVX512/AMX matrix-vector; bf16 only, K % 16 == 0,
+  per-channel scales only).
 - dequant_mm: dequantize to the activation dtype + F.linear (gpt-fast's formulation, which
   torch.compile fuses).
 - npu: torch_npu.npu_weight_quant_batchmatmul (W8A16).
@@ -32,7 +35,7 @@ from common.ops.working_set import weight_copies
 _DTYPES = (torch.float32, torch.bfloat16)  # what the C++ kernels take
 
 
-def _check(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
+def _check(x2d: Tensor, weight_int8: Tensor, scales: Tensor, group_size: int = 0) -> Tensor:
     (m, k), (n, k_w) = x2d.shape, weight_int8.shape
     if (
         x2d.dtype not in _DTYPES
@@ -40,25 +43,32 @@ def _check(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
         or weight_int8.dtype != torch.int8
         or not weight_int8.is_contiguous()
         or scales.dtype != x2d.dtype
-        or scales.shape != (n,)
+        or scales.shape != scale_shape(n, k, group_size)
     ):
         raise ValueError(
             f"int8_matvec_cpp needs x [M, K] float32/bfloat16 on cpu, contiguous int8 [N, K] "
-            f"and scales [N] in x's dtype; got x {tuple(x2d.shape)} {x2d.dtype}, weight "
-            f"{tuple(weight_int8.shape)} {weight_int8.dtype}, scales {scales.dtype}"
+            f"and scales [N] (group_size 0) or [N, ceil(K / g)] (g a multiple of 32) in x's "
+            f"dtype; got x {tuple(x2d.shape)} {x2d.dtype}, weight {tuple(weight_int8.shape)} "
+            f"{weight_int8.dtype}, scales {tuple(scales.shape)} {scales.dtype}, group_size "
+            f"{group_size}"
         )
     return torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
 
 
-# x2d [M, K] float32/bfloat16 on cpu, weight_int8 [N, K] contiguous, scales [N] in x's dtype
-# -> [M, N] in x's dtype: int8_matvec.cpp, and int8_bf16dot.cpp / int8_bf16outer.cpp for
+def scale_shape(n: int, k: int, group_size: int) -> tuple[int, ...]:
+    """The scales of an [N, K] int8 weight: one per output channel, or per group of inputs."""
+    return (n,) if group_size == 0 else (n, -(-k // group_size))
+
+
+# x2d [M, K] float32/bfloat16 on cpu, weight_int8 [N, K] contiguous, scales [N] or
+# [N, ceil(K / g)] in x's dtype, group_size g (0: per channel) -> [M, N] in x's dtype: int8_matvec.cpp, and int8_bf16dot.cpp / int8_bf16outer.cpp for
 # bfloat16 x on AVX512-BF16.
 int8_matvec_cpp = kernel_op("int8_matvec", "int8_matvec_cpp", _check)
 int8_bf16dot_cpp = kernel_op("int8_bf16dot", "int8_bf16dot_cpp", _check)
 int8_bf16outer_cpp = kernel_op("int8_bf16outer", "int8_bf16outer_cpp", _check)
 
 
-def int8pack_mm(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
+def int8pack_mm(x2d: Tensor, weight_int8: Tensor, scales: Tensor, group_size: int = 0) -> Tensor:
     # The AVX512 kernel segfaults unless x starts 32-byte aligned (a view like x[:, 8:] does not)
     # and on some row strides, so copy such inputs into a fresh, 64-byte-aligned buffer (and
     # always under torch.compile, whose fake tensors have no address).
@@ -67,15 +77,23 @@ def int8pack_mm(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
     return torch._weight_int8pack_mm(x2d, weight_int8, scales)  # scales in x's dtype
 
 
-def dequant_mm(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
-    # Scaling the output instead of the weight saves an [N, K] multiply (gpt-fast's formulation).
-    return F.linear(x2d, weight_int8.to(x2d.dtype)) * scales
+def dequant_mm(x2d: Tensor, weight_int8: Tensor, scales: Tensor, group_size: int = 0) -> Tensor:
+    if group_size == 0:  # scaling the output saves an [N, K] multiply (gpt-fast's formulation)
+        return F.linear(x2d, weight_int8.to(x2d.dtype)) * scales
+    (n, k), groups = weight_int8.shape, scales.shape[1]
+    w = F.pad(weight_int8.to(x2d.dtype), (0, groups * group_size - k))  # whole groups
+    w = w.view(n, groups, group_size) * scales[..., None]  # one rounding per weight
+    return F.linear(x2d, w.view(n, -1)[:, :k])
 
 
-def npu_mm(x2d: Tensor, weight_int8: Tensor, scales: Tensor) -> Tensor:
+def npu_mm(x2d: Tensor, weight_int8: Tensor, scales: Tensor, group_size: int = 0) -> Tensor:
     import torch_npu  # unverified: no NPU in CI
 
-    return torch_npu.npu_weight_quant_batchmatmul(x2d, weight_int8.t(), antiquant_scale=scales)
+    if group_size == 0:
+        return torch_npu.npu_weight_quant_batchmatmul(x2d, weight_int8.t(), antiquant_scale=scales)
+    return torch_npu.npu_weight_quant_batchmatmul(
+        x2d, weight_int8.t(), antiquant_scale=scales.t(), antiquant_group_size=group_size
+    )
 
 
 int8_linear = Op(
@@ -107,12 +125,13 @@ int8_linear = Op(
             int8pack_mm,
             devices=("cpu",),
             dtypes=(torch.bfloat16,),  # other dtypes hit a scalar loop
-            when=lambda x2d, w, s: w.shape[1] % 16 == 0,  # reads 16 at a time, no tail
+            # reads 16 at a time, no tail; one scale per output channel
+            when=lambda x2d, w, s, group_size=0: w.shape[1] % 16 == 0 and group_size == 0,
         ),
         Impl("npu", npu_mm, devices=("npu",), dtypes=(torch.float16, torch.bfloat16)),
         Impl("dequant_mm", dequant_mm),
     ],
-    rows=lambda x2d, w, s: x2d.shape[0],
-    size=lambda x2d, w, s: w.numel(),  # int8 weight bytes
+    rows=lambda x2d, w, *_: x2d.shape[0],
+    size=lambda x2d, w, *_: w.numel(),  # int8 weight bytes
     bench_args=weight_copies,
 )

@@ -9,6 +9,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #define CHECK_ARG(cond, ...) TORCH_CHECK_VALUE(cond, __VA_ARGS__)
@@ -48,5 +49,22 @@ inline at::Tensor linear_out(const char* name, const at::Tensor& x, const at::Te
             per_channel ? per_channel->sizes() : at::IntArrayRef{}, " ",
             per_channel ? per_channel->scalar_type() : x.scalar_type());
   return at::empty({x.size(0), w.size(0)}, x.options());
+}
+
+// The input channels each scale of a quantized weight [N, K] covers: scales [N] (group_size
+// 0: the whole row, K) or [N, ceil(K / group_size)] for a group_size that is a multiple of 32
+// (the vector kernels' step, so only the last group of a row is ever partial), in x's dtype.
+inline int64_t scale_group(const char* name, const at::Tensor& x, const at::Tensor& w,
+                           const at::Tensor& scales, int64_t group_size) {
+  const int64_t N = w.size(0), K = w.size(1);
+  const bool ok =
+      scales.scalar_type() == x.scalar_type() &&
+      (group_size == 0 ? scales.dim() == 1 && scales.size(0) == N
+                       : group_size > 0 && group_size % 32 == 0 && scales.dim() == 2 &&
+                             scales.size(0) == N && scales.size(1) == (K + group_size - 1) / group_size);
+  CHECK_ARG(ok, name, " needs scales in x's dtype, [N] for group_size 0 or [N, ceil(K / g)] for ",
+            "group_size g (a multiple of 32); got scales ", scales.sizes(), " ", scales.scalar_type(),
+            " for a weight ", w.sizes(), ", group_size ", group_size);
+  return group_size == 0 ? std::max<int64_t>(K, 1) : group_size;
 }
 }  // namespace op
