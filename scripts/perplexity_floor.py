@@ -11,7 +11,7 @@ weights each quantized module computes with (its forward on the identity, or on 
 an embedding table), and evaluates perplexity on held-out text (the recipes' default split
 and size, or --eval-path) for: the quantized model itself; its weights in the float model;
 and --seeds copies whose rounding errors are shuffled within each group that shares a scale
-(a whole row for int8), which keeps every group's error sizes and scrambles only their
+(a whole row for per-channel int8), which keeps every group's error sizes and scrambles only their
 alignment. The shuffled copies' spread is the
 floor below which two schemes' perplexity changes cannot be told apart on this text. Writes
 results/quant/perplexity_floor-<dir name>-<scheme>.{md,json} atomically.
@@ -70,13 +70,18 @@ def effective_errors(model: nn.Module, quantized: nn.Module) -> dict[str, Tensor
 
 
 def shuffled_within_groups(error: Tensor, group: int | None, generator: torch.Generator) -> Tensor:
-    """Each group's entries (`group` consecutive input channels of a row sharing a scale; the
-    whole row when group is None or does not divide it) in a random order: the same error
-    sizes, aligned with nothing."""
+    """Each group's entries (`group` consecutive input channels of a row sharing a scale, the
+    last group what is left of the row; the whole row when group is None) in a random order:
+    the same error sizes, aligned with nothing."""
     rows, cols = error.shape
-    groups = error.reshape(rows, -1, group) if group and cols % group == 0 else error[:, None]
-    order = torch.rand(groups.shape, generator=generator).argsort(dim=-1)
-    return groups.gather(-1, order).reshape(rows, cols)
+    group = min(group or cols, cols)
+    full = cols - cols % group
+    parts = (error[:, :full].reshape(rows, full // group, group), error[:, None, full:])
+    shuffled = []
+    for part in parts:
+        order = torch.rand(part.shape, generator=generator).argsort(dim=-1)
+        shuffled.append(part.gather(-1, order).reshape(rows, -1))
+    return torch.cat(shuffled, dim=1)
 
 
 @torch.no_grad()
@@ -94,7 +99,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-path", type=Path, required=True)
     p.add_argument("--scheme", default="int8", choices=sorted(SCHEMES))
-    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument(
+        "--group-size", type=int, default=None, help="default: 128 for int4, per channel for int8"
+    )
     p.add_argument("--bits", type=int, default=4, help="gptq: 4 or 8")
     p.add_argument("--seeds", type=int, default=8, help="shuffled copies (at least 2)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -144,7 +151,7 @@ def floor_table(args: argparse.Namespace) -> None:
     floor = changes[2:]
     mean, spread = statistics.mean(floor), statistics.stdev(floor)
     lines = [
-        f"# Perplexity floor: {args.model_path.name}, {args.scheme}",
+        f"# Perplexity floor: {args.model_path.name}, {scheme.weight_format().label()}",
         "",
         f"- command: `{command_line()}`",
         f"- hardware: {cpu_info()}, {torch.get_num_threads()} threads, torch {torch.__version__},"
@@ -161,14 +168,15 @@ def floor_table(args: argparse.Namespace) -> None:
     md = "\n".join(lines) + "\n"
     print(md)
     result = {
-        "command": command_line(), "cpu": cpu_info(), "scheme": args.scheme, "float_perplexity": base,
+        "command": command_line(), "cpu": cpu_info(), "scheme": args.scheme,
+        "group_size": scheme.weight_format().group_size, "float_perplexity": base,
         "rows": [{"model": label, "perplexity": ppl, "change": c}
                  for (label, ppl), c in zip(rows, changes)],
         "shuffled": {"mean": mean, "stdev": spread, "min": min(floor), "max": max(floor)},
     }  # fmt: skip
-    write_table(
-        args.results_dir / f"perplexity_floor-{args.model_path.name}-{args.scheme}", result, md
-    )
+    suffix = f"-g{args.group_size}" if args.group_size else ""  # the scheme's default: none
+    name = f"perplexity_floor-{args.model_path.name}-{args.scheme}{suffix}"
+    write_table(args.results_dir / name, result, md)
 
 
 if __name__ == "__main__":

@@ -47,10 +47,11 @@ def test_effective_errors_are_the_int8_rounding_of_every_matrix_and_the_tied_tab
 
 def test_shuffling_keeps_each_groups_errors_and_perturbing_unties() -> None:
     error = torch.randn(6, 64)
-    for group, shape in ((None, (6, 64)), (16, (6, 4, 16))):
+    for group, bounds in ((None, [0, 64]), (16, [0, 16, 32, 48, 64]), (24, [0, 24, 48, 64])):
         shuffled = floor.shuffled_within_groups(error, group, torch.Generator().manual_seed(0))
-        assert torch.equal(shuffled.view(shape).sort(-1).values, error.view(shape).sort(-1).values)
-        assert not torch.equal(shuffled, error)
+        for a, b in zip(bounds, bounds[1:]):  # each group, a partial last one too, keeps its own
+            assert torch.equal(shuffled[:, a:b].sort(-1).values, error[:, a:b].sort(-1).values)
+            assert not torch.equal(shuffled[:, a:b], error[:, a:b])
     model = from_seed(LlamaForCausalLM, ARGS, 0).float()
     assert model.get_submodule("lm_head").weight is model.get_submodule("model.embed_tokens").weight
     head = model.get_submodule("lm_head").weight.detach().clone()

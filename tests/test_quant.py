@@ -6,7 +6,7 @@ from common import ops
 from common.nn.mlp import stack_linears
 from common.ops.int8_linear import dequant_mm, int8pack_mm
 from common.parallel.measured import weight_bytes
-from common.quant.int8 import Int8Embedding, Int8WeightOnlyLinear, quantize_int8
+from common.quant.int8 import Int8Embedding, Int8WeightOnly, Int8WeightOnlyLinear, quantize_int8
 
 
 @pytest.fixture
@@ -62,6 +62,63 @@ def test_roundtrip_error_within_half_a_step(dtype: torch.dtype) -> None:
     assert (q.weight_int8[3] == 0).all()
     # Each non-zero row's absmax lands on the edge of the int8 range, so no levels are wasted.
     assert (q.weight_int8.abs().amax(dim=1)[torch.arange(48) != 3] == 127).all()
+
+
+@pytest.mark.parametrize("group", [32, 64])  # 80 columns: 64 + 16 makes a partial group
+def test_group_scales_round_within_half_a_group_step(group: int) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(80, 48, bias=False)
+    linear.weight.data[5, 7] = 50.0  # an outlier coarsens its own group only
+    q = Int8WeightOnlyLinear.from_linear(linear, group_size=group)
+    groups = -(-80 // group)
+    assert q.scales.shape == (48, groups) and q.group_size == group
+    per_input = q.scales.repeat_interleave(group, 1)[:, :80]
+    err = (linear.weight - q.weight_int8.float() * per_input).abs()
+    assert (err <= per_input / 2 * (1 + 1e-5)).all()
+    for g in range(groups):  # every group's absmax lands on the edge of the int8 range
+        assert (q.weight_int8[:, g * group : (g + 1) * group].abs().amax(dim=1) == 127).all()
+    per_channel = Int8WeightOnlyLinear.from_linear(linear)
+    assert q.scales[5].min() < per_channel.scales[5] / 10  # the outlier row's other groups
+    x = torch.randn(3, 80)
+    assert torch.allclose(q(x), x @ (q.weight_int8.float() * per_input).t(), atol=1e-4)
+
+
+def test_group_scales_for_embeddings_and_the_tied_head() -> None:
+    torch.manual_seed(0)
+    model = TiedLM()
+    embed_before = model.embed.weight.detach().clone()
+    ids = torch.randint(0, 96, (2, 6))
+    ref = model(ids).detach()
+    quantize_int8(model, group_size=32)
+    assert model.lm_head.weight_int8 is model.embed.weight_int8
+    assert model.lm_head.scales is model.embed.scales and model.embed.scales.shape == (96, 2)
+    step = model.embed.scales[ids].repeat_interleave(32, -1)
+    assert bool(((model.embed(ids) - embed_before[ids]).abs() <= step / 2 + 1e-7).all())
+    assert _rel_err(model(ids), ref) < 2e-2
+    assert Int8WeightOnly(32).weight_format().matrix_bytes(96, 64, torch.float32) == (
+        model.embed.weight_int8.nbytes + model.embed.scales.nbytes
+    )
+
+
+def test_group_scale_checkpoint_roundtrip_and_mismatch() -> None:
+    from common.core.errors import RecipeError
+
+    grouped, per_channel = Int8WeightOnly(32), Int8WeightOnly()
+    torch.manual_seed(0)
+    src = grouped.quantize(TiedLM())
+    state, config = grouped.state_dict(src), grouped.quantization_config()
+    assert config["granularity"] == "group" and config["group_size"] == 32
+    assert per_channel.quantization_config()["granularity"] == "per_output_channel"
+    dst = grouped.load_state_dict(TiedLM(), dict(state), config)
+    ids = torch.randint(0, 96, (2, 6))
+    assert torch.equal(dst(ids), src(ids))
+    with pytest.raises(
+        RecipeError,
+        match=r"weight_scale \(96, 2\) for a \(96, 64\) weight \(one scale per output channel\)",
+    ):
+        per_channel.load_state_dict(TiedLM(), state, per_channel.quantization_config())
+    with pytest.raises(RecipeError, match="quant.group_size must be one of 32, 64, 128, got 48"):
+        Int8WeightOnly(48)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

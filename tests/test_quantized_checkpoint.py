@@ -53,9 +53,11 @@ def _quantized(weights: str, dtype=torch.float32, **quant):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("weights", ["int8", "w8a8", "w4a8"])
-def test_save_load_gives_identical_logits(tmp_path, weights, dtype):
-    model = _quantized(weights, dtype)
+@pytest.mark.parametrize(
+    "weights, quant", [("int8", {}), ("int8", {"group_size": 32}), ("w8a8", {}), ("w4a8", {})]
+)
+def test_save_load_gives_identical_logits(tmp_path, weights, quant, dtype):
+    model = _quantized(weights, dtype, **quant)
     src = tmp_path / "float"
     src.mkdir()
     (src / "config.json").write_text(
@@ -67,16 +69,18 @@ def test_save_load_gives_identical_logits(tmp_path, weights, dtype):
         )
     )
     (src / "tokenizer_config.json").write_text("{}")
-    out = save_quantized(model, configured_scheme(_cfg(weights).quant), tmp_path / "q", src, True)
+    scheme = configured_scheme(_cfg(weights, **quant).quant)
+    out = save_quantized(model, scheme, tmp_path / "q", src, True)
     saved = json.loads((out / "config.json").read_text())["quantization_config"]
     assert saved["scheme"] == weights and saved["fused_projections"] is True
+    assert saved.get("group_size") == quant.get("group_size", saved.get("group_size"))
     assert (out / "tokenizer_config.json").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp left
 
     loaded = load_quantized(LlamaForCausalLM, out, "cpu", dtype)
     assert torch.equal(_logits(loaded), _logits(model))
     # The transforms see it is quantized already: no second rounding, same logits.
-    again = apply_transforms(loaded, _cfg(weights))
+    again = apply_transforms(loaded, _cfg(weights, **quant))
     assert torch.equal(_logits(again), _logits(model))
 
 
@@ -101,6 +105,7 @@ def test_checkpoint_made_with_other_opts_is_an_error(tmp_path):
     for cfg, asked in [
         (_cfg("w8a8", alpha=0.8), r"w8a8 \(bits=8, smooth=True, alpha=0.8\)"),
         (_cfg("int8"), r"int8 \(bits=8\)"),
+        (_cfg("int8", group_size=64), r"int8 \(bits=8, group_size=64\)"),
     ]:
         with pytest.raises(RecipeError, match=f"quantized as w8a8 .* opts ask for {asked}"):
             apply_transforms(loaded, cfg)

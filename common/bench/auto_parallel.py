@@ -22,8 +22,8 @@ from common.io.presets import preset_args
 from common.parallel.hardware import Hardware, Link, from_spec
 from common.parallel.simulate import Workload
 from common.parallel.strategy import choose_tp
-from common.quant.formats import SCHEME_NAMES, WeightFormat, weight_format
-from common.quant.scheme import get_scheme
+from common.quant.formats import WeightFormat, weight_format
+from common.quant.scheme import SCHEMES, configured_scheme
 
 
 def _longest(value: Any) -> int:
@@ -43,11 +43,11 @@ def this_machine(device_type: str) -> Hardware:
     return Hardware(f"this {device_type}", count, 1, memory, {}, 1.0, link, link)
 
 
-def _format(name: str, group_size: int) -> WeightFormat:
-    """A scheme's weight format: by name, or from the registered scheme (e.g. gptq)."""
-    if name in SCHEME_NAMES:
-        return weight_format(name, group_size)
-    return get_scheme(name).weight_format()
+def _format(quant: Any) -> WeightFormat:
+    """The weight format of the quant section's scheme, with its options (group size, bits)."""
+    if quant.weights not in SCHEMES:  # none, or an error that names the choices
+        return weight_format(quant.weights)
+    return configured_scheme(quant).weight_format()
 
 
 def resolve_auto_tp(cfg: Any, model_cls: type) -> None:
@@ -71,13 +71,12 @@ def resolve_auto_tp(cfg: Any, model_cls: type) -> None:
     if prompt is None:
         raise RecipeError(f"parallel.tp=auto needs a workload with prompt_len; {w.kind} has none")
     workload = Workload(w.batch_size, _longest(prompt), _longest(w.max_new_tokens))
-    group = OmegaConf.select(cfg, "quant.group_size", default=128)
     tp = choose_tp(
         args,
         dtype,
         hw,
         workload,
-        _format(cfg.quant.weights, group),
+        _format(cfg.quant),
         bool(cfg.kv_cache.int8),
         pp=int(OmegaConf.select(cfg, "parallel.pp", default=1)),
         simulate_speed=bool(spec),

@@ -101,7 +101,7 @@ class CalibConfig:
 @dataclass
 class QuantConfig:
     weights: str = "none"
-    group_size: int = 128
+    group_size: int | None = None  # null: int4 family 128, int8 one scale per output channel
     bits: int = 4
     act_order: bool = False
     damp: float = 0.01
@@ -114,7 +114,7 @@ class QuantConfig:
     save: str | None = None  # write the quantized checkpoint (safetensors + config.json) here
 
     def check(self) -> None:
-        _require(self.group_size in (32, 64, 128), "quant.group_size", self.group_size,
+        _require(self.group_size in (None, 32, 64, 128), "quant.group_size", self.group_size,
                  "one of 32, 64, 128")  # fmt: skip
         _require(self.bits in (4, 8), "quant.bits", self.bits, "4 or 8")
         _require(0 < self.damp < 1, "quant.damp", self.damp, "in (0, 1)")

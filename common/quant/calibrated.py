@@ -22,12 +22,11 @@ from torch import Tensor, nn
 
 from common.core.errors import RecipeError
 from common.quant.awq import search_clip, search_scales
-from common.quant.formats import INT8, WeightFormat
+from common.quant.formats import DEFAULT_INT4_GROUP, INT8, WeightFormat, check_group_size
 from common.quant.formats import int4 as int4_format
 from common.quant.gptq import Hessian, gptq
 from common.quant.int4 import (
     Int4Table,
-    check_group_size,
     int4_quantization_config,
     int4_state_dict,
     load_int4_state_dict,
@@ -80,7 +79,7 @@ class _SavedAsInt4Or8:
 
     name: str
     bits: int = 4
-    group_size: int = 128
+    group_size: int = DEFAULT_INT4_GROUP
 
     def weight_format(self) -> WeightFormat:
         return int4_format(self.group_size) if self.bits == 4 else INT8
@@ -107,7 +106,7 @@ class GPTQ(_SavedAsInt4Or8):
     def __init__(
         self,
         bits: int = 4,
-        group_size: int = 128,
+        group_size: int = DEFAULT_INT4_GROUP,
         act_order: bool = False,
         damp: float = 0.01,
         clip: bool = True,
@@ -123,7 +122,13 @@ class GPTQ(_SavedAsInt4Or8):
         return ("int4_linear",) if self.bits == 4 else ("int8_linear",)
 
     def configured(self, quant: Any) -> GPTQ:
-        return type(self)(quant.bits, quant.group_size, quant.act_order, quant.damp, quant.clip)
+        return type(self)(
+            quant.bits,
+            quant.group_size or DEFAULT_INT4_GROUP,
+            quant.act_order,
+            quant.damp,
+            quant.clip,
+        )
 
     def quantize(
         self,
@@ -180,14 +185,16 @@ class AWQ(_SavedAsInt4Or8):
     calibrated = True
     kernels = ("int4_linear",)
 
-    def __init__(self, group_size: int = 128, grid: int = 20, clip: bool = True) -> None:
+    def __init__(
+        self, group_size: int = DEFAULT_INT4_GROUP, grid: int = 20, clip: bool = True
+    ) -> None:
         check_group_size(group_size)
         if grid < 1:
             raise RecipeError(f"quant.awq_grid must be >= 1, got {grid!r}")
         self.group_size, self.grid, self.clip = group_size, grid, clip
 
     def configured(self, quant: Any) -> AWQ:
-        return type(self)(quant.group_size, quant.awq_grid, quant.clip)
+        return type(self)(quant.group_size or DEFAULT_INT4_GROUP, quant.awq_grid, quant.clip)
 
     @torch.no_grad()
     def quantize(

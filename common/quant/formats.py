@@ -5,8 +5,8 @@ each QuantScheme returns its own from `weight_format()`, and tests compare the b
 the tensors a quantized model holds; int4 and w8a8 are also checked against the tensors
 their kernels take:
 
-- int8 (common/quant/int8.py): int8 [N, K] + one scale per output row in the model dtype;
-  embedding tables quantized the same way per row.
+- int8 (common/quant/int8.py): int8 [N, K] + one scale per output row, or per group of
+  `group_size` input channels, in the model dtype; embedding tables quantized the same way.
 - int4: asymmetric, one scale and one zero per group of `group_size` input channels, both in
   the model dtype (the scales-and-zeros tensor of torch._weight_int4pack_mm and the antiquant
   scale/offset of npu_weight_quant_batchmatmul); embedding tables quantized the same way
@@ -57,14 +57,19 @@ class WeightFormat:
 FLOAT = WeightFormat("none")
 INT8 = WeightFormat("int8", bits=8, embeddings=True, dequantizes=True)
 W8A8 = WeightFormat("w8a8", bits=8, embeddings=True)
-INT4_GROUP_SIZES = (32, 64, 128)
+GROUP_SIZES = (32, 64, 128)  # quant.group_size: input channels per scale (int4 and int8)
+DEFAULT_INT4_GROUP = 128  # int4 and its relatives when quant.group_size is null
 
 
-def int4(group_size: int = 128) -> WeightFormat:
-    if group_size not in INT4_GROUP_SIZES:
+def check_group_size(group_size: int) -> None:
+    if group_size not in GROUP_SIZES:
         raise RecipeError(
-            f"int4 group size {group_size}; choose one of {', '.join(map(str, INT4_GROUP_SIZES))}"
+            f"quant.group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}"
         )
+
+
+def int4(group_size: int = DEFAULT_INT4_GROUP) -> WeightFormat:
+    check_group_size(group_size)
     return WeightFormat("int4", bits=4, group_size=group_size, zero_point=True, embeddings=True)
 
 

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.core.errors import RecipeError
-from common.quant.int4 import GROUP_SIZES, load_int4_state_dict, pack_nibbles
+from common.quant.formats import GROUP_SIZES
+from common.quant.int4 import load_int4_state_dict, pack_nibbles
 
 METHOD = "gptq"  # quantization_config.quant_method
 ZERO_OFFSET = {"gptq": 0x11111111, "gptq_v2": 0}  # added to each qzeros word: v1's zero - 1

@@ -22,11 +22,10 @@ from torch import Tensor, nn
 from common import ops
 from common.core.errors import RecipeError
 from common.ops.int4_linear import ROW_ALIGN, dequantize_rows, pack, unpack_rows
-from common.quant.formats import WeightFormat
+from common.quant.formats import DEFAULT_INT4_GROUP, WeightFormat, check_group_size
 from common.quant.formats import int4 as int4_format
 from common.quant.int8 import _identity, _replace, load_rest
 
-GROUP_SIZES = (32, 64, 128)
 _MIN_RANGE = 1e-6  # a constant group still gets a usable scale
 
 
@@ -176,7 +175,7 @@ INT4_MODULES: dict[type, Callable[[nn.Module, Any], nn.Module]] = {
 
 def quantize_int4(
     model: nn.Module,
-    group_size: int = 128,
+    group_size: int = DEFAULT_INT4_GROUP,
     skip: Callable[[str, nn.Module], bool] | None = None,
     table_for: Callable[[list[str], Tensor], Int4Table] | None = None,
 ) -> nn.Module:
@@ -204,25 +203,18 @@ def int4_quantization_config(scheme: str, group_size: int) -> dict[str, object]:
     }
 
 
-def check_group_size(group_size: int) -> None:
-    if group_size not in GROUP_SIZES:
-        raise RecipeError(
-            f"quant.group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}"
-        )
-
-
 class Int4WeightOnly:
     """The int4 scheme (a common.quant.scheme.QuantScheme): round to nearest, group-wise."""
 
     name = "int4"
     kernels = ("int4_linear",)  # Int4Embedding dequantizes looked-up rows, no kernel
 
-    def __init__(self, group_size: int = 128) -> None:
+    def __init__(self, group_size: int = DEFAULT_INT4_GROUP) -> None:
         check_group_size(group_size)
         self.group_size = group_size
 
     def configured(self, quant: Any) -> Int4WeightOnly:
-        return type(self)(quant.group_size)
+        return type(self)(quant.group_size or DEFAULT_INT4_GROUP)
 
     def weight_format(self) -> WeightFormat:
         return int4_format(self.group_size)

@@ -25,7 +25,7 @@ from common.quant.formats import WeightFormat
 from common.quant.int8 import (
     Int8WeightOnly,
     Int8WeightOnlyLinear,
-    _quantize_per_channel,
+    _quantize,
     load_int8,
     quantize_int8,
 )
@@ -153,7 +153,7 @@ class W8A8:
         # once replaced, so the peak is the int8 model plus one float matrix.
         while places:
             linear, where = places.popitem()
-            weight_int8, scales = _quantize_per_channel(linear.weight)
+            weight_int8, scales = _quantize(linear.weight)
             bias = None if linear.bias is None else linear.bias.detach()
             new = W8A8Linear(weight_int8, scales, bias, explicit.pop(linear, None))
             for parent, child_name in where:
