@@ -275,17 +275,22 @@ def test_quantize_releases_float_weights() -> None:
     assert all(r() is None for r in refs)
 
 
-@pytest.mark.parametrize("impl", ["cpp_matvec", "int8pack_mm", "dequant_mm"])
+@pytest.mark.parametrize(
+    "impl, group",
+    [("cpp_matvec", 0), ("int8pack_mm", 0), ("dequant_mm", 0), ("cpp_matvec", 32),
+     ("dequant_mm", 32)],
+)  # fmt: skip
 @pytest.mark.parametrize("rows", [1, 2, 5])
-def test_stacking_rows_before_int8_changes_no_output(rows: int, impl: str, own_choices) -> None:
-    """Per-output-channel int8 of a stacked q/k/v matrix is the stack of each one's int8, so
-    fusing projections (the int8 opt does) leaves every output bit unchanged under each
-    kernel (the stacked matrix is larger, so the dispatch table may pick another one)."""
+def test_stacking_rows_before_int8_changes_no_output(rows, impl, group, own_choices) -> None:
+    """int8 of a stacked q/k/v matrix (scales per output channel or per group of its inputs)
+    is the stack of each one's int8, so fusing projections (the int8 opt does) leaves every
+    output bit unchanged under each kernel (the stacked matrix is larger, so the dispatch
+    table may pick another one)."""
     ops.pin({"int8_linear": impl})
     q, k, v = (nn.Linear(64, n, bias=True).bfloat16() for n in (64, 32, 32))
     x = torch.randn(rows, 64, dtype=torch.bfloat16)
-    fused = Int8WeightOnlyLinear.from_linear(stack_linears(q, k, v))(x)
-    parts = [Int8WeightOnlyLinear.from_linear(m)(x) for m in (q, k, v)]
+    fused = Int8WeightOnlyLinear.from_linear(stack_linears(q, k, v), group_size=group)(x)
+    parts = [Int8WeightOnlyLinear.from_linear(m, group_size=group)(x) for m in (q, k, v)]
     assert set(ops.chosen().values()) == {f"{impl} (pinned)"}
     assert torch.equal(fused, torch.cat(parts, dim=-1))
 
