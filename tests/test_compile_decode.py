@@ -1,7 +1,8 @@
 """The compile opt: a compiled decode step (fullgraph, so any graph break fails) gives the
 same greedy tokens as eager (fp32 tiny LLaMA), compiles one graph per batch size and never
-recompiles across decode steps or runs, composes with flash_attn, int8, int4 and fuse, and
-decodes continuous batches on paged KV in one graph per padded row count.
+recompiles across decode steps or runs, composes with flash_attn, int8 (per channel and
+group-wise), int4 and fuse, and decodes continuous batches on paged KV in one graph per
+padded row count.
 aot_eager traces exactly what inductor gets; one case runs inductor itself."""
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from common.engine.runner import ModelRunner
 from common.engine.scheduler import SchedulerParams
 from common.io.checkpoint import from_seed
 from common.kv.spec import KVSpec
+from common.quant.int8 import Int8WeightOnly
 from common.quant.scheme import get_scheme
 from common.transforms.compile import compile_decode, compile_stats
 from common.transforms.fusion import fuse_kernels, fuse_projections
@@ -35,7 +37,9 @@ def _model(scheme: str | None, fuse: bool) -> LlamaForCausalLM:
     model = from_seed(LlamaForCausalLM, TINY_LLAMA, 0, "cpu", torch.float32)
     if fuse:
         fuse_kernels(fuse_projections(model), add_norm=True, rotary=True)
-    return get_scheme(scheme).quantize(model) if scheme else model
+    if scheme is None:
+        return model
+    return (Int8WeightOnly(32) if scheme == "int8 g32" else get_scheme(scheme)).quantize(model)
 
 
 def _generate(model, attn: str, static: bool) -> list[list[int]]:
@@ -49,8 +53,9 @@ def _settings(backend: str = "aot_eager", **kw) -> SimpleNamespace:
 
 @pytest.mark.parametrize(
     "attn,scheme,fuse",
-    [("eager", None, False), ("flash", "int8", True), ("flash", "int4", True)],
-)
+    [("eager", None, False), ("flash", "int8", True), ("flash", "int8 g32", True),
+     ("flash", "int4", True)],
+)  # fmt: skip
 def test_compiled_decode_gives_eager_tokens_without_recompiles(
     attn: str, scheme: str | None, fuse: bool
 ):

@@ -35,7 +35,8 @@ def test_int8_matvec_matches_exact_product(dtype: torch.dtype, rows: int, k: int
 
 
 @pytest.mark.parametrize(
-    "impl", ["cpp_matvec", "cpp_bf16dot", "cpp_bf16outer", "int8pack_mm", "dequant_mm"]
+    "impl",
+    ["cpp_matvec", "cpp_bf16dot", "cpp_bf16outer", "int8pack_mm", "dequant_mm", "cpp_dequant_mm"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 5, 16, 17, 35])  # the cpp kernels' row blocks and tails
@@ -54,9 +55,9 @@ def test_every_int8_linear_implementation_matches_exact(impl, dtype, rows, k, gr
     assert out.shape == (rows, 88) and out.dtype == dtype
     # Same int8 values and scales; rounding and summation order differ (bf16: a few ulps of
     # the result). dequant_mm with groups rounds each weight times its scale to bf16 first: a
-    # few ulps of each product, so the bound is on the sum of their sizes.
+    # few ulps of each product, so the bound is on the sum of their sizes (cpp_dequant_mm too).
     size = exact.abs()
-    if impl == "dequant_mm" and group:
+    if impl.endswith("dequant_mm") and group:
         size = x.double().abs() @ (w.double() * per_input).abs().t()
     tol = 1e-5 if dtype == torch.float32 else 2**-6
     assert ((out.double() - exact).abs() <= tol * size + 1e-3).all()
@@ -122,7 +123,8 @@ def test_rms_norm_rules() -> None:
 
 def test_int8_linear_rules() -> None:
     """int8pack_mm: bf16 activations and K % 16 == 0 only (fp32 is a scalar loop there, other
-    K read garbage); the C++ kernel: fp32/bf16; dequantize + GEMM: anything."""
+    K read garbage), per-channel scales; the C++ kernel: fp32/bf16; dequantize + GEMM:
+    anything, and with group-wise scales on cpu its C++ dequantize too."""
     w64, w40 = torch.zeros(32, 64, dtype=torch.int8), torch.zeros(32, 40, dtype=torch.int8)
     s = torch.ones(32, dtype=torch.bfloat16)
     x = torch.randn(3, 64, dtype=torch.bfloat16)
@@ -133,10 +135,10 @@ def test_int8_linear_rules() -> None:
     assert _eligible(int8_linear, x[:, :40], w40, s) == {"cpp_matvec", "dequant_mm"} | bf16dot
     assert _eligible(int8_linear, x.float(), w64, s.float()) == {"cpp_matvec", "dequant_mm"}
     assert _eligible(int8_linear, x.half(), w64, s.half()) == {"dequant_mm"}
-    grouped = torch.ones(32, 2, dtype=torch.bfloat16)  # group_size 32: per channel only there
-    assert _eligible(int8_linear, x, w64, grouped, 32) == _eligible(int8_linear, x, w64, s) - {
-        "int8pack_mm"
-    }
+    grouped = torch.ones(32, 2, dtype=torch.bfloat16)  # int8pack_mm: per channel only
+    assert _eligible(int8_linear, x, w64, grouped, 32) == (
+        _eligible(int8_linear, x, w64, s) - {"int8pack_mm"} | {"cpp_dequant_mm"}
+    )
 
 
 def test_modules_run_what_the_registry_chooses() -> None:

@@ -7,7 +7,7 @@ import torch
 
 from common import ops
 from common.ops.attention import attention_cpp, dense_decode_cpp
-from common.ops.int8_linear import int8_matvec_cpp
+from common.ops.int8_linear import int8_dequant_cpp, int8_matvec_cpp
 from common.ops.library import registered
 from common.ops.rms_norm import add_rms_norm_cpp, rms_norm_cpp
 from common.ops.rotary import rotary_cpp
@@ -21,9 +21,10 @@ def _own_choices(tmp_path):
     ops.reset()
 
 
-def _int8_args(dtype=torch.bfloat16):
+def _int8_args(dtype=torch.bfloat16, group: int = 0) -> tuple:
     w = torch.randint(-127, 128, (48, 64), dtype=torch.int8)
-    return torch.randn(2, 64, dtype=dtype), w, (torch.rand(48) / 50).to(dtype)
+    scales = (torch.rand((48, 64 // group) if group else (48,)) / 50).to(dtype)
+    return torch.randn(2, 64, dtype=dtype), w, scales, group
 
 
 def _attention_args(int8: bool):
@@ -61,6 +62,8 @@ CASES = {
     ),
     "int8_matvec_cpp": (int8_matvec_cpp, _int8_args),
     "int8_matvec_cpp_fp32": (int8_matvec_cpp, lambda: _int8_args(torch.float32)),
+    "int8_matvec_cpp_g32": (int8_matvec_cpp, lambda: _int8_args(group=32)),
+    "int8_dequant_cpp_g32": (int8_dequant_cpp, lambda: _int8_args(group=32)[1:]),
     "attention_cpp": (attention_cpp, lambda: _attention_args(False)),
     "attention_cpp_int8": (attention_cpp, lambda: _attention_args(True)),
 }
@@ -100,12 +103,12 @@ def test_compile_traces_through_the_dispatched_entry_points(pins):
     (measured, or pinned to the C++ kernels)."""
     ops.pin(pins)
     x, w = torch.randn(2, 64, dtype=torch.bfloat16), torch.randn(64, dtype=torch.bfloat16)
-    xi, wi, s = _int8_args()
+    xi, wi, s, g = _int8_args(group=32)  # group-wise scales: the group size is a constant
     q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
 
     def step(x, w, xi, wi, s, q, k, v):
         h = ops.rms_norm(x, w, 1e-5)
-        return h, ops.int8_linear(xi, wi, s), ops.decode_attention(q, k, v, None)
+        return h, ops.int8_linear(xi, wi, s, g), ops.decode_attention(q, k, v, None)
 
     args = (x, w, xi, wi, s, q, k, v)
     want = step(*args)  # eager first: measures and caches the choice the trace then uses

@@ -1,4 +1,4 @@
-"""Weight-only int8 linear, y = (x @ w_int8ᵀ) * scales, six ways. Scales are per output
+"""Weight-only int8 linear, y = (x @ w_int8ᵀ) * scales, seven ways. Scales are per output
 channel ([N], group_size 0) or per group of group_size input channels ([N, ceil(K / g)], g a
 multiple of 32; the last group of a row may be partial):
 
@@ -17,6 +17,8 @@ multiple of 32; the last group of a row may be partial):
   per-channel scales only).
 - dequant_mm: dequantize to the activation dtype + F.linear (gpt-fast's formulation, which
   torch.compile fuses).
+- cpp_dequant_mm: the same with group-wise scales, the dequantize in one C++ pass
+  (int8_matvec.cpp; torch's broadcast multiply of int8 by bf16 scales takes ~3x as long).
 - npu: torch_npu.npu_weight_quant_batchmatmul (W8A16).
 Every one computes with the same int8 values and scales; results differ in rounding and
 summation order only. Which is fastest depends on the CPU, so the dispatch table measures.
@@ -64,6 +66,12 @@ def scale_shape(n: int, k: int, group_size: int) -> tuple[int, ...]:
 # [N, ceil(K / g)] in x's dtype, group_size g (0: per channel) -> [M, N] in x's dtype: int8_matvec.cpp, and int8_bf16dot.cpp / int8_bf16outer.cpp for
 # bfloat16 x on AVX512-BF16.
 int8_matvec_cpp = kernel_op("int8_matvec", "int8_matvec_cpp", _check)
+# weight_int8 [N, K], scales [N] or [N, ceil(K / g)] -> [N, K] in the scales' dtype.
+int8_dequant_cpp = kernel_op(
+    "int8_matvec",
+    "int8_dequant_cpp",
+    lambda w, scales, group_size=0: torch.empty(w.shape, dtype=scales.dtype, device=w.device),
+)
 int8_bf16dot_cpp = kernel_op("int8_bf16dot", "int8_bf16dot_cpp", _check)
 int8_bf16outer_cpp = kernel_op("int8_bf16outer", "int8_bf16outer_cpp", _check)
 
@@ -84,6 +92,10 @@ def dequant_mm(x2d: Tensor, weight_int8: Tensor, scales: Tensor, group_size: int
     w = F.pad(weight_int8.to(x2d.dtype), (0, groups * group_size - k))  # whole groups
     w = w.view(n, groups, group_size) * scales[..., None]  # one rounding per weight
     return F.linear(x2d, w.view(n, -1)[:, :k])
+
+
+def cpp_dequant_mm(x2d: Tensor, weight_int8: Tensor, scales: Tensor, group_size: int) -> Tensor:
+    return F.linear(x2d, int8_dequant_cpp(weight_int8, scales, group_size))
 
 
 def npu_mm(x2d: Tensor, weight_int8: Tensor, scales: Tensor, group_size: int = 0) -> Tensor:
@@ -127,6 +139,14 @@ int8_linear = Op(
             dtypes=(torch.bfloat16,),  # other dtypes hit a scalar loop
             # reads 16 at a time, no tail; one scale per output channel
             when=lambda x2d, w, s, group_size=0: w.shape[1] % 16 == 0 and group_size == 0,
+        ),
+        Impl(
+            "cpp_dequant_mm",
+            cpp_dequant_mm,
+            devices=("cpu",),
+            dtypes=_DTYPES,
+            cpp="int8_matvec",
+            when=lambda x2d, w, s, group_size=0: group_size > 0,  # per channel: dequant_mm
         ),
         Impl("npu", npu_mm, devices=("npu",), dtypes=(torch.float16, torch.bfloat16)),
         Impl("dequant_mm", dequant_mm),
