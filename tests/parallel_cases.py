@@ -11,7 +11,7 @@ from common.engine.engine import Engine
 from common.engine.scheduler import SchedulerParams
 from common.io.checkpoint import from_pretrained
 from common.kv.spec import KVSpec
-from common.quant.scheme import get_scheme
+from common.quant.int8 import Int8WeightOnly
 from common.transforms.fusion import fuse_projections
 from models.glm import GlmArgs, GlmForCausalLM
 from models.llama import LlamaArgs, LlamaForCausalLM
@@ -44,6 +44,9 @@ CASES = {
         "scheduler": SchedulerParams("continuous", max_batch=2),
     },
     "int8": {"kv": KVSpec("contiguous", int8=True), "attention": "flash", "int8": True},
+    # group-wise int8: 32 inputs per scale, so the row-parallel shards (16 and 32 inputs on
+    # each of 2 ranks) hold a partial group and whole groups
+    "int8_g32": {"kv": KVSpec("contiguous"), "attention": "flash", "int8": 32},
 }
 PROMPTS = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13]]
 NEW_TOKENS = [8, 5, 7]
@@ -63,7 +66,8 @@ def load(path: str | Path, opts: dict, place=None):
     cls = MODELS[Path(path).name][0]
     model = from_pretrained(cls, path, "cpu", torch.float32, place=place)
     if opts.get("int8"):
-        model = get_scheme("int8").quantize(fuse_projections(model))
+        group = 0 if opts["int8"] is True else opts["int8"]
+        model = Int8WeightOnly(group).quantize(fuse_projections(model))
     return model
 
 

@@ -88,10 +88,12 @@ def test_a_rank_holds_its_share_of_the_weights(runs, model: str) -> None:
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_tensor_parallel_int8_stays_close(runs, model: str) -> None:
-    """int8 quantizes each rank's shard per output channel: the row-parallel o_proj and
-    down_proj get scales of their half of the input channels, so logits move a little."""
-    got, one = runs[0][f"{model}/tp/int8"], runs[1][f"{model}/int8"]
+@pytest.mark.parametrize("case", ["int8", "int8_g32"])
+def test_tensor_parallel_int8_stays_close(runs, model: str, case: str) -> None:
+    """int8 quantizes each rank's shard as it would any matrix: per output channel, the
+    row-parallel o_proj and down_proj get scales of their half of the input channels, so
+    logits move a little; group-wise, a group that a shard boundary cuts does too."""
+    got, one = runs[0][f"{model}/tp/{case}"], runs[1][f"{model}/{case}"]
     assert got["tokens"][0][:2] == one["tokens"][0][:2]
     err = (got["logits"] - one["logits"]).abs().max()
     assert err < 0.05 * one["logits"].abs().max()
