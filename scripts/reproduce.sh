@@ -231,7 +231,14 @@ python $llama bench.peers=[llama_cpp] bench.rounds=3 "bench.variants=[[int4],[in
 python scripts/quant_sensitivity.py --model-path "$smol" --scheme int4
 # How much of a perplexity change is which way each weight rounded: the same errors, shuffled.
 python scripts/perplexity_floor.py --model-path "$smol" --scheme int8
+python scripts/perplexity_floor.py --model-path "$smol" --scheme int8 --group-size 128
 python scripts/perplexity_floor.py --model-path "$smol" --scheme int4
+# Group-wise int8 (quant.group_size): quality on SmolLM2 (one round), speed on the small preset.
+python $llama model.path="$smol" workload=chat workload.max_new_tokens=32 \
+  "bench.variants=[[int8],[int8,'quant.group_size=128'],[int8,'quant.group_size=64'],[int8,'quant.group_size=32'],[int8,kv_int8,'quant.group_size=128']]" \
+  bench.rounds=1 bench.warmup=0 bench.results_dir=results/quant/smollm2
+python $llama "bench.variants=[[int8],[int8,'quant.group_size=128'],[int8,'quant.group_size=32'],[flash_attn,int8,fuse,compile],[flash_attn,int8,fuse,compile,'quant.group_size=128']]" \
+  bench.rounds=3 bench.results_dir=results/quant/small
 
 # Which opt was measured on which device and dtype, read from the tables above.
 python scripts/support_matrix.py
