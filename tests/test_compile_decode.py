@@ -129,7 +129,11 @@ def test_static_storage_alone_changes_nothing():
 
 
 def test_inductor_compiles_the_fused_int8_step():
+    """Inductor as the recipes run it: C++ wrapper code (compile.cpp_wrapper, the default on
+    cpu) calling the kernels through the dispatcher."""
     want = _generate(_model("int8", True), "flash", static=False)
-    model = compile_decode(_model("int8", True), _settings("inductor"))
+    settings = _settings("inductor")
+    settings.cpp_wrapper = True
+    model = compile_decode(_model("int8", True), settings)
     assert _generate(model, "flash", static=True) == want
     assert compile_stats(model).graphs == 1

@@ -153,7 +153,7 @@ class CompileConfig:
     enabled: bool = False
     backend: str = "inductor"  # a torch.compile backend (aot_eager: trace only); npu: torchair
     mode: str | None = None  # null: reduce-overhead (CUDA graphs) on cuda, default elsewhere
-    cpp_wrapper: bool = False  # inductor on cpu: C++ wrapper code instead of Python
+    cpp_wrapper: bool = True  # inductor on cpu: C++ wrapper code instead of Python
     freezing: bool = False  # inductor: weights as constants (folded, prepacked)
 
 
