@@ -63,8 +63,8 @@ def scale_shape(n: int, k: int, group_size: int) -> tuple[int, ...]:
 
 
 # x2d [M, K] float32/bfloat16 on cpu, weight_int8 [N, K] contiguous, scales [N] or
-# [N, ceil(K / g)] in x's dtype, group_size g (0: per channel) -> [M, N] in x's dtype: int8_matvec.cpp, and int8_bf16dot.cpp / int8_bf16outer.cpp for
-# bfloat16 x on AVX512-BF16.
+# [N, ceil(K / g)] in x's dtype, group_size g (0: per channel) -> [M, N] in x's dtype:
+# int8_matvec.cpp, and int8_bf16dot.cpp / int8_bf16outer.cpp for bfloat16 x on AVX512-BF16.
 int8_matvec_cpp = kernel_op("int8_matvec", "int8_matvec_cpp", _check)
 # weight_int8 [N, K], scales [N] or [N, ceil(K / g)] -> [N, K] in the scales' dtype.
 int8_dequant_cpp = kernel_op(
@@ -101,10 +101,10 @@ def cpp_dequant_mm(x2d: Tensor, weight_int8: Tensor, scales: Tensor, group_size:
 def npu_mm(x2d: Tensor, weight_int8: Tensor, scales: Tensor, group_size: int = 0) -> Tensor:
     import torch_npu  # unverified: no NPU in CI
 
-    if group_size == 0:
-        return torch_npu.npu_weight_quant_batchmatmul(x2d, weight_int8.t(), antiquant_scale=scales)
+    # Group-wise scales go as [ceil(K / g), N]; antiquant_group_size 0 is per channel.
+    scale = scales.t() if group_size else scales
     return torch_npu.npu_weight_quant_batchmatmul(
-        x2d, weight_int8.t(), antiquant_scale=scales.t(), antiquant_group_size=group_size
+        x2d, weight_int8.t(), antiquant_scale=scale, antiquant_group_size=group_size
     )
 
 
