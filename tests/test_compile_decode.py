@@ -2,11 +2,12 @@
 same greedy tokens as eager (fp32 tiny LLaMA), compiles one graph per batch size and never
 recompiles across decode steps or runs, composes with flash_attn, int8 (per channel and
 group-wise), int4 and fuse, and decodes continuous batches on paged KV in one graph per
-padded row count.
+padded row count; batch-1 float matmuls lower as the measurement (or a pin) chose.
 aot_eager traces exactly what inductor gets; one case runs inductor itself."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -137,3 +138,34 @@ def test_inductor_compiles_the_fused_int8_step():
     model = compile_decode(_model("int8", True), settings)
     assert _generate(model, "flash", static=True) == want
     assert compile_stats(model).graphs == 1
+
+
+@pytest.mark.parametrize("choice", ["aten", "inductor"])
+def test_batch1_float_matmuls_lower_as_chosen(choice: str):
+    """kernels.compiled_gemv: inductor turns each one-row matmul of the step into its own
+    reduction (decompose_mm_pass, counted: all 7 per layer, the 2304-wide MLP too, past the
+    pass's own 2048 cap), aten leaves them to oneDNN; the same tokens either way."""
+    args = dataclasses.replace(TINY_LLAMA, intermediate_size=2304)
+
+    def run(model) -> list[int]:
+        eng = Engine(model, CPU, KVSpec("contiguous", static=True), "flash")
+        return eng.generate([Request(list(PROMPTS[0]), NEW)])[0].tokens
+
+    want = run(from_seed(LlamaForCausalLM, args, 0, "cpu", torch.float32))
+    ops.pin({"compiled_gemv": choice})
+    counters = torch._dynamo.utils.counters["inductor"]
+    model = from_seed(LlamaForCausalLM, args, 0, "cpu", torch.float32)
+    model = compile_decode(model, _settings("inductor"))
+    assert run(model) == want
+    assert counters["decompose_mm"] == (7 * args.num_hidden_layers if choice == "inductor" else 0)
+    assert _gemv_choice() == f"{choice} (pinned)"
+
+
+def test_an_unpinned_gemv_choice_is_measured_on_the_models_weights():
+    compile_decode(_model(None, False), _settings("inductor"))
+    assert _gemv_choice() in ("aten", "inductor")
+
+
+def _gemv_choice() -> str:
+    (choice,) = [v for k, v in ops.chosen().items() if k.startswith("compiled_gemv[cpu,float32,")]
+    return choice

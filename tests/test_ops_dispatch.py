@@ -117,6 +117,40 @@ def test_bad_pins_name_the_choices(cache):
         Op("later_op", [Impl("y", lambda x: x)], rows=lambda x: 1, size=lambda x: 1)
 
 
+def test_a_variant_choice_is_measured_once_cached_and_pinned(cache, monkeypatch):
+    """choose_variant: a choice that is no op call (how a compiler lowers a graph), ranked,
+    cached, pinned and reported like an op."""
+    built: list[str] = []
+
+    def variant(name: str, seconds: float):
+        def make():
+            built.append(name)
+            return lambda: torch.ones(int(seconds * 1e8)).sum() if seconds else None
+
+        return make
+
+    variants = {"slow": variant("slow", 0.01), "fast": variant("fast", 0.0)}
+    label = "toy_variant[cpu,float32,rows=1,bytes>16M]"
+
+    def choose() -> str:
+        return dispatch.choose_variant("toy_variant", variants, "cpu", torch.float32, 1, 1 << 30)
+
+    assert choose() == "fast" and sorted(built) == ["fast", "slow"]
+    assert list(json.loads(cache.read_text())[label]) == ["fast", "slow"]
+    assert ops.chosen()[label] == "fast"
+    ops.reset(cache)  # another process: the file answers, nothing is built or timed
+    built.clear()
+    assert choose() == "fast" and built == []
+    monkeypatch.setenv(dispatch.ENV, "toy_variant=slow")
+    ops.reset(cache)
+    assert choose() == "slow" and built == [] and ops.chosen()[label] == "slow (pinned)"
+    ops.pin("toy_variant=nope")
+    with pytest.raises(
+        RecipeError, match="unknown kernel 'nope' for toy_variant; choose one of slow, fast"
+    ):
+        choose()
+
+
 def test_real_ops_every_choice_matches(cache):
     """Whatever the measurement picks here, the module output matches the reference."""
     from common.ops.int8_linear import dequant_mm

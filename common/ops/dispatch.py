@@ -151,6 +151,37 @@ class Op:
         return self._ranked[key]
 
 
+def choose_variant(
+    name: str,
+    variants: Mapping[str, Callable[[], Callable[[], object]]],
+    device: str,
+    dtype: torch.dtype,
+    rows: int,
+    nbytes: int,
+) -> str:
+    """A choice that is no single op call, such as how inductor lowers a compiled graph's
+    matmuls: ranked per machine like an op's implementations (one timing, cached under the
+    same kind of label), pinned the same way (LLM_RECIPES_KERNELS="NAME=VARIANT") and listed
+    by chosen(). variants: name -> a factory of the zero-argument workload to time, called
+    only when measuring (building one may compile)."""
+    key = (name, device, dtype, _BUCKET_OF[min(rows, BUCKETS[-1] + 1)], _size_class(nbytes))
+    pinned = _PINS.get(name)
+    if pinned is not None and pinned not in variants:
+        raise RecipeError(
+            f"unknown kernel {pinned!r} for {name}; choose one of {', '.join(variants)}"
+        )
+    choice = pinned
+    if choice is None:
+        ranked = [n for n in _cache().get(_label(key), {}) if n in variants]
+        if len(ranked) < len(variants):
+            times = {n: _time(make(), [()], torch.device(device)) for n, make in variants.items()}
+            ranked = sorted(times, key=times.__getitem__)
+            _store(_label(key), {n: round(times[n] * 1e6, 1) for n in ranked})
+        choice = ranked[0]
+    _USED.setdefault(key, {})[choice] = pinned is not None
+    return choice
+
+
 OPS: dict[str, Op] = {}
 _PINS: dict[str, str] = {}
 _USED: dict[Key, dict[str, bool]] = {}  # key -> implementations that ran (name -> pinned)

@@ -15,7 +15,8 @@ one eager step of that shape has let the table measure its bucket (fullgraph=Tru
 break is an error, not a silent slowdown).
 
 Backends: inductor on cpu (compile.cpp_wrapper, compile.freezing for constant-folded,
-prepacked weights), inductor with mode="reduce-overhead" (CUDA graphs) on cuda, torchair on
+prepacked weights; batch-1 float matmuls as inductor's own reductions where that measures
+faster than oneDNN's GEMV on this machine, see gemv_options), inductor with mode="reduce-overhead" (CUDA graphs) on cuda, torchair on
 npu (unverified: no GPU or NPU in CI). The compiled artifacts are cached on disk under
 ~/.cache/llm-recipes/inductor (inductor's FX graph cache), so a second run skips most of
 inductor's work; tracing is redone per process. The seconds spent in calls that compiled are
@@ -31,10 +32,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from common.kv.quant import kv_parts
 from common.ops.build import cache_dir
+from common.ops.dispatch import choose_variant
+
+# Inductor's decompose_mm_pass: an mm of one row becomes sum(x * W) over K, a reduction that
+# inductor generates, vectorizes and fuses instead of calling oneDNN's matrix-vector product
+# (2x faster for the small preset's bf16 weights on an AMD EPYC).
+DECOMPOSE = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
 
 
 @dataclass
@@ -45,6 +53,37 @@ class CompileStats:
 
 def _graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def gemv_options(model: nn.Module) -> dict[str, Any]:
+    """Inductor options for the model's float nn.Linear weights in a batch-1 step: DECOMPOSE
+    where timing them all both ways (a one-row input each, as a decode step reads them) says
+    inductor's reductions beat oneDNN on this machine, else none; measured once per machine
+    and size class, pinned with kernels.compiled_gemv=aten|inductor."""
+    weights = [m.weight for m in model.modules() if type(m) is nn.Linear]
+    weights = [w for w in weights if w.is_floating_point() and w.device.type == "cpu"]
+    if not weights:
+        return {}
+    # torch 2.13 reads the pass's limits from post_grad_fusion_options once, at import, and
+    # caps either weight dim at 2048 on cpu (a threshold from other machines): here the
+    # measurement decides, so the cap is lifted (it binds only compiles that enable the pass).
+    from torch._inductor.fx_passes import decompose_mem_bound_mm
+
+    decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = 1 << 62
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
+
+    def step() -> list[torch.Tensor]:
+        return [F.linear(inputs[w.shape[1]], w) for w in weights]
+
+    def inductor() -> Any:
+        compiled = torch.compile(step, fullgraph=True, options=DECOMPOSE)
+        compiled()
+        return compiled
+
+    variants = {"aten": lambda: step, "inductor": inductor}
+    nbytes = sum(w.nbytes for w in weights)
+    choice = choose_variant("compiled_gemv", variants, "cpu", weights[0].dtype, 1, nbytes)
+    return DECOMPOSE if choice == "inductor" else {}
 
 
 def compile_kwargs(settings: Any, device_type: str) -> dict[str, Any]:
@@ -89,8 +128,12 @@ def compile_decode(model: nn.Module, settings: Any) -> nn.Module:
     _use_cache_dir()
     device_type = next(model.parameters()).device.type
     eager = model.forward
-    compiled = torch.compile(eager, **compile_kwargs(settings, device_type))
-    stats = CompileStats()
+    t0 = time.perf_counter()
+    kwargs = compile_kwargs(settings, device_type)
+    if "options" in kwargs:  # inductor on cpu
+        kwargs["options"] |= gemv_options(model)
+    compiled = torch.compile(eager, **kwargs)
+    stats = CompileStats(seconds=time.perf_counter() - t0)
     marked: list[object] = [None]  # the storage whose tensors CUDA graphs may keep
     shapes: set[tuple[int, ...]] = set()
 
