@@ -1,5 +1,6 @@
 """A compiled decode step (the compile opt): torch.compile of the model's forward for decode
-steps with static shapes; prefill and anything else stays eager.
+steps with static shapes, and of its LM head for as many rows as such a step (a batch whose
+rows all sample); prefill and anything else stays eager.
 
 Static shapes come from the storage (kv_cache static, common/kv): a contiguous cache's
 decode step reads the whole preallocated cache and gets each row's length as a tensor
@@ -48,7 +49,7 @@ DECOMPOSE = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
 @dataclass
 class CompileStats:
     seconds: float = 0.0  # wall time of the calls that compiled a graph
-    graphs: int = 0  # graphs compiled (one per decode batch shape)
+    graphs: int = 0  # decode step graphs compiled (one per batch shape; LM heads not counted)
 
 
 def _graphs() -> int:
@@ -124,18 +125,32 @@ def _use_cache_dir() -> None:
 
 
 def compile_decode(model: nn.Module, settings: Any) -> nn.Module:
-    """Route the model's static-shape decode steps through torch.compile, in place."""
+    """Route the model's static-shape decode steps, and LM heads of as many rows as such a
+    step, through torch.compile, in place."""
     _use_cache_dir()
     device_type = next(model.parameters()).device.type
-    eager = model.forward
+    eager, eager_logits = model.forward, model.logits
     t0 = time.perf_counter()
     kwargs = compile_kwargs(settings, device_type)
     if "options" in kwargs:  # inductor on cpu
         kwargs["options"] |= gemv_options(model)
-    compiled = torch.compile(eager, **kwargs)
+    compiled, compiled_logits = (
+        torch.compile(eager, **kwargs),
+        torch.compile(eager_logits, **kwargs),
+    )
     stats = CompileStats(seconds=time.perf_counter() - t0)
     marked: list[object] = [None]  # the storage whose tensors CUDA graphs may keep
     shapes: set[tuple[int, ...]] = set()
+    head_rows: set[int] = set()  # row counts whose LM head ran eager once
+
+    def timed(fn, *args) -> tuple[Any, int]:
+        """fn(*args) and the graphs it compiled, their time added to the stats."""
+        before = _graphs()
+        t0 = time.perf_counter()
+        out = fn(*args)
+        if _graphs() != before:
+            stats.seconds += time.perf_counter() - t0
+        return out, _graphs() - before
 
     def forward(input_ids, positions, ctx, **extra):
         meta = getattr(ctx, "meta", None)
@@ -152,15 +167,22 @@ def compile_decode(model: nn.Module, settings: Any) -> nn.Module:
                 for t in kv_parts(store):
                     torch._dynamo.mark_static_address(t)
             marked[0] = ctx.cache
-        before = _graphs()
-        t0 = time.perf_counter()
-        out = compiled(input_ids, positions, ctx)
-        if _graphs() != before:
-            stats.seconds += time.perf_counter() - t0
-            stats.graphs += _graphs() - before
+        out, graphs = timed(compiled, input_ids, positions, ctx)
+        stats.graphs += graphs
         return out
 
-    model.forward = forward
+    def logits(hidden):
+        # Only row counts of compiled steps (a batch whose rows all sample): a graph each, not
+        # one per count of sampled rows; the first call of a count runs eager, as above.
+        rows = hidden.shape[0]
+        if hidden.dim() != 2 or not any(rows == shape[0] for shape in shapes):
+            return eager_logits(hidden)
+        if rows not in head_rows:
+            head_rows.add(rows)
+            return eager_logits(hidden)
+        return timed(compiled_logits, hidden)[0]
+
+    model.forward, model.logits = forward, logits
     model.compile_stats = stats
     return model
 
