@@ -142,6 +142,8 @@ python $llama bench.peers=[llama_cpp] bench.rounds=2 \
 # What inductor's C++ wrapper and freezing (weights as constants) do to the compiled step.
 python $llama +opt=fuse,fast_linear,compile bench.rounds=2 'bench.sweep={key: compile.cpp_wrapper, values: [false, true]}'
 python $llama +opt=fuse,fast_linear,compile bench.rounds=2 'bench.sweep={key: compile.freezing, values: [false, true]}'
+# A compiled step's batch-1 bf16 matmuls as oneDNN's GEMV or as inductor's own reductions.
+python $llama +opt=fuse,compile bench.rounds=3 'bench.sweep={key: kernels.compiled_gemv, values: [aten, inductor]}'
 # The compiled step under continuous batching on paged KV (64 requests, max batch 16: one graph
 # padded to 16 rows), bf16 and int8 (~15 min).
 python $llama workload=throughput bench.rounds=2 'bench.variants=[[paged_kv,cont_batch,flash_attn],[paged_kv,cont_batch,flash_attn,fuse,compile],[paged_kv,cont_batch,flash_attn,int8,fuse,compile]]'
