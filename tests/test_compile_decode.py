@@ -140,6 +140,8 @@ def test_inductor_compiles_the_fused_int8_step():
     model = compile_decode(_model("int8", True), settings)
     assert _generate(model, "flash", static=True) == want
     assert compile_stats(model).graphs == 1
+    # No float nn.Linear left (the LM head is int8 too): nothing for compiled_gemv to time.
+    assert not any(label.startswith("compiled_gemv[") for label in ops.chosen())
 
 
 @pytest.mark.parametrize("choice", ["aten", "inductor"])
