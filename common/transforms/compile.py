@@ -17,8 +17,9 @@ break is an error, not a silent slowdown).
 
 Backends: inductor on cpu (compile.cpp_wrapper, compile.freezing for constant-folded,
 prepacked weights; batch-1 float matmuls as inductor's own reductions where that measures
-faster than oneDNN's GEMV on this machine, see gemv_options), inductor with mode="reduce-overhead" (CUDA graphs) on cuda, torchair on
-npu (unverified: no GPU or NPU in CI). The compiled artifacts are cached on disk under
+faster than oneDNN's GEMV on this machine, see gemv_options), inductor with
+mode="reduce-overhead" (CUDA graphs) on cuda, torchair on npu (unverified: no GPU or NPU in
+CI). The compiled artifacts are cached on disk under
 ~/.cache/llm-recipes/inductor (inductor's FX graph cache), so a second run skips most of
 inductor's work; tracing is redone per process. The seconds spent in calls that compiled are
 kept per model (compile_seconds): the bench reports them in their own column, and the
@@ -42,7 +43,7 @@ from common.ops.dispatch import choose_variant
 
 # Inductor's decompose_mm_pass: an mm of one row becomes sum(x * W) over K, a reduction that
 # inductor generates, vectorizes and fuses instead of calling oneDNN's matrix-vector product
-# (2x faster for the small preset's bf16 weights on an AMD EPYC).
+# (whether that is faster depends on the CPU: gemv_options measures).
 DECOMPOSE = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
 
 
@@ -143,7 +144,7 @@ def compile_decode(model: nn.Module, settings: Any) -> nn.Module:
     shapes: set[tuple[int, ...]] = set()
     head_rows: set[int] = set()  # row counts whose LM head ran eager once
 
-    def timed(fn, *args) -> tuple[Any, int]:
+    def timed(fn: Any, *args: Any) -> tuple[Any, int]:
         """fn(*args) and the graphs it compiled, their time added to the stats."""
         before = _graphs()
         t0 = time.perf_counter()
@@ -171,7 +172,7 @@ def compile_decode(model: nn.Module, settings: Any) -> nn.Module:
         stats.graphs += graphs
         return out
 
-    def logits(hidden):
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
         # Only row counts of compiled steps (a batch whose rows all sample): a graph each, not
         # one per count of sampled rows; the first call of a count runs eager, as above.
         rows = hidden.shape[0]
