@@ -24,7 +24,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,9 +167,7 @@ def choose_variant(
     key = (name, device, dtype, _BUCKET_OF[min(rows, BUCKETS[-1] + 1)], _size_class(nbytes))
     pinned = _PINS.get(name)
     if pinned is not None and pinned not in variants:
-        raise RecipeError(
-            f"unknown kernel {pinned!r} for {name}; choose one of {', '.join(variants)}"
-        )
+        raise _unknown_kernel(name, pinned, variants)
     choice = pinned
     if choice is None:
         ranked = [n for n in _cache().get(_label(key), {}) if n in variants]
@@ -275,6 +273,10 @@ def _store(label: str, ranking: dict[str, float]) -> None:
         pass
 
 
+def _unknown_kernel(op: str, name: str, choices: Iterable[str]) -> RecipeError:
+    return RecipeError(f"unknown kernel {name!r} for {op}; choose one of {', '.join(choices)}")
+
+
 def _check_pin(op: str) -> None:
     """Attach the pin to its op once both exist; an unknown implementation is an error."""
     name = _PINS.get(op)
@@ -282,8 +284,7 @@ def _check_pin(op: str) -> None:
         return
     if name is not None and name not in OPS[op].impls:
         del _PINS[op]
-        choices = ", ".join(OPS[op].impls)
-        raise RecipeError(f"unknown kernel {name!r} for {op}; choose one of {choices}")
+        raise _unknown_kernel(op, name, OPS[op].impls)
     OPS[op].pinned = None if name is None else OPS[op].impls[name]
 
 

@@ -19,9 +19,9 @@ Backends: inductor on cpu (compile.cpp_wrapper, compile.freezing for constant-fo
 prepacked weights; batch-1 float matmuls as inductor's own reductions where that measures
 faster than oneDNN's GEMV on this machine, see gemv_options), inductor with
 mode="reduce-overhead" (CUDA graphs) on cuda, torchair on npu (unverified: no GPU or NPU in
-CI). The compiled artifacts are cached on disk under
-~/.cache/llm-recipes/inductor (inductor's FX graph cache), so a second run skips most of
-inductor's work; tracing is redone per process. The seconds spent in calls that compiled are
+CI). The compiled artifacts are cached on disk under ~/.cache/llm-recipes/inductor
+(inductor's FX graph cache), so a second run skips most of inductor's work; tracing is
+redone per process. The seconds spent in calls that compiled are
 kept per model (compile_seconds): the bench reports them in their own column, and the
 warm-up pass absorbs them, so they never enter TPOT.
 """
@@ -49,7 +49,7 @@ DECOMPOSE = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
 
 @dataclass
 class CompileStats:
-    seconds: float = 0.0  # wall time of the calls that compiled a graph
+    seconds: float = 0.0  # wall time of the calls that compiled a graph, and of gemv_options
     graphs: int = 0  # decode step graphs compiled (one per batch shape; LM heads not counted)
 
 
@@ -142,6 +142,7 @@ def compile_decode(model: nn.Module, settings: Any) -> nn.Module:
     stats = CompileStats(seconds=time.perf_counter() - t0)
     marked: list[object] = [None]  # the storage whose tensors CUDA graphs may keep
     shapes: set[tuple[int, ...]] = set()
+    step_rows: set[int] = set()  # row counts of compiled decode steps
     head_rows: set[int] = set()  # row counts whose LM head ran eager once
 
     def timed(fn: Any, *args: Any) -> tuple[Any, int]:
@@ -162,6 +163,7 @@ def compile_decode(model: nn.Module, settings: Any) -> nn.Module:
             # takes the ranking so far and cannot measure); it writes the same K/V slots the
             # compiled step then writes again.
             shapes.add(input_ids.shape)
+            step_rows.add(input_ids.shape[0])
             eager(input_ids, positions, ctx)
         if device_type == "cuda" and ctx.cache is not marked[0]:  # unverified: no GPU in CI
             for store in (*ctx.cache.k, *ctx.cache.v):  # written in place by the graph
@@ -176,7 +178,7 @@ def compile_decode(model: nn.Module, settings: Any) -> nn.Module:
         # Only row counts of compiled steps (a batch whose rows all sample): a graph each, not
         # one per count of sampled rows; the first call of a count runs eager, as above.
         rows = hidden.shape[0]
-        if hidden.dim() != 2 or not any(rows == shape[0] for shape in shapes):
+        if hidden.dim() != 2 or rows not in step_rows:
             return eager_logits(hidden)
         if rows not in head_rows:
             head_rows.add(rows)
