@@ -67,7 +67,10 @@ def test_compiled_decode_gives_eager_tokens_without_recompiles(
     assert _generate(model, attn, static=True) == want
     stats = compile_stats(model)
     assert stats.graphs == 1 and stats.seconds > 0  # every decode step of the batch: one graph
-    assert counters["stats"]["unique_graphs"] == start + 2  # and one of its LM head
+    # and one of its LM head, if that is a plain linear (a quantized head's kernel stays eager)
+    plain_head = type(model.lm_head) is torch.nn.Linear
+    assert plain_head == (scheme is None)
+    assert counters["stats"]["unique_graphs"] == start + 1 + plain_head
     graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     assert _generate(model, attn, static=True) == want  # a second run: same graph, no recompile
     assert counters["stats"]["unique_graphs"] == graphs

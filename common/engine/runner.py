@@ -237,8 +237,10 @@ class ModelRunner:
             row += 1 + e.num_draft
         if not plain:
             return out, None
+        if len(rows) < len(logits):  # speculations' rows leave gaps (else no gather a step)
+            logits = logits[rows]
         tokens, probs = sample_with_probs(
-            logits[rows], [e.history for e in plain], [e.sampling for e in plain],
+            logits, [e.history for e in plain], [e.sampling for e in plain],
             [self.generator_for(e.seq_id, e.sampling, generator) for e in plain], with_probs,
         )  # fmt: skip
         out.update(zip((e.seq_id for e in plain), tokens.tolist()))

@@ -136,6 +136,8 @@ def sample_with_probs(
     groups: dict[tuple[SamplingParams, int], list[int]] = {}
     for row, (p, g) in enumerate(zip(params, gens)):
         groups.setdefault((p, id(g)), []).append(row)
+    if len(groups) == 1:  # every row alike (the common case): no gather and scatter per step
+        return _select(process_logits(logits, histories, params[0]), params[0], gens[0], with_probs)
     out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     probs = logits.new_empty(logits.shape, dtype=torch.float32) if with_probs else None
     for (p, _), rows in groups.items():
