@@ -1,6 +1,7 @@
 """A compiled decode step (the compile opt): torch.compile of the model's forward for decode
-steps with static shapes, and of its LM head (a plain nn.Linear) for as many rows as such a
-step (a batch whose rows all sample); prefill and anything else stays eager.
+steps with static shapes, and of its LM head for as many rows as such a step (a batch whose
+rows all sample) where inductor generates the head's matmul (see gemv_options); prefill and
+anything else stays eager.
 
 Static shapes come from the storage (kv_cache static, common/kv): a contiguous cache's
 decode step reads the whole preallocated cache and gets each row's length as a tensor
@@ -127,14 +128,15 @@ def _use_cache_dir() -> None:
 
 def compile_decode(model: nn.Module, settings: Any) -> nn.Module:
     """Route the model's static-shape decode steps, and LM heads of as many rows as such a
-    step, through torch.compile, in place."""
+    step where inductor generates their matmul, through torch.compile, in place."""
     _use_cache_dir()
     device_type = next(model.parameters()).device.type
     eager, eager_logits = model.forward, model.logits
     t0 = time.perf_counter()
     kwargs = compile_kwargs(settings, device_type)
-    if "options" in kwargs:  # inductor on cpu
-        kwargs["options"] |= gemv_options(model)
+    gemv = gemv_options(model) if "options" in kwargs else {}  # inductor on cpu
+    if gemv:
+        kwargs["options"] |= gemv
     compiled, compiled_logits = (
         torch.compile(eager, **kwargs),
         torch.compile(eager_logits, **kwargs),
@@ -186,10 +188,11 @@ def compile_decode(model: nn.Module, settings: Any) -> nn.Module:
         return timed(compiled_logits, hidden)[0]
 
     model.forward = forward
-    # The head compiles when it is a plain torch linear, which inductor turns into its own
-    # reduction or a prepacked matmul; a custom kernel's head (int8, fast_linear) would be one
-    # opaque call behind dynamo's entry cost (~0.15 ms a step).
-    if type(getattr(model, "lm_head", None)) is nn.Linear:
+    # The head compiles only where inductor generates its matmul (a plain nn.Linear head, with
+    # compiled_gemv's reductions). Anything else (oneDNN's call, one of our kernels for int8
+    # or fast_linear, a tensor-parallel head) is one opaque call, for which a graph adds
+    # nothing but dynamo's entry, ~0.1 ms a step. A pipeline stage without the head has None.
+    if gemv and type(model.lm_head) is nn.Linear:
         model.logits = logits
     model.compile_stats = stats
     return model
