@@ -237,7 +237,7 @@ class ModelRunner:
             row += 1 + e.num_draft
         if not plain:
             return out, None
-        if len(rows) < len(logits):  # speculations' rows leave gaps (else no gather a step)
+        if len(rows) < len(logits):  # leave out speculations' rows (none: no gather a step)
             logits = logits[rows]
         tokens, probs = sample_with_probs(
             logits, [e.history for e in plain], [e.sampling for e in plain],

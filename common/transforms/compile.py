@@ -137,10 +137,13 @@ def compile_decode(model: nn.Module, settings: Any) -> nn.Module:
     gemv = gemv_options(model) if "options" in kwargs else {}  # inductor on cpu
     if gemv:
         kwargs["options"] |= gemv
-    compiled, compiled_logits = (
-        torch.compile(eager, **kwargs),
-        torch.compile(eager_logits, **kwargs),
-    )
+    # The head compiles only where inductor generates its matmul (a plain nn.Linear head, with
+    # compiled_gemv's reductions). Anything else (oneDNN's call, one of our kernels for int8
+    # or fast_linear, a tensor-parallel head) is one opaque call, for which a graph adds
+    # nothing but dynamo's entry, ~0.1 ms a step. A pipeline stage without the head has None.
+    head = bool(gemv) and type(model.lm_head) is nn.Linear
+    compiled = torch.compile(eager, **kwargs)
+    compiled_logits = torch.compile(eager_logits, **kwargs) if head else eager_logits
     stats = CompileStats(seconds=time.perf_counter() - t0)
     marked: list[object] = [None]  # the storage whose tensors CUDA graphs may keep
     shapes: set[tuple[int, ...]] = set()
@@ -188,11 +191,7 @@ def compile_decode(model: nn.Module, settings: Any) -> nn.Module:
         return timed(compiled_logits, hidden)[0]
 
     model.forward = forward
-    # The head compiles only where inductor generates its matmul (a plain nn.Linear head, with
-    # compiled_gemv's reductions). Anything else (oneDNN's call, one of our kernels for int8
-    # or fast_linear, a tensor-parallel head) is one opaque call, for which a graph adds
-    # nothing but dynamo's entry, ~0.1 ms a step. A pipeline stage without the head has None.
-    if gemv and type(model.lm_head) is nn.Linear:
+    if head:
         model.logits = logits
     model.compile_stats = stats
     return model
