@@ -22,9 +22,9 @@ faster than oneDNN's GEMV on this machine, see gemv_options), inductor with
 mode="reduce-overhead" (CUDA graphs) on cuda, torchair on npu (unverified: no GPU or NPU in
 CI). The compiled artifacts are cached on disk under ~/.cache/llm-recipes/inductor
 (inductor's FX graph cache), so a second run skips most of inductor's work; tracing is
-redone per process. The seconds spent in calls that compiled are
-kept per model (compile_seconds): the bench reports them in their own column, and the
-warm-up pass absorbs them, so they never enter TPOT.
+redone per process. The seconds spent in calls that compiled are kept per model
+(compile_stats): the bench reports them in their own column, and the warm-up pass absorbs
+them, so they never enter TPOT.
 """
 
 from __future__ import annotations
@@ -143,7 +143,6 @@ def compile_decode(model: nn.Module, settings: Any) -> nn.Module:
     # nothing but dynamo's entry, ~0.1 ms a step. A pipeline stage without the head has None.
     head = bool(gemv) and type(model.lm_head) is nn.Linear
     compiled = torch.compile(eager, **kwargs)
-    compiled_logits = torch.compile(eager_logits, **kwargs) if head else eager_logits
     stats = CompileStats(seconds=time.perf_counter() - t0)
     marked: list[object] = [None]  # the storage whose tensors CUDA graphs may keep
     shapes: set[tuple[int, ...]] = set()
@@ -192,6 +191,7 @@ def compile_decode(model: nn.Module, settings: Any) -> nn.Module:
 
     model.forward = forward
     if head:
+        compiled_logits = torch.compile(eager_logits, **kwargs)
         model.logits = logits
     model.compile_stats = stats
     return model
